@@ -1,0 +1,85 @@
+"""Gateway settings: only what must be known before Prefect is reachable.
+
+Everything here comes from environment variables prefixed ``FIRST_`` (or a ``.env`` file).
+Clusters and models themselves live in Prefect Blocks (see ``blocks/``).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class FlowTracking(StrEnum):
+    """How many hot-path inferences become recorded Prefect flow runs (design decision 1)."""
+
+    off = "off"  # never record hot-path inferences (lifecycle flows are always recorded)
+    sample = "sample"  # record failures, lifecycle work, and a random sample of the rest
+    all = "all"  # every request awaits a real Prefect flow run (slow: see docs/benchmarks.md)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FIRST_", env_file=".env", extra="ignore")
+
+    home: Path = Field(default=REPO_ROOT / ".first", description="State folder: keys, spool, usage db, models")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    public_url: str | None = Field(
+        default=None, description="URL at which cluster functions reach the gateway's relay endpoint"
+    )
+    auth_mode: str = Field(default="local", description="local (API keys) | globus (a later issue)")
+
+    flow_tracking: FlowTracking = FlowTracking.sample
+    flow_sample_rate: float = Field(default=0.01, ge=0.0, le=1.0)
+
+    warm_wait_s: float = Field(default=120.0, description="How long a request waits for a cold model")
+    warm_up_timeout_s: float = Field(default=300.0, description="Bound on one warm-up before it fails")
+    request_timeout_s: float = Field(default=300.0, description="Bound on one backend call")
+    relay_idle_timeout_s: float = Field(default=120.0, description="Silence that ends a relayed stream")
+    relay_batch_chunks: int = 16
+    relay_batch_ms: int = 20
+
+    vllm_python: Path = Field(default=REPO_ROOT / ".venv-vllm" / "bin" / "python")
+    vllm_kv_cache_gib: int = 1
+    vllm_port_base: int = 8100
+    local_workers: int = Field(default=64, description="Threads in the local compute endpoint")
+    default_rpm: int = Field(default=0, description="Requests per minute per API key when the key sets none (0 = none)")
+
+    @property
+    def gateway_url(self) -> str:
+        return self.public_url or f"http://{self.host}:{self.port}"
+
+    @property
+    def keys_db(self) -> Path:
+        return self.home / "keys.sqlite"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.home / "spool"
+
+    @property
+    def usage_db(self) -> Path:
+        return self.home / "usage.duckdb"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def instances_dir(self) -> Path:
+        return self.home / "instances"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
