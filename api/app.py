@@ -1,0 +1,195 @@
+"""The Litestar app: the OpenAI-compatible API, health, and the relay endpoint for cluster streams.
+
+Hot path of a request: ``chat_completions`` -> ``_serve`` -> ``flows.inference.run_inference`` (the
+pipeline) -> ``compute.backends`` -> cluster function -> vLLM; events come back through a ``Sink``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import msgspec
+from litestar import Litestar, Request, Response, get, post
+from litestar.connection import ASGIConnection
+from litestar.handlers.base import BaseRouteHandler
+from litestar.openapi import OpenAPIConfig
+from litestar.response import Stream
+
+from analytics.spool import UsageSpool
+from api.auth import Authenticator, KeyStore, LocalKeyAuthenticator, Principal, bearer_token
+from api.errors import APIError, handle_exception
+from api.limits import RateLimiter
+from api.protocol import ChatCompletionRequest, CompletionRequest
+from blocks.registry import Registry
+from compute.backends import Backends
+from compute.relay import RelayBatch, RelayHub
+from first.settings import FlowTracking, Settings, get_settings
+from flows import lifecycle
+from flows.inference import InferenceRequest, Services, run_inference
+from flows.state import LiveState
+
+log = logging.getLogger("first.api")
+_encode = msgspec.json.encode
+
+
+def _authenticate(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    """Guard: every /v1 request carries a credential that resolves to a principal."""
+    auth: Authenticator = connection.app.state.authenticator
+    connection.state.principal = auth.authenticate(bearer_token(connection.headers.get("authorization")))
+
+
+def _services(request: Request) -> Services:
+    return request.app.state.services
+
+
+async def _serve(request: Request, body: ChatCompletionRequest | CompletionRequest, endpoint: str) -> Response:
+    svc = _services(request)
+    principal: Principal = request.state.principal
+    req = InferenceRequest(
+        request_id=uuid.uuid4().hex, endpoint=endpoint, path=f"/v1/{endpoint.replace('.', '/')}", body=body,
+        principal=principal,
+    )  # fmt: skip
+    sink, _task = run_inference(req, svc)
+    headers = {"X-Request-Id": req.request_id}
+    kind, value = await sink.get()
+    if kind == "error":
+        value.headers.update(headers)
+        return value.response()
+    if kind == "response":  # non-streaming: hold the body until its usage is recorded ("end")
+        kind2, value2 = await sink.get()
+        if kind2 == "error":
+            return value2.response()
+        return Response(content=_encode(value), media_type="application/json", headers=headers)
+    first = value if kind == "chunk" else None
+
+    async def events() -> AsyncIterator[bytes]:
+        if first is not None:
+            yield b"data: " + _encode(first) + b"\n\n"
+        elif kind == "end":
+            yield b"data: [DONE]\n\n"
+            return
+        while True:
+            k, v = await sink.get()
+            if k == "chunk":
+                yield b"data: " + _encode(v) + b"\n\n"
+            elif k == "error":  # after the first byte an HTTP status can't change: send an error event
+                yield b"data: " + _encode(v.body()) + b"\n\n"
+                return
+            else:
+                yield b"data: [DONE]\n\n"
+                return
+
+    return Stream(events(), media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
+
+
+@post("/v1/chat/completions", status_code=200, guards=[_authenticate], summary="Create a chat completion")
+async def chat_completions(request: Request, data: ChatCompletionRequest) -> Response:
+    """OpenAI chat completions, streaming (SSE) or not. Unknown fields pass through to vLLM."""
+    return await _serve(request, data, "chat.completions")
+
+
+@post("/v1/completions", status_code=200, guards=[_authenticate], summary="Create a completion")
+async def completions(request: Request, data: CompletionRequest) -> Response:
+    """OpenAI (legacy) text completions, streaming (SSE) or not."""
+    return await _serve(request, data, "completions")
+
+
+@get("/v1/models", guards=[_authenticate], summary="List the models you may use")
+async def list_models(request: Request) -> dict[str, Any]:
+    svc = _services(request)
+    principal: Principal = request.state.principal
+    data = []
+    for m in svc.registry.models.values():
+        if m.allowed_groups and not set(m.allowed_groups) & set(principal.groups):
+            continue
+        states = {i.cluster.name: i.state for i in svc.live.all() if i.model.name == m.name}
+        data.append({
+            "id": m.name, "object": "model", "created": 0, "owned_by": m.owned_by,
+            "max_model_len": m.context_length, "clusters": m.clusters, "aliases": m.aliases, "state": states,
+        })  # fmt: skip
+    return {"object": "list", "data": data}
+
+
+@get("/health", summary="Liveness, and the state of each model instance")
+async def health(request: Request) -> dict[str, Any]:
+    svc = _services(request)
+    recorder = svc.recorder
+    return {
+        "status": "ok",
+        "instances": [i.snapshot() for i in svc.live.all()],
+        "flow_tracking": svc.settings.flow_tracking.value,
+        "flow_records": {"recorded": recorder.recorded, "dropped": recorder.dropped} if recorder else None,
+    }
+
+
+@post("/internal/relay/{request_id:str}", status_code=200, include_in_schema=False)
+async def relay_post(request: Request, request_id: str) -> dict[str, str]:
+    """Cluster functions post batches of stream chunks here, with the request's relay token."""
+    hub: RelayHub = request.app.state.relay
+    if not hub.verify(request_id, request.headers.get("x-relay-token")):
+        log.warning("rejected a relay post for %s with a bad token from %s", request_id, request.client)
+        raise APIError(401, "Invalid relay token", code="invalid_relay_token")
+    doc = msgspec.json.decode(await request.body())
+    result = hub.deliver(request_id, RelayBatch(**doc))
+    if result == "unknown":
+        raise APIError(404, f"No open stream {request_id}", code="unknown_stream")
+    return {"status": result}
+
+
+def build_authenticator(settings: Settings) -> Authenticator:
+    if settings.auth_mode != "local":
+        raise SystemExit(f"auth mode {settings.auth_mode!r} is not available yet; use FIRST_AUTH_MODE=local")
+    return LocalKeyAuthenticator(KeyStore(settings.keys_db), default_rpm=settings.default_rpm)
+
+
+def create_app(settings: Settings | None = None, registry: Registry | None = None) -> Litestar:
+    settings = settings or get_settings()
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per backend call costs ~35% throughput
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        reg = registry or (
+            await Registry.load(settings) if os.environ.get("PREFECT_API_URL") else Registry.embedded_default(settings)
+        )
+        relay = RelayHub()
+        backends = Backends(settings, relay)
+        recorder = None
+        if settings.flow_tracking is FlowTracking.sample and os.environ.get("PREFECT_API_URL"):
+            from flows.recorder import FlowRecorder
+
+            recorder = FlowRecorder()
+        spool = UsageSpool(settings.spool_dir)
+        svc = Services(
+            settings=settings, registry=reg, live=LiveState(backends, settings.warm_wait_s), backends=backends,
+            spool=spool, limiter=RateLimiter(), recorder=recorder,
+        )  # fmt: skip
+        lifecycle.install(backends, reg)
+        app.state.services, app.state.relay = svc, relay
+        app.state.authenticator = build_authenticator(settings)
+        app.state.started = time.time()
+        try:
+            yield
+        finally:
+            if recorder:
+                recorder.close()
+            spool.close()
+            await backends.close()
+
+    return Litestar(
+        route_handlers=[chat_completions, completions, list_models, health, relay_post],
+        lifespan=[lifespan],
+        exception_handlers={Exception: handle_exception},
+        openapi_config=OpenAPIConfig(
+            title="FIRST inference gateway",
+            version="0.1.0",
+            description="OpenAI-compatible inference across HPC clusters. Authenticate with 'Bearer <key>'.",
+            path="/docs",
+        ),
+        logging_config=None,
+    )

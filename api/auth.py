@@ -1,0 +1,155 @@
+"""Who is calling: the bearer token resolves to a Principal through an Authenticator.
+
+Local mode uses API keys stored only as SHA-256 hashes in SQLite. Keys are 32 random bytes, so a fast
+hash is safe (no dictionary to attack) and lets the gateway check a key in microseconds. Globus Auth
+plugs in later behind the same ``Authenticator`` protocol.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from api.errors import APIError
+
+KEY_PREFIX = "first-"
+
+
+@dataclass(frozen=True)
+class Principal:
+    user: str
+    groups: tuple[str, ...] = ()
+    key_id: str | None = None
+    rpm: int = 0  # requests per minute for this credential; 0 = no limit
+    is_admin: bool = False
+
+
+class Authenticator(Protocol):
+    def authenticate(self, token: str | None) -> Principal: ...
+
+
+@dataclass
+class KeyInfo:
+    key_id: str
+    user: str
+    groups: list[str]
+    created: float
+    revoked: bool
+    rpm: int = 0
+    last4: str = field(default="")
+
+
+def _hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class KeyStore:
+    """API keys in a small SQLite file: hashed, listable, revocable."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS api_keys (key_id TEXT PRIMARY KEY, key_hash TEXT UNIQUE NOT NULL,"
+                " user TEXT NOT NULL, groups TEXT NOT NULL, created REAL NOT NULL, revoked INTEGER NOT NULL"
+                " DEFAULT 0, rpm INTEGER NOT NULL DEFAULT 0, last4 TEXT NOT NULL DEFAULT '')"
+            )
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, timeout=10)
+
+    def create(self, user: str, groups: list[str] | None = None, rpm: int = 0) -> tuple[str, KeyInfo]:
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        info = KeyInfo(secrets.token_hex(4), user, sorted(set(groups or [])), time.time(), False, rpm, key[-4:])
+        with self._connect() as db:
+            db.execute(
+                "INSERT INTO api_keys VALUES (?,?,?,?,?,0,?,?)",
+                (info.key_id, _hash(key), user, ",".join(info.groups), info.created, rpm, info.last4),
+            )
+        return key, info
+
+    def list(self) -> list[KeyInfo]:
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT key_id, user, groups, created, revoked, rpm, last4 FROM api_keys ORDER BY created"
+            ).fetchall()
+        return [KeyInfo(r[0], r[1], [g for g in r[2].split(",") if g], r[3], bool(r[4]), r[5], r[6]) for r in rows]
+
+    def revoke(self, key_id_or_user: str) -> int:
+        """Revoke one key by id, or every key of a user. Returns how many were revoked."""
+        with self._connect() as db:
+            cur = db.execute(
+                "UPDATE api_keys SET revoked=1 WHERE (key_id=? OR user=?) AND revoked=0",
+                (key_id_or_user, key_id_or_user),
+            )
+            return cur.rowcount
+
+    def _active(self) -> dict[str, Principal]:
+        with self._connect() as db:
+            rows = db.execute("SELECT key_hash, user, groups, key_id, rpm FROM api_keys WHERE revoked=0").fetchall()
+        out = {}
+        for key_hash, user, groups, key_id, rpm in rows:
+            g = tuple(x for x in groups.split(",") if x)
+            out[key_hash] = Principal(user, g, key_id, rpm, is_admin="admin" in g)
+        return out
+
+
+class LocalKeyAuthenticator:
+    """Checks bearer API keys against the KeyStore; reloads it when the file changes (at most once a second)."""
+
+    def __init__(self, store: KeyStore, default_rpm: int = 0) -> None:
+        self.store = store
+        self.default_rpm = default_rpm
+        self._keys: dict[str, Principal] = {}
+        self._mtime = -1.0
+        self._checked = 0.0
+        self._lock = threading.Lock()
+
+    def _refresh(self) -> None:
+        now = time.monotonic()
+        if now - self._checked < 1.0:
+            return
+        with self._lock:
+            self._checked = now
+            mtime = self.store.path.stat().st_mtime if self.store.path.exists() else 0.0
+            if mtime != self._mtime:
+                self._keys = self.store._active()
+                self._mtime = mtime
+
+    def authenticate(self, token: str | None) -> Principal:
+        if not token:
+            raise APIError(
+                401,
+                "Missing credential. Send 'Authorization: Bearer <API key>' (create one with `first keys create`).",
+                code="missing_api_key",
+            )
+        self._refresh()
+        digest = _hash(token)
+        principal = None
+        # Constant time over the stored hashes: no early exit that leaks how much of a hash matched.
+        for stored, candidate in self._keys.items():
+            if hmac.compare_digest(stored, digest):
+                principal = candidate
+        if principal is None:
+            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+        if principal.rpm == 0 and self.default_rpm:
+            principal = Principal(principal.user, principal.groups, principal.key_id, self.default_rpm,
+                                  principal.is_admin)
+        return principal
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()

@@ -1,0 +1,144 @@
+"""Clusters and models: Prefect Blocks that operators edit in the UI, and the in-memory snapshot
+(``Registry``) the gateway routes with, so that no request waits on a block load.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from prefect.blocks.core import Block
+from pydantic import BaseModel, Field
+
+from first.settings import Settings
+
+log = logging.getLogger("first.registry")
+
+Transport = Literal["local", "http", "globus-compute"]
+
+
+class ClusterSpec(BaseModel):
+    name: str
+    transport: Transport = "local"
+    base_url: str | None = Field(default=None, description="For transport 'http': an OpenAI-compatible URL")
+    endpoint_id: str | None = Field(default=None, description="For transport 'globus-compute'")
+    scheduler: Literal["none", "pbs", "slurm"] = "none"
+    allowed_groups: list[str] = Field(default_factory=list, description="Empty: everyone may use it")
+    maintenance: bool = False
+    maintenance_message: str = ""
+
+
+class ModelSpec(BaseModel):
+    name: str
+    aliases: list[str] = Field(default_factory=list)
+    clusters: list[str] = Field(default_factory=lambda: ["local"])
+    served_name: str | None = Field(default=None, description="Name vLLM serves it under (default: name)")
+    path: str = Field(description="Model folder or hub id that vLLM loads")
+    port: int = 8100
+    vllm_args: list[str] = Field(default_factory=list)
+    vllm_env: dict[str, str] = Field(default_factory=dict)
+    context_length: int = 512
+    allowed_groups: list[str] = Field(default_factory=list, description="Empty: everyone may use it")
+    idle_timeout_s: int = 3600
+    owned_by: str = "first"
+
+    @property
+    def served(self) -> str:
+        return self.served_name or self.name
+
+
+class ClusterBlock(Block):
+    """A cluster FIRST can run models on."""
+
+    _block_type_name = "FIRST Cluster"
+    _block_type_slug = "first-cluster"
+    _description = "A compute cluster: how to reach it (local, direct HTTP or Globus Compute) and who may use it."
+
+    spec: ClusterSpec
+
+
+class ModelBlock(Block):
+    """A model FIRST serves, and how vLLM runs it on each cluster."""
+
+    _block_type_name = "FIRST Model"
+    _block_type_slug = "first-model"
+    _description = "A model: which clusters serve it, the vLLM arguments, and who may use it."
+
+    spec: ModelSpec
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
+class Registry(BaseModel):
+    """A snapshot of clusters and models. The gateway holds one and refreshes it from the blocks."""
+
+    clusters: dict[str, ClusterSpec] = Field(default_factory=dict)
+    models: dict[str, ModelSpec] = Field(default_factory=dict)
+
+    def resolve(self, name: str) -> ModelSpec | None:
+        model = self.models.get(name)
+        if model is not None:
+            return model
+        for m in self.models.values():
+            if name in m.aliases:
+                return m
+        return None
+
+    @classmethod
+    def embedded_default(cls, settings: Settings) -> Registry:
+        """One local cluster and the tiny demo model that `first model build-tiny` writes."""
+        tiny = ModelSpec(
+            name="tiny",
+            aliases=["first-tiny"],
+            clusters=["local"],
+            path=str(settings.models_dir / "tiny"),
+            port=settings.vllm_port_base,
+            vllm_args=["--max-model-len", "512", "--enforce-eager"],
+            vllm_env={
+                "VLLM_CPU_KVCACHE_SPACE": str(settings.vllm_kv_cache_gib),
+                "VLLM_HOST_IP": "127.0.0.1",
+                "HF_HUB_OFFLINE": "1",
+                "TRANSFORMERS_OFFLINE": "1",
+            },
+            context_length=512,
+            idle_timeout_s=3600,
+        )
+        return cls(clusters={"local": ClusterSpec(name="local", transport="local")}, models={"tiny": tiny})
+
+    async def save_blocks(self) -> None:
+        for c in self.clusters.values():
+            await ClusterBlock(spec=c).save(_slug(c.name), overwrite=True)
+        for m in self.models.values():
+            await ModelBlock(spec=m).save(_slug(m.name), overwrite=True)
+
+    @classmethod
+    async def load_blocks(cls) -> Registry:
+        """Read every cluster and model block from the Prefect API."""
+        from prefect.client.orchestration import get_client
+
+        reg = cls()
+        async with get_client() as client:
+            for block_cls, target in ((ClusterBlock, reg.clusters), (ModelBlock, reg.models)):
+                docs = await client.read_block_documents_by_type(block_cls.get_block_type_slug())
+                for doc in docs:
+                    spec = block_cls.model_validate(doc.data).spec  # type: ignore[attr-defined]
+                    target[spec.name] = spec
+        return reg
+
+    @classmethod
+    async def load(cls, settings: Settings) -> Registry:
+        """Blocks when Prefect has them; else the embedded default (and say so)."""
+        try:
+            reg = await cls.load_blocks()
+        except Exception as exc:
+            log.warning("could not read cluster/model blocks from Prefect (%s); using the embedded default", exc)
+            return cls.embedded_default(settings)
+        if not reg.models:
+            log.info("no model blocks in Prefect yet; using the embedded default")
+            return cls.embedded_default(settings)
+        return reg
+
+    def describe(self) -> dict[str, Any]:
+        return self.model_dump()

@@ -1,0 +1,280 @@
+"""Functions shipped to clusters. The same code runs in every transport (local, Globus Compute).
+
+Rules, so that they serialize and run on a remote endpoint: each is a plain module-level function;
+arguments and results are plain JSON-like values; every import happens inside the function.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_clients: dict[str, Any] = {}  # one pooled HTTP client per endpoint process and base URL
+
+
+def _client(base_url: str, timeout: float) -> Any:
+    import httpx
+
+    client = _clients.get(base_url)
+    if client is None:
+        limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+        client = _clients[base_url] = httpx.Client(base_url=base_url, limits=limits, timeout=timeout)
+    return client
+
+
+def _connect_error(base_url: str, exc: Exception) -> dict[str, Any]:
+    import httpx
+
+    if isinstance(exc, httpx.TimeoutException):
+        return {"status": 504, "kind": "timeout", "message": f"vLLM at {base_url} timed out: {exc!r}"}
+    return {"status": 503, "kind": "unreachable", "message": f"vLLM at {base_url} is unreachable: {exc!r}"}
+
+
+def openai_request(base_url: str, path: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """One non-streaming OpenAI call to the vLLM server near this function.
+
+    Returns {"status": http status, "body": json} or {"status": 503|504, "kind", "message"} when vLLM
+    could not be reached.
+    """
+    import httpx
+
+    try:
+        r = _client(base_url, timeout).post(path, json=body, timeout=timeout)
+    except httpx.HTTPError as exc:
+        return _connect_error(base_url, exc)
+    try:
+        payload = r.json()
+    except ValueError:
+        payload = {"error": {"message": r.text[:500], "type": "backend_error"}}
+    return {"status": r.status_code, "body": payload}
+
+
+def openai_stream(
+    base_url: str,
+    path: str,
+    body: dict[str, Any],
+    timeout: float,
+    relay_url: str,
+    relay_token: str,
+    batch_chunks: int = 16,
+    batch_ms: int = 20,
+) -> dict[str, Any]:
+    """Stream one OpenAI call from vLLM and post the chunks, in batches, to the gateway's relay.
+
+    The first chunk is posted at once (time to first token); later ones at most ``batch_chunks`` per
+    post or every ``batch_ms``. Returns a summary; errors are also posted so the caller sees them.
+    """
+    import json
+    import time
+
+    import httpx
+
+    relay = _client(relay_url, 30.0)
+    seq = 0
+    sent = 0
+
+    def post(chunks: list[Any], done: bool = False, error: dict[str, Any] | None = None) -> None:
+        nonlocal seq
+        doc = {"seq": seq, "chunks": chunks, "done": done, "error": error}
+        for attempt in range(5):  # reposts are idempotent: the gateway drops duplicate sequence numbers
+            try:
+                r = relay.post("", json=doc, headers={"X-Relay-Token": relay_token})
+                if r.status_code < 500:
+                    break
+            except httpx.HTTPError:
+                if attempt == 4:
+                    raise
+            time.sleep(0.05 * 2**attempt)
+        seq += 1
+
+    try:
+        with _client(base_url, timeout).stream("POST", path, json=body, timeout=timeout) as r:
+            if r.status_code != 200:
+                r.read()
+                try:
+                    payload = r.json()
+                except ValueError:
+                    payload = {"error": {"message": r.text[:500]}}
+                post([], done=True, error={"status": r.status_code, "body": payload})
+                return {"status": r.status_code, "chunks": 0}
+            batch: list[Any] = []
+            first = True
+            deadline = 0.0
+            for line in r.iter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                batch.append(json.loads(data))
+                now = time.monotonic()
+                if first or len(batch) >= batch_chunks or now >= deadline:
+                    post(batch)
+                    sent += len(batch)
+                    batch, first, deadline = [], False, now + batch_ms / 1000
+            sent += len(batch)
+            post(batch, done=True)
+    except httpx.HTTPError as exc:
+        err = _connect_error(base_url, exc)
+        post([], done=True, error=err)
+        return {"status": err["status"], "chunks": sent}
+    return {"status": 200, "chunks": sent}
+
+
+# ---- model lifecycle on a cluster without a batch scheduler (the local cluster) ----
+
+
+def _state_path(spec: dict[str, Any]) -> Any:
+    from pathlib import Path
+
+    return Path(spec["state_dir"]) / f"{spec['model']}.json"
+
+
+def _pid_alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return True
+
+
+def _group_has_live_members(pgid: int) -> bool:
+    """True if a non-zombie process of this process group still runs (Linux /proc)."""
+    import os
+
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(") ", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def vllm_status(spec: dict[str, Any]) -> dict[str, Any]:
+    """Is the model's vLLM server cold, starting, hot or failed? Reads its state file and /health."""
+    import json
+
+    import httpx
+
+    path = _state_path(spec)
+    if not path.exists():
+        return {"state": "cold"}
+    state = json.loads(path.read_text())
+    if not _pid_alive(state["pid"]):
+        tail = ""
+        try:
+            with open(state["log"], "rb") as f:
+                f.seek(0, 2)
+                f.seek(max(0, f.tell() - 2000))
+                tail = f.read().decode(errors="replace")
+        except OSError:
+            pass
+        return {**state, "state": "failed", "detail": f"vLLM process {state['pid']} exited. Log tail:\n{tail}"}
+    try:
+        ok = httpx.get(state["base_url"] + "/health", timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        ok = False
+    return {**state, "state": "hot" if ok else "starting"}
+
+
+def start_vllm(spec: dict[str, Any]) -> dict[str, Any]:
+    """Start vLLM for one model unless it already runs; returns at once (warm-up polls vllm_status).
+
+    A file lock makes concurrent starts on one machine start one server.
+    """
+    import fcntl
+    import json
+    import os
+    import subprocess
+    import time
+    from pathlib import Path
+
+    state_dir = Path(spec["state_dir"])
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with open(state_dir / f"{spec['model']}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        current = vllm_status(spec)
+        if current["state"] in ("starting", "hot"):
+            return current
+        port = int(spec["port"])
+        log_path = state_dir / f"{spec['model']}.log"
+        cmd = [
+            spec["python"], "-m", "vllm.entrypoints.openai.api_server",
+            "--model", spec["model_path"], "--served-model-name", spec["served_name"],
+            "--host", "127.0.0.1", "--port", str(port), *spec.get("args", []),
+        ]  # fmt: skip
+        env = {**os.environ, **spec.get("env", {})}
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                start_new_session=True,  # its own process group: stop_vllm ends vLLM and its workers together
+            )  # fmt: skip
+        state = {
+            "pid": proc.pid, "port": port, "base_url": f"http://127.0.0.1:{port}", "log": str(log_path),
+            "started": time.time(), "model": spec["model"], "cmd": cmd,
+        }  # fmt: skip
+        tmp = _state_path(spec).with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(_state_path(spec))
+        return {**state, "state": "starting"}
+
+
+def stop_vllm(spec: dict[str, Any], grace_s: float = 20.0) -> dict[str, Any]:
+    """Stop the model's vLLM server: SIGTERM to its process group, SIGKILL after ``grace_s``."""
+    import json
+    import os
+    import signal
+    import time
+
+    path = _state_path(spec)
+    if not path.exists():
+        return {"state": "cold", "stopped": False}
+    state = json.loads(path.read_text())
+    pid = state["pid"]
+
+    def group_alive() -> bool:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return _pid_alive(pid) or _group_has_live_members(pid)
+
+    stopped = False
+    if group_alive():
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + grace_s
+        while group_alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+            try:  # reap it if this process started it
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+        if group_alive():
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        stopped = True
+    try:  # reap it if this process started it
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    path.unlink(missing_ok=True)
+    return {"state": "cold", "stopped": stopped, "pid": pid}

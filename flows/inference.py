@@ -1,0 +1,303 @@
+"""The inference flow: authorize -> select cluster -> ensure warm -> execute -> record usage.
+
+The API runs ``run_inference`` for every request. The steps are Prefect tasks; whether a request
+becomes a recorded Prefect flow run is a setting (design decision 1, ``FIRST_FLOW_TRACKING``):
+
+- ``all``: the request runs inside the real ``infer`` flow, each step a task run. Costly (see
+  docs/benchmarks.md).
+- ``sample`` (default): the steps run as plain coroutines (``task.fn``), the same code, and the
+  request's trace is recorded afterwards as an ``infer-record`` flow run, off the serving loop, when it
+  failed, waited for a warm-up, or was sampled.
+- ``off``: nothing is recorded but the lifecycle flows.
+
+Events flow to the API handler through a ``Sink`` (a queue): a response, stream chunks, or an error.
+Usage is spooled before the final event, so a response never completes without its usage record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from analytics.records import UsageRecord
+from analytics.spool import UsageSpool
+from api.auth import Principal
+from api.errors import APIError
+from api.limits import RateLimiter
+from api.protocol import ChatCompletionRequest, CompletionRequest, backend_body
+from blocks.registry import ModelSpec, Registry
+from compute.backends import Backends
+from first.settings import FlowTracking, Settings
+from flows.state import Instance, LiveState
+
+
+@dataclass
+class InferenceRequest:
+    request_id: str
+    endpoint: str  # "chat.completions" | "completions"
+    path: str  # backend path, e.g. "/v1/chat/completions"
+    body: ChatCompletionRequest | CompletionRequest
+    principal: Principal
+    started: float = field(default_factory=time.time)
+    t0: float = field(default_factory=time.perf_counter)
+
+    @property
+    def stream(self) -> bool:
+        return bool(self.body.stream)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.body.stream_options and self.body.stream_options.include_usage)
+
+
+@dataclass
+class Outcome:
+    """What happened to one request; becomes its usage record and, if recorded, its flow-run trace."""
+
+    model: str
+    cluster: str | None = None
+    status: int = 200
+    error_type: str | None = None
+    error_message: str | None = None
+    usage: dict[str, int] = field(default_factory=dict)
+    ttft_ms: float | None = None
+    cold_start: bool = False
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Sink:
+    """Events from the pipeline to the HTTP handler: ("response", body) | ("chunk", chunk) |
+    ("error", APIError) | ("end", None)."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.started = False  # a stream's first byte went out: failures can no longer become HTTP errors
+
+    def put(self, kind: str, value: Any = None) -> None:
+        self.queue.put_nowait((kind, value))
+
+    async def get(self) -> tuple[str, Any]:
+        return await self.queue.get()
+
+
+@dataclass
+class Services:
+    """What the steps need; built once by the API at startup."""
+
+    settings: Settings
+    registry: Registry
+    live: LiveState
+    backends: Backends
+    spool: UsageSpool
+    limiter: RateLimiter
+    recorder: Any = None  # flows.recorder.FlowRecorder | None
+
+
+# ---- the steps ----
+
+
+@task(name="authorize", cache_policy=NO_CACHE)
+async def authorize(req: InferenceRequest, svc: Services) -> ModelSpec:
+    """The caller may use this model, and is within its rate limit."""
+    model = svc.registry.resolve(req.body.model)
+    hidden = model is not None and model.allowed_groups and not set(model.allowed_groups) & set(req.principal.groups)
+    if model is None or hidden:
+        raise APIError(
+            404,
+            f"The model '{req.body.model}' does not exist or you do not have access to it.",
+            param="model",
+            code="model_not_found",
+        )
+    svc.limiter.check(req.principal)
+    return model
+
+
+@task(name="select-cluster", cache_policy=NO_CACHE)
+async def select_cluster(req: InferenceRequest, model: ModelSpec, svc: Services) -> Instance:
+    """Pick where the model runs: a hot instance if there is one, else the first usable cluster."""
+    candidates = []
+    for name in model.clusters:
+        cluster = svc.registry.clusters.get(name)
+        if cluster is None or cluster.maintenance:
+            continue
+        if cluster.allowed_groups and not set(cluster.allowed_groups) & set(req.principal.groups):
+            continue
+        candidates.append(svc.live.instance(cluster, model))
+    if not candidates:
+        raise APIError(
+            503, f"No cluster can serve '{model.name}' right now (maintenance or access).", code="no_cluster"
+        )
+    order = {"hot": 0, "starting": 1, "unknown": 2, "cold": 3, "failed": 4}
+    return min(candidates, key=lambda i: (order.get(i.state, 5), i.inflight))
+
+
+@task(name="ensure-warm", cache_policy=NO_CACHE)
+async def ensure_warm(inst: Instance, svc: Services) -> bool:
+    """Wait for the model to be hot on the cluster, starting (or joining) a warm-up if it is cold."""
+    return await svc.live.ensure_warm(inst)
+
+
+@task(name="execute", cache_policy=NO_CACHE)
+async def execute(req: InferenceRequest, inst: Instance, svc: Services, sink: Sink, out: Outcome) -> None:
+    """Run the request on the cluster; fills ``out`` with usage. Retries once, before the first byte,
+    if the model server turned out to be gone (scaled down or crashed)."""
+    for attempt in (0, 1):
+        backend = svc.backends.get(inst.cluster)
+        body = backend_body(req.body, inst.model.served)
+        inst.inflight += 1
+        try:
+            if req.stream:
+                await _stream(req, backend.stream(inst.base_url or "", req.path, body, req.request_id), sink, out)
+            else:
+                response = await backend.complete(inst.base_url or "", req.path, body)
+                response["model"] = req.body.model
+                out.usage = dict(response.get("usage") or {})
+                sink.put("response", response)  # held by the handler until usage is recorded
+            return
+        except APIError as exc:
+            if attempt == 0 and exc.code == "backend_unreachable" and not sink.started:
+                svc.live.mark_unreachable(inst, exc.message)
+                out.cold_start = await svc.live.ensure_warm(inst) or out.cold_start
+                continue
+            raise
+        finally:
+            inst.inflight -= 1
+
+
+async def _stream(req: InferenceRequest, chunks: Any, sink: Sink, out: Outcome) -> None:
+    async for chunk in chunks:
+        if chunk.get("usage") and not chunk.get("choices"):
+            out.usage = dict(chunk["usage"])
+            if not req.include_usage:
+                continue  # we asked for usage for metering; the caller did not
+        chunk["model"] = req.body.model
+        if out.ttft_ms is None and any(
+            (c.get("delta") or {}).get("content") or c.get("text") for c in chunk.get("choices") or []
+        ):
+            out.ttft_ms = (time.perf_counter() - req.t0) * 1000
+        if not req.include_usage and chunk.get("usage"):
+            chunk.pop("usage", None)
+        sink.started = True
+        sink.put("chunk", chunk)
+
+
+@task(name="record-usage", cache_policy=NO_CACHE)
+async def record_usage(req: InferenceRequest, out: Outcome, svc: Services) -> UsageRecord:
+    """Append the request's usage record to the spool (durable before the response completes)."""
+    u = out.usage
+    record = UsageRecord(
+        request_id=req.request_id,
+        ts=req.started,
+        user=req.principal.user,
+        groups=list(req.principal.groups),
+        model=out.model,
+        cluster=out.cluster,
+        endpoint=req.endpoint,
+        stream=req.stream,
+        prompt_tokens=int(u.get("prompt_tokens") or 0),
+        completion_tokens=int(u.get("completion_tokens") or 0),
+        total_tokens=int(u.get("total_tokens") or 0),
+        latency_ms=(time.perf_counter() - req.t0) * 1000,
+        ttft_ms=out.ttft_ms,
+        status=out.status,
+        error_type=out.error_type,
+        cold_start=out.cold_start,
+    )
+    svc.spool.append(record)
+    return record
+
+
+# ---- the pipeline: one body, run with or without Prefect tracking ----
+
+StepRunner = Callable[..., Awaitable[Any]]
+
+
+async def _pipeline(req: InferenceRequest, svc: Services, sink: Sink, run: StepRunner) -> Outcome:
+    out = Outcome(model=req.body.model)
+    try:
+        model = await run(authorize, req, svc)
+        out.model = model.name
+        inst = await run(select_cluster, req, model, svc)
+        out.cluster = inst.cluster.name
+        out.cold_start = await run(ensure_warm, inst, svc)
+        await run(execute, req, inst, svc, sink, out)
+    except APIError as exc:
+        out.status, out.error_type, out.error_message = exc.status, exc.type, exc.message
+        error: APIError | None = exc
+    except Exception as exc:  # a bug or an unexpected failure: still an OpenAI-shaped answer and a usage row
+        out.status, out.error_type, out.error_message = 500, "server_error", repr(exc)
+        error = APIError(500, "The gateway hit an internal error; it has been logged.", type="server_error")
+    else:
+        error = None
+    await run(record_usage, req, out, svc)
+    if error is not None:
+        sink.put("error", error)
+    else:
+        sink.put("end")
+    return out
+
+
+def _plain_runner(out_steps: list[dict[str, Any]]) -> StepRunner:
+    async def run(step: Any, *args: Any) -> Any:
+        t = time.perf_counter()
+        ok = False
+        try:
+            result = await step.fn(*args)
+            ok = True
+            return result
+        finally:
+            out_steps.append({"step": step.name, "ms": round((time.perf_counter() - t) * 1000, 3), "ok": ok})
+
+    return run
+
+
+async def _task_runner(step: Any, *args: Any) -> Any:
+    return await step(*args)
+
+
+@flow(name="infer", flow_run_name="{endpoint} {model} for {user}", log_prints=False)
+async def infer(request_id: str, endpoint: str, model: str, user: str) -> dict[str, Any]:
+    """One inference as a recorded Prefect flow run (tracking ``all``)."""
+    req, svc, sink = _inflight[request_id]
+    out = await _pipeline(req, svc, sink, _task_runner)
+    if out.status >= 400:
+        raise RuntimeError(f"{out.status} {out.error_type}: {out.error_message}")
+    return {"status": out.status, "cluster": out.cluster, "usage": out.usage}
+
+
+_inflight: dict[str, tuple[InferenceRequest, Services, Sink]] = {}
+
+
+async def _run_tracked(req: InferenceRequest, svc: Services, sink: Sink) -> None:
+    _inflight[req.request_id] = (req, svc, sink)
+    try:
+        await infer(request_id=req.request_id, endpoint=req.endpoint, model=req.body.model, user=req.principal.user)
+    except Exception:
+        pass  # the failure is in the flow run's state; the caller already has its error event
+    finally:
+        _inflight.pop(req.request_id, None)
+
+
+async def _run_sampled(req: InferenceRequest, svc: Services, sink: Sink) -> None:
+    steps: list[dict[str, Any]] = []
+    out = await _pipeline(req, svc, sink, _plain_runner(steps))
+    out.steps = steps
+    recorder = svc.recorder
+    if recorder is None or svc.settings.flow_tracking is FlowTracking.off:
+        return
+    if out.status >= 400 or out.cold_start or random.random() < svc.settings.flow_sample_rate:
+        recorder.submit(req, out)
+
+
+def run_inference(req: InferenceRequest, svc: Services) -> tuple[Sink, asyncio.Task[None]]:
+    """Start the pipeline for one request; the caller reads events from the returned sink."""
+    sink = Sink()
+    runner = _run_tracked if svc.settings.flow_tracking is FlowTracking.all else _run_sampled
+    return sink, asyncio.create_task(runner(req, svc, sink))
