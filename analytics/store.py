@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,7 @@ _COLUMNS: dict[str, tuple[str, pa.DataType]] = {
     "cold_start": ("BOOLEAN NOT NULL", pa.bool_()),
 }
 USAGE_COLUMNS: tuple[str, ...] = tuple(_COLUMNS)
-if USAGE_COLUMNS != UsageRecord.__struct_fields__:  # pragma: no cover - guards schema drift
+if UsageRecord.__struct_fields__ != USAGE_COLUMNS:  # pragma: no cover - guards schema drift
     raise RuntimeError(f"usage columns {USAGE_COLUMNS} != UsageRecord fields {UsageRecord.__struct_fields__}")
 
 _ARROW_SCHEMA = pa.schema([(name, arrow_type) for name, (_, arrow_type) in _COLUMNS.items()])
@@ -76,6 +77,10 @@ _INSERT = (
     + ", ".join('to_timestamp("ts")' if name == "ts" else f'"{name}"' for name in USAGE_COLUMNS)
     + " FROM _usage_batch ON CONFLICT DO NOTHING"
 )
+
+
+class _Row(UsageRecord, gc=False):
+    """UsageRecord decoded for ingestion: untracked by the cyclic GC (halves the decode time)."""
 
 
 @dataclass
@@ -103,7 +108,7 @@ class UsageStore:
         self.db_path = Path(db_path)
         self.batch_rows = batch_rows
         self.lock_timeout_s = lock_timeout_s
-        self._decoder = msgspec.json.Decoder(UsageRecord)
+        self._decoder = msgspec.json.Decoder(_Row)
         self._schema_ready = False
         self.last_skipped_lines = 0  # malformed complete lines skipped by the last ingest
 
@@ -283,9 +288,8 @@ def _release(seg: _Segment) -> None:
 
 
 def _to_arrow(records: list[UsageRecord]) -> pa.Table:
-    columns = list(zip(*(msgspec.structs.astuple(r) for r in records), strict=True))
     return pa.Table.from_arrays(
-        [pa.array(col, type=f.type) for col, f in zip(columns, _ARROW_SCHEMA, strict=True)],
+        [pa.array(list(map(attrgetter(f.name), records)), type=f.type) for f in _ARROW_SCHEMA],
         schema=_ARROW_SCHEMA,
     )
 

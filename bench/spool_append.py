@@ -1,6 +1,6 @@
 """Measure UsageSpool.append per-record cost and UsageStore.ingest throughput.
 
-    python bench/spool_append.py [--n 100000] [--fsync]
+python bench/spool_append.py [--n 100000] [--fsync]
 """
 
 from __future__ import annotations
@@ -59,9 +59,11 @@ def main() -> None:
         samples.sort()
         segments = len(list(spool_dir.iterdir()))
         size = sum(p.stat().st_size for p in spool_dir.iterdir())
-        print(f"append x{n} (fsync={args.fsync}): median {statistics.median(samples) / 1e3:.2f} us, "
-              f"p99 {samples[int(0.99 * n)] / 1e3:.2f} us, max {samples[-1] / 1e3:.0f} us, "
-              f"overall {t_all / n / 1e3:.2f} us/record; {segments} segments, {size / 1e6:.1f} MB")
+        print(
+            f"append x{n} (fsync={args.fsync}): median {statistics.median(samples) / 1e3:.2f} us, "
+            f"p99 {samples[int(0.99 * n)] / 1e3:.2f} us, max {samples[-1] / 1e3:.0f} us, "
+            f"overall {t_all / n / 1e3:.2f} us/record; {segments} segments, {size / 1e6:.1f} MB"
+        )
 
         store = UsageStore(db)
         t = time.perf_counter()

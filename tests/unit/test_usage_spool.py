@@ -99,6 +99,31 @@ def test_rotates_by_age(spool_dir: Path) -> None:
     spool.close()
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_child_writes_its_own_segment(spool_dir: Path, store: UsageStore) -> None:
+    spool = UsageSpool(spool_dir)
+    spool.append(rec(0))
+    pid = os.fork()
+    if pid == 0:  # child: must not touch the parent's segment
+        code = 1
+        try:
+            spool.append(rec(1))
+            spool.close()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    spool.append(rec(2))
+    spool.close()
+    by_pid = {int(SEGMENT_RE.match(n)["pid"]): (spool_dir / n).read_bytes() for n in files(spool_dir)}
+    assert by_pid == {
+        os.getpid(): ENC.encode(rec(0)) + b"\n" + ENC.encode(rec(2)) + b"\n",
+        pid: ENC.encode(rec(1)) + b"\n",
+    }
+    assert store.ingest(spool_dir) == 3
+
+
 def test_fsync_mode_writes_the_same_lines(spool_dir: Path) -> None:
     with UsageSpool(spool_dir, fsync=True) as spool:
         spool.append(rec(1))
@@ -124,9 +149,7 @@ def test_append_then_ingest_exact_rows_and_values(spool_dir: Path, store: UsageS
     assert str(df.schema["ts"]) == "Datetime(time_unit='us', time_zone='UTC')"
 
 
-def test_ingest_twice_and_rereading_a_segment_never_doubles(
-    spool_dir: Path, store: UsageStore, tmp_path: Path
-) -> None:
+def test_ingest_twice_and_rereading_a_segment_never_doubles(spool_dir: Path, store: UsageStore, tmp_path: Path) -> None:
     with UsageSpool(spool_dir, max_records=8) as spool:
         for i in range(20):
             spool.append(rec(i))
@@ -216,9 +239,7 @@ CRASHING_WRITER = textwrap.dedent(
 )
 
 
-def test_dead_process_open_segment_keeps_complete_lines_and_is_deleted(
-    spool_dir: Path, store: UsageStore
-) -> None:
+def test_dead_process_open_segment_keeps_complete_lines_and_is_deleted(spool_dir: Path, store: UsageStore) -> None:
     subprocess.run([sys.executable, "-c", CRASHING_WRITER, str(spool_dir)], check=True, timeout=60)
     (name,) = files(spool_dir)
     assert name.endswith(".jsonl.open")
@@ -250,9 +271,7 @@ WRITER = textwrap.dedent(
 
 def test_two_processes_writing_one_directory_arrive_exactly_once(spool_dir: Path, store: UsageStore) -> None:
     n = 1500
-    procs = [
-        subprocess.Popen([sys.executable, "-c", WRITER, str(spool_dir), tag, str(n)]) for tag in ("a", "b")
-    ]
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(spool_dir), tag, str(n)]) for tag in ("a", "b")]
     inserted = 0
     while any(p.poll() is None for p in procs):  # ingest concurrently with the writers
         inserted += store.ingest(spool_dir)

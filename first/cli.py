@@ -1,0 +1,207 @@
+"""The ``first`` command line: run the gateway, manage API keys, build the demo model, read usage."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from first.settings import get_settings
+
+app = typer.Typer(
+    help="FIRST: an OpenAI-compatible inference gateway for HPC clusters, with Prefect as its control plane.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+keys_app = typer.Typer(help="Local API keys (auth mode 'local'). Keys are stored only as SHA-256 hashes.",
+                       no_args_is_help=True)
+model_app = typer.Typer(help="Models the project builds itself.", no_args_is_help=True)
+usage_app = typer.Typer(help="Usage records: ingest the spool into DuckDB and report.", no_args_is_help=True)
+registry_app = typer.Typer(help="Clusters and models (Prefect Blocks).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(model_app, name="model")
+app.add_typer(usage_app, name="usage")
+app.add_typer(registry_app, name="registry")
+
+err = Console(stderr=True)
+
+
+# ---- running ----
+
+
+@app.command()
+def run(
+    prefect_port: Annotated[int, typer.Option(help="Port of the local Prefect server (UI and API)")] = 4200,
+    warm: Annotated[bool, typer.Option(help="Warm the demo model up at start (through the warm-up deployment)")] = True,
+) -> None:
+    """Run everything on this machine until Ctrl-C: Prefect server, lifecycle worker, gateway, vLLM CPU."""
+    from first.runner import Runner
+
+    raise SystemExit(Runner(get_settings(), prefect_port=prefect_port, warm=warm).run())
+
+
+@app.command()
+def gateway(
+    host: Annotated[str | None, typer.Option(help="Bind address (default FIRST_HOST)")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default FIRST_PORT)")] = None,
+) -> None:
+    """Run only the gateway (uvicorn), against whatever PREFECT_API_URL points at."""
+    import uvicorn
+
+    s = get_settings()
+    uvicorn.run("api.asgi:app", host=host or s.host, port=port or s.port, log_level="warning", access_log=False)
+
+
+# ---- keys ----
+
+
+@keys_app.command("create")
+def keys_create(
+    user: Annotated[str, typer.Option(help="Who the key belongs to (recorded in usage)")],
+    group: Annotated[list[str] | None, typer.Option(help="A group the user belongs to (repeatable)")] = None,
+    rpm: Annotated[int, typer.Option(help="Requests per minute allowed (0: no limit)")] = 0,
+) -> None:
+    """Create an API key and print it, alone, on stdout (it can't be shown again)."""
+    from api.auth import KeyStore
+
+    key, info = KeyStore(get_settings().keys_db).create(user, group or [], rpm)
+    err.print(f"created key {info.key_id} for {user} (groups: {', '.join(info.groups) or '-'})")
+    print(key)
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """List API keys (ids, users, groups; never the keys themselves)."""
+    from api.auth import KeyStore
+
+    t = Table("id", "user", "groups", "rpm", "created", "ends with", "status")
+    for k in KeyStore(get_settings().keys_db).list():
+        created = datetime.fromtimestamp(k.created, UTC).strftime("%Y-%m-%d %H:%M")
+        t.add_row(k.key_id, k.user, ",".join(k.groups), str(k.rpm or "-"), created, "…" + k.last4,
+                  "revoked" if k.revoked else "active")
+    Console().print(t)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id_or_user: Annotated[str, typer.Argument(help="A key id, or a user (revokes all their keys)")]) -> None:
+    """Revoke a key (the gateway stops accepting it within a second)."""
+    from api.auth import KeyStore
+
+    n = KeyStore(get_settings().keys_db).revoke(key_id_or_user)
+    if n == 0:
+        err.print(f"[red]no active key matches {key_id_or_user!r}[/red] (see `first keys list`)")
+        raise typer.Exit(1)
+    err.print(f"revoked {n} key(s)")
+
+
+# ---- model ----
+
+
+@model_app.command("build-tiny")
+def build_tiny(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write the model into")],
+    seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same bytes")] = 0,
+) -> None:
+    """Build the tiny demo model (byte-level BPE + a 0.8 M-parameter Llama with random weights)."""
+    from compute.tiny_model import build_tiny_model
+
+    path = build_tiny_model(out_dir, seed=seed, progress=lambda m: err.print(f"[dim]·[/dim] {m}"))
+    err.print(f"[green]tiny model written to {path}[/green]")
+
+
+# ---- usage ----
+
+
+def _since(value: str | None) -> datetime | None:
+    """'1d', '12h', '30m', or an ISO date/time."""
+    if not value:
+        return None
+    m = re.fullmatch(r"(\d+)([dhm])", value)
+    if m:
+        unit = {"d": "days", "h": "hours", "m": "minutes"}[m.group(2)]
+        return datetime.now(UTC) - timedelta(**{unit: int(m.group(1))})
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(f"use 1d, 12h, 30m or an ISO date, not {value!r}") from None
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+@usage_app.command("ingest")
+def usage_ingest() -> None:
+    """Move the gateway's usage spool into DuckDB (idempotent by request id)."""
+    from analytics.store import UsageStore
+
+    s = get_settings()
+    n = UsageStore(s.usage_db).ingest(s.spool_dir)
+    err.print(f"ingested {n} new usage record(s) into {s.usage_db}")
+
+
+@usage_app.command("summary")
+def usage_summary(
+    since: Annotated[str | None, typer.Option(help="Window start: 1d, 12h, 30m or an ISO date")] = None,
+    until: Annotated[str | None, typer.Option(help="Window end (same forms)")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table | csv | json")] = "table",
+) -> None:
+    """Requests, errors, tokens and median latency per user and model (ingests the spool first)."""
+    from analytics.store import UsageStore
+
+    s = get_settings()
+    store = UsageStore(s.usage_db)
+    store.ingest(s.spool_dir)
+    df = store.summary(since=_since(since), until=_since(until))
+    if fmt == "csv":
+        sys.stdout.write(df.write_csv())
+    elif fmt == "json":
+        print(json.dumps(df.to_dicts(), default=str))
+    else:
+        t = Table(*df.columns, title=f"usage since {since or 'the beginning'}")
+        for row in df.iter_rows():
+            t.add_row(*[f"{v:.1f}" if isinstance(v, float) else str(v) for v in row])
+        Console().print(t)
+
+
+# ---- registry ----
+
+
+@registry_app.command("init")
+def registry_init(
+    force: Annotated[bool, typer.Option(help="Overwrite existing blocks of the same names")] = False,
+) -> None:
+    """Save the embedded default (cluster 'local', model 'tiny') as Prefect Blocks, unless blocks exist."""
+    from blocks.registry import ClusterBlock, ModelBlock, Registry
+
+    async def go() -> None:
+        from prefect.utilities.asyncutils import sync_compatible  # noqa: F401  (ensures prefect settings load)
+
+        await ClusterBlock.register_type_and_schema()
+        await ModelBlock.register_type_and_schema()
+        existing = await Registry.load_blocks()
+        if existing.models and not force:
+            err.print(f"registry already has {len(existing.models)} model(s); left as is (--force to reset)")
+            return
+        await Registry.embedded_default(get_settings()).save_blocks()
+        err.print("saved the embedded default registry as blocks (cluster 'local', model 'tiny')")
+
+    asyncio.run(go())
+
+
+@registry_app.command("show")
+def registry_show() -> None:
+    """Print the clusters and models the gateway would load."""
+    from blocks.registry import Registry
+
+    reg = asyncio.run(Registry.load(get_settings()))
+    print(json.dumps(reg.describe(), indent=2))
+
+
+if __name__ == "__main__":
+    app()
