@@ -141,8 +141,9 @@ class LocalKeyAuthenticator:
         if principal is None:
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
         if principal.rpm == 0 and self.default_rpm:
-            principal = Principal(principal.user, principal.groups, principal.key_id, self.default_rpm,
-                                  principal.is_admin)
+            principal = Principal(
+                principal.user, principal.groups, principal.key_id, self.default_rpm, principal.is_admin
+            )
         return principal
 
 

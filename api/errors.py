@@ -83,6 +83,4 @@ def handle_exception(request: Request, exc: Exception) -> Response:
             status = HTTP_500_INTERNAL_SERVER_ERROR
         return APIError(status, exc.detail or "Request failed").response()
     request.logger.exception("unhandled error on %s", request.url.path)
-    return APIError(
-        500, "The gateway hit an internal error; it has been logged.", type="server_error"
-    ).response()
+    return APIError(500, "The gateway hit an internal error; it has been logged.", type="server_error").response()

@@ -95,7 +95,8 @@ class Registry(BaseModel):
             clusters=["local"],
             path=str(settings.models_dir / "tiny"),
             port=settings.vllm_port_base,
-            vllm_args=["--max-model-len", "512", "--enforce-eager"],
+            # float32: on this CPU kind vLLM's default bfloat16 path killed the worker on the first request.
+            vllm_args=["--max-model-len", "512", "--enforce-eager", "--dtype", "float32"],
             vllm_env={
                 "VLLM_CPU_KVCACHE_SPACE": str(settings.vllm_kv_cache_gib),
                 "VLLM_HOST_IP": "127.0.0.1",

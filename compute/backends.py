@@ -97,7 +97,9 @@ class ExecutorBackend(ComputeBackend):
         except Exception as exc:
             raise _task_failed(exc, f"Cluster '{self.cluster.name}'") from exc
 
-    def _spec(self, model: ModelSpec) -> dict[str, Any]:
+    @staticmethod
+    def _spec_for(model: ModelSpec, cluster: ClusterSpec, settings: Settings) -> dict[str, Any]:
+        """What the lifecycle functions need to start, probe or stop the model's vLLM on this cluster."""
         return {
             "model": model.name,
             "served_name": model.served,
@@ -105,9 +107,12 @@ class ExecutorBackend(ComputeBackend):
             "port": model.port,
             "args": model.vllm_args,
             "env": model.vllm_env,
-            "python": str(self.settings.vllm_python),
-            "state_dir": str(self.settings.instances_dir / self.cluster.name),
+            "python": str(settings.vllm_python),
+            "state_dir": str(settings.instances_dir / cluster.name),
         }
+
+    def _spec(self, model: ModelSpec) -> dict[str, Any]:
+        return self._spec_for(model, self.cluster, self.settings)
 
     async def status(self, model: ModelSpec) -> dict[str, Any]:
         return await self.call(functions.vllm_status, self._spec(model), timeout=30)

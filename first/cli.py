@@ -21,8 +21,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-keys_app = typer.Typer(help="Local API keys (auth mode 'local'). Keys are stored only as SHA-256 hashes.",
-                       no_args_is_help=True)
+keys_app = typer.Typer(
+    help="Local API keys (auth mode 'local'). Keys are stored only as SHA-256 hashes.", no_args_is_help=True
+)
 model_app = typer.Typer(help="Models the project builds itself.", no_args_is_help=True)
 usage_app = typer.Typer(help="Usage records: ingest the spool into DuckDB and report.", no_args_is_help=True)
 registry_app = typer.Typer(help="Clusters and models (Prefect Blocks).", no_args_is_help=True)
@@ -43,9 +44,16 @@ def run(
     warm: Annotated[bool, typer.Option(help="Warm the demo model up at start (through the warm-up deployment)")] = True,
 ) -> None:
     """Run everything on this machine until Ctrl-C: Prefect server, lifecycle worker, gateway, vLLM CPU."""
+    import os
+
+    from first.settings import prefect_env
+
+    settings = get_settings()
+    # Prefect reads its settings when first imported: point this process at the local server first.
+    os.environ.update(prefect_env(settings, prefect_port))
     from first.runner import Runner
 
-    raise SystemExit(Runner(get_settings(), prefect_port=prefect_port, warm=warm).run())
+    raise SystemExit(Runner(settings, prefect_port=prefect_port, warm=warm).run())
 
 
 @app.command()
@@ -85,13 +93,22 @@ def keys_list() -> None:
     t = Table("id", "user", "groups", "rpm", "created", "ends with", "status")
     for k in KeyStore(get_settings().keys_db).list():
         created = datetime.fromtimestamp(k.created, UTC).strftime("%Y-%m-%d %H:%M")
-        t.add_row(k.key_id, k.user, ",".join(k.groups), str(k.rpm or "-"), created, "…" + k.last4,
-                  "revoked" if k.revoked else "active")
+        t.add_row(
+            k.key_id,
+            k.user,
+            ",".join(k.groups),
+            str(k.rpm or "-"),
+            created,
+            "…" + k.last4,
+            "revoked" if k.revoked else "active",
+        )
     Console().print(t)
 
 
 @keys_app.command("revoke")
-def keys_revoke(key_id_or_user: Annotated[str, typer.Argument(help="A key id, or a user (revokes all their keys)")]) -> None:
+def keys_revoke(
+    key_id_or_user: Annotated[str, typer.Argument(help="A key id, or a user (revokes all their keys)")],
+) -> None:
     """Revoke a key (the gateway stops accepting it within a second)."""
     from api.auth import KeyStore
 

@@ -83,3 +83,19 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def prefect_env(settings: Settings, prefect_port: int) -> dict[str, str]:
+    """The environment every process of the embedded default shares (set before Prefect is imported)."""
+    return {
+        "FIRST_HOME": str(settings.home),
+        "FIRST_REPO_ROOT": str(REPO_ROOT),
+        "PREFECT_HOME": str(settings.home / "prefect"),
+        "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "500",
+        "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_READ_BATCH_SIZE": "100",
+        "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "2",
+        "PYTHONUNBUFFERED": "1",
+    }

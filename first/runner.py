@@ -1,0 +1,282 @@
+"""`first run` (what `make run` calls): the whole embedded default on one machine, until Ctrl-C.
+
+Starts, each in its own process group so that shutdown is orderly and complete:
+the Prefect server (UI + API), a Prefect worker for the lifecycle deployments in prefect.yaml, the
+gateway (uvicorn), and through the warm-up flow the demo model's vLLM CPU server. Ctrl-C (SIGINT) or
+SIGTERM stops all of them, vLLM included: nothing is left running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+
+from api.auth import KeyStore
+from blocks.registry import Registry
+from compute import functions
+from first.settings import REPO_ROOT, Settings, prefect_env
+
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+BIN = Path(sys.executable).parent
+
+
+def stop_group(
+    proc: subprocess.Popen, name: str, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT), grace_s: float = 8.0
+) -> None:
+    """Stop a child and its process group: each signal in turn, then SIGKILL."""
+    for sig in (*signals, signal.SIGKILL):
+        if proc.poll() is not None:
+            break
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=grace_s if sig != signal.SIGKILL else 5)
+        except subprocess.TimeoutExpired:
+            continue
+    with contextlib.suppress(ProcessLookupError):  # stragglers in the group (e.g. flow-run subprocesses)
+        os.killpg(proc.pid, signal.SIGKILL)
+    console.print(f"  stopped {name}")
+
+
+def stop_local_models(settings: Settings) -> list[int]:
+    """Stop every vLLM server a local cluster started (they run in their own sessions)."""
+    stopped = []
+    for state in sorted(settings.instances_dir.glob("*/*.json")):
+        spec = {"state_dir": str(state.parent), "model": state.stem}
+        result = functions.stop_vllm(spec)
+        if result.get("stopped"):
+            stopped.append(result["pid"])
+            console.print(f"  stopped vLLM for {state.stem} (pid {result['pid']})")
+    return stopped
+
+
+def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None, what: str = "") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} before it answered at {url}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        time.sleep(0.3)
+    raise RuntimeError(f"{what} did not answer at {url} within {timeout_s:.0f} s")
+
+
+class Runner:
+    def __init__(self, settings: Settings, prefect_port: int = 4200, warm: bool = True) -> None:
+        self.s = settings
+        self.prefect_port = prefect_port
+        self.warm = warm
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.stop = threading.Event()
+        self.api_url = f"http://127.0.0.1:{prefect_port}/api"
+        self.env = {**os.environ, **prefect_env(settings, prefect_port)}
+
+    # ---- steps ----
+
+    def spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        self.s.logs_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.s.logs_dir / f"{name}.log", "ab")  # noqa: SIM115 (the child owns it)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+            cwd=REPO_ROOT,
+            start_new_session=True,
+        )
+        self.procs.append((name, proc))
+        return proc
+
+    def ensure_model(self) -> None:
+        reg = Registry.embedded_default(self.s)
+        tiny = Path(reg.models["tiny"].path)
+        if (tiny / "model.safetensors").exists():
+            console.print(f"[green]✓[/green] demo model at {tiny}")
+            return
+        from compute.tiny_model import build_tiny_model
+
+        with console.status("building the tiny demo model (tokenizer + random-weight Llama)…"):
+            build_tiny_model(tiny, seed=0)
+        console.print(f"[green]✓[/green] built the demo model at {tiny}")
+
+    def start_vllm_early(self) -> None:
+        """Start vLLM now (it takes ~30-60 s on CPU); the warm-up flow below then follows it to /health."""
+        if not self.warm:
+            return
+        if not self.s.vllm_python.exists():
+            raise RuntimeError(f"vLLM's environment is missing ({self.s.vllm_python}); run `make setup`")
+        reg = Registry.embedded_default(self.s)
+        from compute.backends import ExecutorBackend
+
+        spec = ExecutorBackend._spec_for(reg.models["tiny"], reg.clusters["local"], self.s)
+        functions.start_vllm(spec)
+        console.print(f"[green]✓[/green] vLLM CPU is starting for model 'tiny' (port {reg.models['tiny'].port})")
+
+    def start_prefect(self) -> None:
+        proc = self.spawn(
+            "prefect-server",
+            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(self.prefect_port)],
+        )
+        with console.status("starting the Prefect server…"):
+            wait_http(f"{self.api_url}/health", 120, proc, "the Prefect server")
+        console.print(f"[green]✓[/green] Prefect server at http://127.0.0.1:{self.prefect_port}")
+
+    def setup_prefect(self) -> None:
+        with console.status("registering blocks and deployments (prefect.yaml)…"):
+            for cmd in (
+                [str(BIN / "first"), "registry", "init"],
+                [str(BIN / "prefect"), "work-pool", "create", "first-local", "--type", "process", "--overwrite"],
+                [str(BIN / "prefect"), "--no-prompt", "deploy", "--all"],
+            ):
+                r = subprocess.run(cmd, env=self.env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
+                if r.returncode != 0:
+                    raise RuntimeError(f"{' '.join(cmd[1:])} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+        self.spawn("worker", [str(BIN / "prefect"), "worker", "start", "--pool", "first-local"])
+        console.print("[green]✓[/green] deployments warm-up-model, scale-down-model, model-status; worker started")
+
+    def demo_key(self) -> str:
+        path = self.s.home / "demo-api-key"
+        store = KeyStore(self.s.keys_db)
+        if path.exists():
+            key = path.read_text().strip()
+            from api.auth import LocalKeyAuthenticator
+
+            with contextlib.suppress(Exception):
+                LocalKeyAuthenticator(store).authenticate(key)
+                return key
+        key, _ = store.create("demo", ["demo"])
+        path.write_text(key + "\n")
+        path.chmod(0o600)
+        return key
+
+    def start_gateway(self) -> None:
+        proc = self.spawn(
+            "gateway",
+            [
+                str(BIN / "python"),
+                "-m",
+                "uvicorn",
+                "api.asgi:app",
+                "--host",
+                self.s.host,
+                "--port",
+                str(self.s.port),
+                "--no-access-log",
+                "--log-level",
+                "warning",
+            ],
+        )
+        with console.status("starting the gateway…"):
+            wait_http(f"http://{self.s.host}:{self.s.port}/health", 60, proc, "the gateway")
+        console.print(f"[green]✓[/green] gateway at http://{self.s.host}:{self.s.port}")
+
+    def warm_up(self) -> None:
+        if not self.warm:
+            return
+        from flows.lifecycle import warm_up
+
+        t0 = time.monotonic()
+        with console.status("warming up 'tiny' on cluster 'local' (vLLM CPU; the flow run is in the Prefect UI)…"):
+            result = asyncio.run(warm_up(model="tiny", cluster="local"))
+        console.print(
+            f"[green]✓[/green] model 'tiny' is hot at {result.get('base_url')} "
+            f"({time.monotonic() - t0:.0f} s after the gateway)"
+        )
+
+    def banner(self, key: str) -> None:
+        base = f"http://{self.s.host}:{self.s.port}"
+        console.print(f"""
+[bold]FIRST is running.[/bold] Ctrl-C stops everything.
+
+  OpenAI API     {base}/v1          (API docs: {base}/docs)
+  Prefect UI     http://127.0.0.1:{self.prefect_port}   (deployments: warm-up-model, scale-down-model, model-status)
+  Demo API key   {key}
+  Logs           {self.s.logs_dir}/
+
+[bold]curl[/bold]
+  curl {base}/v1/chat/completions -H "Authorization: Bearer {key}" \\
+    -H "Content-Type: application/json" \\
+    -d '{{"model": "tiny", "messages": [{{"role": "user", "content": "Hello!"}}], "max_tokens": 32}}'
+
+[bold]python[/bold] (pip install openai)
+  from openai import OpenAI
+  client = OpenAI(base_url="{base}/v1", api_key="{key}")
+  r = client.chat.completions.create(model="tiny", messages=[{{"role": "user", "content": "Hello!"}}])
+  print(r.choices[0].message.content)
+""")
+        print(
+            json.dumps(
+                {
+                    "ready": True,
+                    "base_url": base + "/v1",
+                    "api_key": key,
+                    "prefect_ui": f"http://127.0.0.1:{self.prefect_port}",
+                }
+            ),
+            flush=True,
+        )
+
+    # ---- main ----
+
+    def run(self) -> int:
+        def on_signal(signum: int, _frame: object) -> None:
+            console.print(f"\n[yellow]{signal.Signals(signum).name}: stopping…[/yellow]")
+            self.stop.set()
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        self.s.home.mkdir(parents=True, exist_ok=True)
+        code = 0
+        try:
+            self.ensure_model()
+            self.start_vllm_early()
+            self.start_prefect()
+            self.setup_prefect()
+            key = self.demo_key()
+            self.start_gateway()
+            self.warm_up()
+            self.banner(key)
+            while not self.stop.wait(1.0):
+                for name, proc in self.procs:
+                    if proc.poll() is not None:
+                        console.print(
+                            f"[red]{name} exited with code {proc.returncode}; "
+                            f"see {self.s.logs_dir / (name + '.log')}[/red]"
+                        )
+                        code = 1
+                        self.stop.set()
+        except KeyboardInterrupt:
+            pass
+        except Exception as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            code = 1
+        finally:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            self.shutdown()
+        return code
+
+    def shutdown(self) -> None:
+        console.print("stopping…")
+        by_name = dict(self.procs)
+        for name in ("gateway", "worker"):
+            if name in by_name:
+                stop_group(by_name[name], name)
+        stop_local_models(self.s)
+        if "prefect-server" in by_name:
+            stop_group(by_name["prefect-server"], "Prefect server")
+        console.print("[green]all processes stopped[/green]")
