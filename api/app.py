@@ -51,9 +51,14 @@ def _services(request: Request) -> Services:
 async def _serve(request: Request, body: ChatCompletionRequest | CompletionRequest, endpoint: str) -> Response:
     svc = _services(request)
     principal: Principal = request.state.principal
+    wait = request.headers.get("x-first-warm-wait")
+    try:
+        warm_wait_s = float(wait) if wait is not None else None
+    except ValueError:
+        raise APIError(400, "X-First-Warm-Wait must be a number of seconds", param="X-First-Warm-Wait") from None
     req = InferenceRequest(
         request_id=uuid.uuid4().hex, endpoint=endpoint, path=f"/v1/{endpoint.replace('.', '/')}", body=body,
-        principal=principal,
+        principal=principal, warm_wait_s=warm_wait_s,
     )  # fmt: skip
     sink, _task = run_inference(req, svc)
     headers = {"X-Request-Id": req.request_id}

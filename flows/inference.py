@@ -45,6 +45,7 @@ class InferenceRequest:
     path: str  # backend path, e.g. "/v1/chat/completions"
     body: ChatCompletionRequest | CompletionRequest
     principal: Principal
+    warm_wait_s: float | None = None  # the caller's bound on waiting for a cold model (X-First-Warm-Wait)
     started: float = field(default_factory=time.time)
     t0: float = field(default_factory=time.perf_counter)
 
@@ -139,9 +140,9 @@ async def select_cluster(req: InferenceRequest, model: ModelSpec, svc: Services)
 
 
 @task(name="ensure-warm", cache_policy=NO_CACHE)
-async def ensure_warm(inst: Instance, svc: Services) -> bool:
+async def ensure_warm(req: InferenceRequest, inst: Instance, svc: Services) -> bool:
     """Wait for the model to be hot on the cluster, starting (or joining) a warm-up if it is cold."""
-    return await svc.live.ensure_warm(inst)
+    return await svc.live.ensure_warm(inst, req.warm_wait_s)
 
 
 @task(name="execute", cache_policy=NO_CACHE)
@@ -164,7 +165,7 @@ async def execute(req: InferenceRequest, inst: Instance, svc: Services, sink: Si
         except APIError as exc:
             if attempt == 0 and exc.code == "backend_unreachable" and not sink.started:
                 svc.live.mark_unreachable(inst, exc.message)
-                out.cold_start = await svc.live.ensure_warm(inst) or out.cold_start
+                out.cold_start = await svc.live.ensure_warm(inst, req.warm_wait_s) or out.cold_start
                 continue
             raise
         finally:
@@ -226,7 +227,7 @@ async def _pipeline(req: InferenceRequest, svc: Services, sink: Sink, run: StepR
         out.model = model.name
         inst = await run(select_cluster, req, model, svc)
         out.cluster = inst.cluster.name
-        out.cold_start = await run(ensure_warm, inst, svc)
+        out.cold_start = await run(ensure_warm, req, inst, svc)
         await run(execute, req, inst, svc, sink, out)
     except APIError as exc:
         out.status, out.error_type, out.error_message = exc.status, exc.type, exc.message

@@ -76,14 +76,17 @@ class LiveState:
     def all(self) -> list[Instance]:
         return list(self._instances.values())
 
-    async def ensure_warm(self, inst: Instance) -> bool:
-        """Return once the instance is hot. True if this request had to wait for a warm-up."""
+    async def ensure_warm(self, inst: Instance, wait_s: float | None = None) -> bool:
+        """Return once the instance is hot. True if this request had to wait for a warm-up.
+
+        ``wait_s`` (a caller's ``X-First-Warm-Wait``) can shorten the configured bound, not extend it."""
         if inst.state == "hot":
             return False
         if inst.warm is None or inst.warm.done():
             inst.warm = asyncio.ensure_future(self._warm(inst))
         try:
-            await asyncio.wait_for(asyncio.shield(inst.warm), timeout=self.warm_wait_s)
+            bound = self.warm_wait_s if wait_s is None else max(0.0, min(wait_s, self.warm_wait_s))
+            await asyncio.wait_for(asyncio.shield(inst.warm), timeout=bound)
         except TimeoutError:
             waited = time.monotonic() - (inst.warm_started or time.monotonic())
             raise APIError(
