@@ -21,6 +21,7 @@ from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.response import Stream
 
+from analytics.records import UsageRecord
 from analytics.spool import UsageSpool
 from api.auth import Authenticator, KeyStore, LocalKeyAuthenticator, Principal, bearer_token
 from api.errors import APIError, handle_exception
@@ -147,6 +148,25 @@ async def relay_post(request: Request, request_id: str) -> dict[str, str]:
     return {"status": result}
 
 
+INFERENCE_PATHS = {"/v1/chat/completions": "chat.completions", "/v1/completions": "completions"}
+
+
+def _record_rejected(request: Request, error: APIError) -> None:
+    """A request to an inference route that failed before the flow ran still gets its usage record."""
+    endpoint = INFERENCE_PATHS.get(request.url.path)
+    svc: Services | None = getattr(request.app.state, "services", None)
+    if endpoint is None or svc is None:
+        return
+    principal: Principal | None = getattr(request.state, "principal", None)
+    svc.spool.append(
+        UsageRecord(
+            request_id=uuid.uuid4().hex, ts=time.time(), user=principal.user if principal else "-",
+            groups=list(principal.groups) if principal else [], model="", endpoint=endpoint,
+            status=error.status, error_type=error.type,
+        )
+    )  # fmt: skip
+
+
 def build_authenticator(settings: Settings) -> Authenticator:
     if settings.auth_mode != "local":
         raise SystemExit(f"auth mode {settings.auth_mode!r} is not available yet; use FIRST_AUTH_MODE=local")
@@ -177,6 +197,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         lifecycle.install(backends, reg)
         app.state.services, app.state.relay = svc, relay
         app.state.authenticator = build_authenticator(settings)
+        app.state.on_rejected = _record_rejected
         app.state.started = time.time()
         try:
             yield

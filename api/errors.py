@@ -64,23 +64,34 @@ def _validation_param(detail: Any) -> tuple[str | None, str]:
 
 
 def handle_exception(request: Request, exc: Exception) -> Response:
-    """Litestar exception handler: map everything to an OpenAI-shaped error, never a stack trace."""
+    """Litestar exception handler: map everything to an OpenAI-shaped error, never a stack trace.
+
+    Requests rejected before the inference flow (bad credential, invalid body) still get a usage record,
+    through the app's ``on_rejected`` hook."""
+    error = to_api_error(request, exc)
+    hook = getattr(request.app.state, "on_rejected", None)
+    if hook is not None:
+        hook(request, error)
+    return error.response()
+
+
+def to_api_error(request: Request, exc: Exception) -> APIError:
     if isinstance(exc, APIError):
-        return exc.response()
+        return exc
     if isinstance(exc, ValidationException):
         text = str(exc.detail or "")
         if "JSON" in text or "decode" in text.lower() or "malformed" in text.lower():
-            return APIError(400, f"We could not parse the JSON body of your request: {text}").response()
+            return APIError(400, f"We could not parse the JSON body of your request: {text}")
         param, message = _validation_param(exc.extra)
-        return APIError(400, message, param=param).response()
+        return APIError(400, message, param=param)
     if isinstance(exc, msgspec.DecodeError):
-        return APIError(400, f"We could not parse the JSON body of your request: {exc}").response()
+        return APIError(400, f"We could not parse the JSON body of your request: {exc}")
     if isinstance(exc, NotFoundException):
-        return APIError(404, f"Unknown path {request.method} {request.url.path}", code="unknown_url").response()
+        return APIError(404, f"Unknown path {request.method} {request.url.path}", code="unknown_url")
     if isinstance(exc, HTTPException):
         status = exc.status_code
         if status >= 500:
             status = HTTP_500_INTERNAL_SERVER_ERROR
-        return APIError(status, exc.detail or "Request failed").response()
+        return APIError(status, exc.detail or "Request failed")
     request.logger.exception("unhandled error on %s", request.url.path)
-    return APIError(500, "The gateway hit an internal error; it has been logged.", type="server_error").response()
+    return APIError(500, "The gateway hit an internal error; it has been logged.", type="server_error")
