@@ -50,6 +50,8 @@ def _task_failed(exc: BaseException, where: str) -> APIError:
 class ComputeBackend(ABC):
     """How the gateway runs work on one cluster."""
 
+    manages_lifecycle = True  # can start and stop model servers (warm-up flows apply)
+
     def __init__(self, cluster: ClusterSpec, settings: Settings) -> None:
         self.cluster = cluster
         self.settings = settings
@@ -174,6 +176,8 @@ class ExecutorBackend(ComputeBackend):
 
 class DirectHTTPBackend(ComputeBackend):
     """A cluster that exposes an OpenAI-compatible URL the gateway can reach (no lifecycle control)."""
+
+    manages_lifecycle = False
 
     def __init__(self, cluster: ClusterSpec, settings: Settings) -> None:
         super().__init__(cluster, settings)

@@ -114,6 +114,14 @@ class LiveState:
             inst.warm_started = None
             inst.set("hot", status.get("base_url"))
             return
+        if not backend.manages_lifecycle:  # nothing FIRST can start: the cluster is simply unreachable
+            inst.set("failed", error=status.get("detail"))
+            raise APIError(
+                503,
+                f"Cluster '{inst.cluster.name}' is unreachable: {status.get('detail') or status['state']}",
+                code="cluster_unreachable",
+                headers={"Retry-After": "30"},
+            )
         inst.warm_started = time.monotonic()
         inst.set("starting")
         try:

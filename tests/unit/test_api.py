@@ -1,0 +1,228 @@
+"""The OpenAI surface of the gateway, with clusters that need no vLLM: every error shape and status,
+validation and pass-through, model visibility, and usage records for every answered request."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+from litestar.testing import AsyncTestClient
+
+from analytics.store import UsageStore
+from api.app import create_app
+from api.auth import KeyStore
+from api.protocol import ChatCompletionRequest, backend_body
+from blocks.registry import ClusterSpec, ModelSpec, Registry
+from compute.backends import backend_error
+
+CHAT = {"model": "m-down", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class HangingBackendDouble:
+    """Stands in for a model server that answers /health but never answers a completion (a hung GPU node),
+    which a real vLLM can't be made to do on demand."""
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        line = await reader.readline()
+        if line.startswith(b"GET /health"):
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            await writer.drain()
+        await asyncio.sleep(3600)
+
+    def __enter__(self) -> HangingBackendDouble:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(asyncio.start_server(self._handle, "127.0.0.1", self.port), self.loop).result()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+@pytest.fixture
+def hanging() -> Iterator[HangingBackendDouble]:
+    with HangingBackendDouble() as h:
+        yield h
+
+
+@pytest.fixture
+def registry(hanging: HangingBackendDouble) -> Registry:
+    down = ClusterSpec(name="down", transport="http", base_url=f"http://127.0.0.1:{_free_port()}")
+    hung = ClusterSpec(name="hung", transport="http", base_url=f"http://127.0.0.1:{hanging.port}")
+    return Registry(
+        clusters={"down": down, "hung": hung},
+        models={
+            "m-down": ModelSpec(name="m-down", clusters=["down"], path="-"),
+            "m-hung": ModelSpec(name="m-hung", clusters=["hung"], path="-", aliases=["hung-alias"]),
+            "secret": ModelSpec(name="secret", clusters=["down"], path="-", allowed_groups=["staff"]),
+        },
+    )
+
+
+@pytest.fixture
+def keys(settings) -> dict[str, str]:
+    store = KeyStore(settings.keys_db)
+    return {
+        "alice": store.create("alice", ["staff"])[0],
+        "bob": store.create("bob")[0],
+        "limited": store.create("carol", rpm=1)[0],
+    }
+
+
+@pytest.fixture
+async def client(settings, registry, keys):
+    app = create_app(settings, registry)
+    async with AsyncTestClient(app=app) as c:
+        yield c
+
+
+def _auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _is_openai_error(body: dict, status_type: str) -> None:
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["type"] == status_type and body["error"]["message"]
+
+
+async def test_missing_and_bad_credentials_are_401(client, keys):
+    r = await client.post("/v1/chat/completions", json=CHAT)
+    assert r.status_code == 401
+    _is_openai_error(r.json(), "authentication_error")
+    r = await client.post("/v1/chat/completions", json=CHAT, headers=_auth("first-not-a-key"))
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = await client.get("/v1/models", headers={"Authorization": "Basic xyz"})
+    assert r.status_code == 401
+
+
+async def test_malformed_json_and_invalid_fields_are_400(client, keys):
+    h = {**_auth(keys["bob"]), "Content-Type": "application/json"}
+    r = await client.post("/v1/chat/completions", content=b"{not json", headers=h)
+    assert r.status_code == 400
+    _is_openai_error(r.json(), "invalid_request_error")
+    r = await client.post("/v1/chat/completions", json={**CHAT, "temperature": 9}, headers=h)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+    r = await client.post("/v1/chat/completions", json={"model": "m-down", "messages": []}, headers=h)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    r = await client.post("/v1/completions", json={"model": "m-down"}, headers=h)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = await client.post("/v1/chat/completions", json=CHAT, headers={**h, "X-First-Warm-Wait": "soon"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "X-First-Warm-Wait"
+
+
+async def test_unknown_and_hidden_models_are_404_alike(client, keys):
+    r = await client.post("/v1/chat/completions", json={**CHAT, "model": "nope"}, headers=_auth(keys["bob"]))
+    assert r.status_code == 404
+    _is_openai_error(r.json(), "not_found_error")
+    hidden = await client.post("/v1/chat/completions", json={**CHAT, "model": "secret"}, headers=_auth(keys["bob"]))
+    assert hidden.status_code == 404
+    assert hidden.json()["error"]["message"].replace("secret", "nope") == r.json()["error"]["message"]
+    r = await client.get("/v1/nothing-here", headers=_auth(keys["bob"]))
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_url"
+
+
+async def test_model_list_shows_only_what_the_caller_may_use(client, keys):
+    bob = (await client.get("/v1/models", headers=_auth(keys["bob"]))).json()
+    alice = (await client.get("/v1/models", headers=_auth(keys["alice"]))).json()
+    assert bob["object"] == "list"
+    assert sorted(m["id"] for m in bob["data"]) == ["m-down", "m-hung"]
+    assert sorted(m["id"] for m in alice["data"]) == ["m-down", "m-hung", "secret"]
+
+
+async def test_rate_limit_is_429_with_retry_after(client, keys):
+    h = _auth(keys["limited"])
+    first = await client.post("/v1/chat/completions", json=CHAT, headers=h)
+    assert first.status_code == 503  # allowed through, then the cluster is down
+    r = await client.post("/v1/chat/completions", json=CHAT, headers=h)
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+    _is_openai_error(r.json(), "rate_limit_error")
+
+
+async def test_unreachable_cluster_is_503_naming_it(client, keys):
+    r = await client.post("/v1/chat/completions", json=CHAT, headers=_auth(keys["bob"]))
+    assert r.status_code == 503
+    body = r.json()
+    _is_openai_error(body, "service_unavailable")
+    assert "Cluster 'down' is unreachable" in body["error"]["message"]
+    assert r.headers["retry-after"] == "30"
+
+
+async def test_backend_timeout_is_504(client, keys):
+    r = await client.post(
+        "/v1/chat/completions", json={**CHAT, "model": "hung-alias"}, headers=_auth(keys["bob"]), timeout=30
+    )
+    assert r.status_code == 504
+    _is_openai_error(r.json(), "timeout")
+    assert "timed out" in r.json()["error"]["message"]
+
+
+async def test_streaming_errors_before_first_byte_are_http_errors(client, keys):
+    r = await client.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=_auth(keys["bob"]))
+    assert r.status_code == 503 and r.headers["content-type"].startswith("application/json")
+
+
+async def test_every_answered_inference_request_has_a_usage_row(client, keys, settings):
+    h = _auth(keys["bob"])
+    answers = [
+        (await client.post("/v1/chat/completions", json=CHAT)).status_code,
+        (await client.post("/v1/chat/completions", json={**CHAT, "temperature": 9}, headers=h)).status_code,
+        (await client.post("/v1/chat/completions", json={**CHAT, "model": "nope"}, headers=h)).status_code,
+        (await client.post("/v1/completions", json={"model": "m-down", "prompt": "x"}, headers=h)).status_code,
+    ]
+    assert answers == [401, 400, 404, 503]
+    store = UsageStore(settings.usage_db)
+    store.ingest(settings.spool_dir)
+    rows = store.query("SELECT user, model, endpoint, status, error_type, cluster FROM usage ORDER BY status")
+    assert rows.rows() == [
+        ("bob", "", "chat.completions", 400, "invalid_request_error", None),
+        ("-", "", "chat.completions", 401, "authentication_error", None),
+        ("bob", "nope", "chat.completions", 404, "not_found_error", None),
+        ("bob", "m-down", "completions", 503, "service_unavailable", "down"),
+    ]
+
+
+async def test_health_and_openapi_schema(client):
+    r = await client.get("/health")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+    schema = (await client.get("/docs/openapi.json")).json()
+    assert "/v1/chat/completions" in schema["paths"] and "/internal/relay/{request_id}" not in schema["paths"]
+
+
+async def test_relay_rejects_forged_posts(client):
+    r = await client.post("/internal/relay/abc", json={"seq": 0, "chunks": []}, headers={"X-Relay-Token": "forged"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_relay_token"
+
+
+def test_backend_body_passes_vendor_fields_and_always_asks_for_usage():
+    req = ChatCompletionRequest.model_validate(
+        {**CHAT, "stream": True, "top_k": 5, "repetition_penalty": 1.1, "stream_options": {"include_usage": False}}
+    )
+    body = backend_body(req, "served-name")
+    assert body["model"] == "served-name"
+    assert body["top_k"] == 5 and body["repetition_penalty"] == 1.1
+    assert body["stream_options"] == {"include_usage": True}
+    assert "temperature" not in body  # unset fields stay unset: vLLM's defaults apply
+
+
+def test_backend_errors_map_to_openai_statuses():
+    assert (
+        backend_error({"status": 400, "body": {"error": {"message": "too long", "param": "max_tokens"}}}, "c").status
+        == 400
+    )
+    e = backend_error({"status": 500, "body": {"error": {"message": "EngineCore died"}}}, "Cluster 'x'")
+    assert e.status == 502 and "EngineCore died" in e.message and "Cluster 'x'" in e.message
+    assert backend_error({"status": 504, "kind": "timeout", "message": "slow"}, "c").status == 504
