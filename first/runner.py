@@ -87,7 +87,7 @@ class Runner:
 
     def spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
         self.s.logs_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.s.logs_dir / f"{name}.log", "ab")  # noqa: SIM115 (the child owns it)
+        log = open(self.s.logs_dir / f"{name}.log", "ab")
         proc = subprocess.Popen(
             cmd,
             stdout=log,

@@ -28,7 +28,7 @@ async def infer_record(
     status: int,
     error: str | None,
     cold_start: bool,
-    usage: dict[str, int],
+    usage: dict[str, Any],
     steps: list[dict[str, Any]],
 ) -> dict[str, Any]:
     """The trace of one served inference: its steps, their timings and its outcome."""

@@ -1,0 +1,172 @@
+"""The real stack, once per test session: a Prefect server, the gateway, and (through a cold start) a
+vLLM CPU server with the tiny model. Everything lives in a temporary FIRST home and is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from first.settings import REPO_ROOT, Settings, prefect_env
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with {proc.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(url)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGKILL):
+        if proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+
+
+@dataclass
+class Stack:
+    home: Path
+    env: dict[str, str]
+    base_url: str
+    prefect_api: str
+    vllm_url: str
+    keys: dict[str, str]
+    settings: Settings
+
+    def first(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(BIN / "first"), *args],
+            env=self.env,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=300,
+        )
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    home = tmp_path_factory.mktemp("first-home")
+    prefect_port, gateway_port, vllm_port = free_port(), free_port(), free_port()
+    settings = Settings(home=home, port=gateway_port, vllm_port_base=vllm_port)
+    env = {
+        **os.environ,
+        **prefect_env(settings, prefect_port),
+        "FIRST_PORT": str(gateway_port),
+        "FIRST_VLLM_PORT_BASE": str(vllm_port),
+        "FIRST_FLOW_SAMPLE_RATE": "0",
+        "FIRST_WARM_WAIT_S": "240",
+        "FIRST_REQUEST_TIMEOUT_S": "60",
+    }
+    procs: list[subprocess.Popen] = []
+    logs = home / "logs"
+    logs.mkdir()
+
+    def spawn(name: str, cmd: list[str]) -> subprocess.Popen:
+        p = subprocess.Popen(
+            cmd,
+            env=env,
+            cwd=REPO_ROOT,
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=open(logs / f"{name}.log", "wb"),
+            stderr=subprocess.STDOUT,
+        )
+        procs.append(p)
+        return p
+
+    try:
+        subprocess.run(
+            [str(BIN / "first"), "model", "build-tiny", str(settings.models_dir / "tiny")],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        prefect = spawn(
+            "prefect", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)]
+        )
+        wait_http(f"http://127.0.0.1:{prefect_port}/api/health", 120, prefect)
+        stack = Stack(
+            home,
+            env,
+            f"http://127.0.0.1:{gateway_port}",
+            f"http://127.0.0.1:{prefect_port}/api",
+            f"http://127.0.0.1:{vllm_port}",
+            {},
+            settings,
+        )
+        stack.first("registry", "init")
+        stack.keys = {
+            "alice": stack.first("keys", "create", "--user", "alice", "--group", "staff").stdout.strip(),
+            "limited": stack.first("keys", "create", "--user", "limited", "--rpm", "2").stdout.strip(),
+        }
+        gateway = spawn(
+            "gateway",
+            [
+                str(BIN / "python"),
+                "-m",
+                "uvicorn",
+                "api.asgi:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(gateway_port),
+                "--log-level",
+                "warning",
+            ],
+        )
+        wait_http(f"{stack.base_url}/health", 60, gateway)
+        yield stack
+    finally:
+        for p in reversed(procs[1:]):
+            stop(p)
+        from first.runner import stop_local_models
+
+        stop_local_models(settings)
+        for p in procs[:1]:
+            stop(p)
+
+
+def prefect_flow_runs(stack: Stack, flow_name: str) -> list[dict]:
+    r = httpx.post(
+        f"{stack.prefect_api}/flow_runs/filter",
+        json={"flows": {"name": {"any_": [flow_name]}}, "limit": 200},
+        timeout=10,
+    )
+    r.raise_for_status()
+    return r.json()
+
+
+def dump(obj: object) -> str:
+    return json.dumps(obj, indent=1, default=str)[:2000]
