@@ -28,7 +28,7 @@ $(VLLM_VENV)/.installed:
 setup: $(VENV)/.installed $(VLLM_VENV)/.installed
 
 run: setup
-	$(VENV)/bin/first run
+	$(VENV)/bin/first run $(RUN_ARGS)
 
 test: setup
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,77 @@
+"""`make run` answers the openai client, and Ctrl-C (SIGINT) leaves no process behind, vLLM included."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.e2e.conftest import REPO_ROOT, free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                environ = (entry / "environ").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if (text in cmdline or text in environ) and _alive(int(entry.name)):
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_make_run_serves_then_ctrl_c_stops_everything(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    env = {
+        **os.environ,
+        "FIRST_HOME": str(home),
+        "FIRST_PORT": str(free_port()),
+        "FIRST_VLLM_PORT_BASE": str(free_port()),
+    }
+    env.pop("PREFECT_API_URL", None)
+    env.pop("PREFECT_HOME", None)
+    t0 = time.monotonic()
+    make = subprocess.Popen(["make", "run", f"RUN_ARGS=--prefect-port {free_port()}"], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        ready = None
+        for line in make.stdout:  # type: ignore[union-attr]
+            if line.startswith('{"ready"'):
+                ready = json.loads(line)
+                break
+        assert ready, f"make run exited ({make.poll()}) without printing its ready line"
+        started_in = time.monotonic() - t0
+        c = openai.OpenAI(base_url=ready["base_url"], api_key=ready["api_key"], max_retries=0)
+        r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        assert r.usage.completion_tokens == 4
+        before = _processes_mentioning(str(home))
+        vllm = [json.loads(p.read_text())["pid"] for p in (home / "instances").glob("*/*.json")]
+        assert vllm and all(pid in before for pid in vllm), (vllm, before)
+        assert len(before) >= 5  # runner, Prefect server, worker, gateway, local endpoint, vLLM and its workers
+    finally:
+        os.killpg(make.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: SIGINT to the foreground group
+        make.wait(timeout=120)
+    deadline = time.monotonic() + 10
+    while (left := _processes_mentioning(str(home))) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert left == [], f"processes left after Ctrl-C: {left}"
+    print(f"make run was ready in {started_in:.0f} s with the setup already done")
