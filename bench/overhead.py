@@ -49,7 +49,7 @@ from first.settings import Settings, prefect_env
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-console = Console(highlight=False)
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
 SETTINGS = ("off", "sample", "all")
 BEGIN = "<!-- bench/overhead.py: begin (generated; rerun the script to replace this section) -->"
@@ -95,6 +95,26 @@ def tail(path: Path, n: int = 25) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
     except OSError:
         return f"({path} is unreadable)"
+
+
+def tree_cpu_s(root: int) -> float:
+    """User + system CPU seconds of a process and its descendants (from /proc)."""
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError):
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            stats[int(d.name)] = fields
+            children.setdefault(int(fields[1]), []).append(int(d.name))
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in stats:
+            total += int(stats[pid][11]) + int(stats[pid][12])  # utime, stime (fields 14 and 15 of stat)
+        todo += children.get(pid, [])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def stop_group(proc: subprocess.Popen, name: str, sig: int = signal.SIGTERM, grace_s: float = 20.0) -> None:
@@ -343,30 +363,34 @@ async def alternate_c1(
         order = targets if (done // block) % 2 == 0 else targets[::-1]
         for t in order:
             for _ in range(size):
+                if time.monotonic() > deadline:
+                    return samples, True
                 ms = await guarded(t, call(t))
                 if ms is not None:
                     samples[t.name].append(ms)
         done += size
-        if time.monotonic() > deadline and done < n:
-            return samples, True
     return samples, False
 
 
-async def burst(t: Target, payload: bytes, max_tokens: int, n: int, concurrency: int) -> tuple[int, float]:
-    """``n`` calls, ``concurrency`` at a time; returns (successes, seconds)."""
+async def burst(
+    t: Target, payload: bytes, max_tokens: int, n: int, concurrency: int, deadline: float = float("inf")
+) -> tuple[int, float, int]:
+    """``n`` calls, ``concurrency`` at a time (none started after ``deadline``); returns (successes, seconds,
+    calls started)."""
     left = n
-    ok = 0
+    ok = started = 0
 
     async def worker() -> None:
-        nonlocal left, ok
-        while left > 0:
+        nonlocal left, ok, started
+        while left > 0 and time.monotonic() < deadline:
             left -= 1
+            started += 1
             if await guarded(t, chat(t, payload, max_tokens)) is not None:
                 ok += 1
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return ok, time.perf_counter() - t0
+    return ok, time.perf_counter() - t0, started
 
 
 async def alternate_throughput(
@@ -379,12 +403,14 @@ async def alternate_throughput(
         size = min(block, n - done)
         order = targets if (done // block) % 2 == 0 else targets[::-1]
         for t in order:
-            ok, secs = await burst(t, payload, max_tokens, size, concurrency)
+            if time.monotonic() > deadline:
+                return totals, True
+            ok, secs, started = await burst(t, payload, max_tokens, size, concurrency, deadline)
             prev_ok, prev_s = totals[t.name]
             totals[t.name] = (prev_ok + ok, prev_s + secs)
+            if started < size:
+                return totals, True
         done += size
-        if time.monotonic() > deadline and done < n:
-            return totals, True
     return totals, False
 
 
@@ -424,6 +450,7 @@ class Result:
     truncated: list[str]
     health: dict[str, Any]
     seconds: float
+    gw_cpu_ms: float  # CPU time of the gateway (and its local compute endpoint) per call, all points together
 
     def rps(self, who: str) -> float:
         ok, secs = self.tput[who]
@@ -459,6 +486,7 @@ async def measure(setting: str, url: str, stack: Stack, direct: Target, args: ar
     direct.reset()
     targets = [direct, gw]
     t0 = time.monotonic()
+    gw_pid = stack.gateways[setting].pid
     try:
         log(f"  warming up ({args.warmup} calls per target and kind)")
         for t in targets:
@@ -469,6 +497,7 @@ async def measure(setting: str, url: str, stack: Stack, direct: Target, args: ar
         direct.reset()
         gw.reset()
         truncated = []
+        cpu0 = tree_cpu_s(gw_pid)
 
         log(f"  a) latency, c=1: {args.requests} non-streaming calls per target, alternating blocks of {args.block}")
 
@@ -506,6 +535,8 @@ async def measure(setting: str, url: str, stack: Stack, direct: Target, args: ar
             truncated.append("throughput")
         rps = {k: (ok / s if s else float("nan")) for k, (ok, s) in tput.items()}
         log(f"     direct {rps['direct']:.1f} req/s, gateway {rps['gateway']:.1f} req/s")
+        cpu_s = tree_cpu_s(gw_pid) - cpu0
+        calls = len(lat["gateway"]) + len(first["gateway"]) + tput["gateway"][0] + len(gw.errors)
         await asyncio.sleep(3 if setting == "sample" else 0)  # let the recorder catch up before reading /health
         health = stack.health(setting, url)
         return Result(
@@ -513,6 +544,7 @@ async def measure(setting: str, url: str, stack: Stack, direct: Target, args: ar
             errors={t.name: list(t.errors) for t in targets}, short={t.name: t.short for t in targets},
             first_event={t.name: list(t.first_event) for t in targets},
             truncated=truncated, health=health, seconds=time.monotonic() - t0,
+            gw_cpu_ms=cpu_s * 1000 / calls if calls else float("nan"),
         )  # fmt: skip
     finally:
         await gw.client.aclose()
@@ -533,7 +565,8 @@ def print_table(results: list[Result], args: argparse.Namespace) -> None:
     table = Table(title=f"Gateway overhead (tiny model, vLLM CPU, max_tokens={args.max_tokens})")
     for col in (
         "setting", "c=1 p50 direct/gw ms", "added p50 ms [95% CI]", "ratio", "c=1 p95 direct/gw ms",
-        "TTFT p50 direct/gw ms", "added TTFT ms", f"c={args.concurrency} req/s direct/gw", "tput ratio", "errors",
+        "TTFT p50 direct/gw ms", "added TTFT ms", f"c={args.concurrency} req/s direct/gw", "tput ratio",
+        "gw CPU ms/call", "errors",
     ):  # fmt: skip
         table.add_column(col, justify="right" if col != "setting" else "left")
     for r in results:
@@ -550,6 +583,7 @@ def print_table(results: list[Result], args: argparse.Namespace) -> None:
             fmt(r.added_ttft_ms, "+.1f"),
             f"{fmt(r.rps('direct'))} / {fmt(r.rps('gateway'))}",
             f"[{'green' if ok_tput else 'red'}]{fmt(r.tput_ratio, '.2f')}x[/]",
+            fmt(r.gw_cpu_ms),
             f"{len(r.errors['direct'])} / {len(r.errors['gateway'])}" if errors else "0",
         )
     console.print(table)
@@ -571,7 +605,7 @@ def notes(results: list[Result]) -> list[str]:
         fe = r.first_event
         if fe.get("direct") and fe.get("gateway"):
             out.append(
-                f"{r.setting}: streams' first data event (the role-only chunk) p50 {median(fe['direct']):.1f} ms "
+                f"{r.setting}: streams' first data event (of any kind) p50 {median(fe['direct']):.1f} ms "
                 f"direct / {median(fe['gateway']):.1f} ms gateway; first content chunk (TTFT) "
                 f"{median(r.ttft['direct']):.1f} / {median(r.ttft['gateway']):.1f} ms"
             )
@@ -611,8 +645,9 @@ def markdown(results: list[Result], args: argparse.Namespace, started: datetime,
     rows = [
         "| Setting | c=1 latency p50, direct / gateway (ms) | Added p50 (ms) [95% CI] | Ratio | "
         "c=1 p95, direct / gateway (ms) | TTFT p50, direct / gateway (ms) | Added TTFT (ms) | "
-        f"c={c} req/s, direct / gateway | Throughput ratio | Failed calls, direct / gateway |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"c={c} req/s, direct / gateway | Throughput ratio | Gateway CPU per call (ms) | "
+        "Failed calls, direct / gateway |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lo, hi = r.added_ci
@@ -622,7 +657,7 @@ def markdown(results: list[Result], args: argparse.Namespace, started: datetime,
             f"| {fmt(p95(r.lat['direct']))} / {fmt(p95(r.lat['gateway']))} "
             f"| {fmt(median(r.ttft['direct']))} / {fmt(median(r.ttft['gateway']))} | {fmt(r.added_ttft_ms, '+.1f')} "
             f"| {fmt(r.rps('direct'))} / {fmt(r.rps('gateway'))} | {fmt(r.tput_ratio, '.2f')}x "
-            f"| {len(r.errors['direct'])} / {len(r.errors['gateway'])} |"
+            f"| {fmt(r.gw_cpu_ms)} | {len(r.errors['direct'])} / {len(r.errors['gateway'])} |"
         )
     checks = []
     for r in results:
@@ -649,7 +684,8 @@ def markdown(results: list[Result], args: argparse.Namespace, started: datetime,
         f"({args.requests} calls per target for latency, as many streaming for time to first token) and blocks "
         f"of {c * 5} calls at concurrency {c} ({args.requests_c16} calls per target for throughput). "
         "One reused `httpx.AsyncClient` per target. The client, the gateway and vLLM share the machine's cores, "
-        "so gateway CPU time shows up as lost vLLM throughput. The CI is a bootstrap "
+        "so gateway CPU time shows up as lost vLLM throughput; the gateway's CPU per call is its process's and its "
+        "local compute endpoint's CPU time over all three points, per gateway call. The CI is a bootstrap "
         "interval of the difference of medians.",
         "",
         *rows,
@@ -718,6 +754,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, help="warm-up calls per target and kind (default 5)")
     ap.add_argument("--sample-rate", type=float, default=0.01, help="FIRST_FLOW_SAMPLE_RATE for `sample`")
     ap.add_argument("--point-budget", type=float, default=300, help="seconds after which a point stops early")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary state folder (logs) after a clean run")
     ap.add_argument("--prefect-port", type=int, default=4390)
     ap.add_argument("--port", type=int, default=8390, help="gateway of `first run`; vLLM gets +1, the others +2..")
     ap.add_argument("--start-timeout", type=float, default=420, help="seconds to wait for `first run` to be ready")
@@ -789,7 +826,8 @@ def main(argv: list[str] | None = None) -> int:
         elif not args.write:
             log(f"--quick: {args.out} left alone (give --out to write it)")
     log(f"total run time {wall_s / 60:.1f} min")
-    if code == 0 and temp_home:
+    failed = any(errs for r in results for errs in r.errors.values())
+    if code == 0 and temp_home and not failed and not args.keep:
         shutil.rmtree(home, ignore_errors=True)
     elif temp_home:
         log(f"the state folder and its logs are kept: {home}")

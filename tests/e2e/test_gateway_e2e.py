@@ -185,6 +185,56 @@ def test_failed_and_cold_requests_are_recorded_as_flow_runs(stack: Stack) -> Non
     assert any(r["name"].endswith(": 200") and r["state_type"] == "COMPLETED" for r in runs)  # the cold starts
 
 
+def test_tracking_all_records_every_request_as_an_infer_flow_run(stack: Stack) -> None:
+    """A second gateway on the same stack with FIRST_FLOW_TRACKING=all: each request is a real flow run."""
+    from tests.e2e.conftest import free_port, stop, wait_http
+
+    port = free_port()
+    env = {**stack.env, "FIRST_PORT": str(port), "FIRST_FLOW_TRACKING": "all"}
+    gw = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "api.asgi:app", "--port", str(port), "--log-level", "warning"],
+        env=env,
+        cwd=REPO_ROOT,
+        start_new_session=True,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", 60, gw)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=stack.keys["alice"], max_retries=0)
+        r = c.chat.completions.create(model="tiny", messages=MSG, max_tokens=3)
+        chunks = list(
+            c.completions.create(
+                model="tiny", prompt="x", max_tokens=3, stream=True, stream_options={"include_usage": True}
+            )
+        )
+        assert r.usage.completion_tokens == 3 and chunks[-1].usage.completion_tokens == 3
+        with pytest.raises(openai.NotFoundError):
+            c.chat.completions.create(model="nope", messages=MSG)
+        # The response goes out before the run's final state is written: wait for it (gateway still up).
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            runs = {r["name"]: r for r in prefect_flow_runs(stack, "infer")}
+            if len(runs) == 3 and all(r["state_type"] in ("COMPLETED", "FAILED") for r in runs.values()):
+                break
+            time.sleep(0.5)
+    finally:
+        stop(gw)
+    assert runs["chat.completions tiny for alice"]["state_type"] == "COMPLETED"
+    assert runs["completions tiny for alice"]["state_type"] == "COMPLETED"
+    assert runs["chat.completions nope for alice"]["state_type"] == "FAILED"
+    tasks = httpx.post(
+        f"{stack.prefect_api}/task_runs/filter",
+        json={"flow_runs": {"id": {"any_": [runs["chat.completions tiny for alice"]["id"]]}}},
+        timeout=10,
+    ).json()
+    assert {t["name"].rsplit("-", 1)[0] for t in tasks} == {
+        "authorize",
+        "select-cluster",
+        "ensure-warm",
+        "execute",
+        "record-usage",
+    }
+
+
 def test_relay_rejects_forged_posts(stack: Stack) -> None:
     r = httpx.post(
         f"{stack.base_url}/internal/relay/abc",

@@ -50,8 +50,15 @@ def test_make_run_serves_then_ctrl_c_stops_everything(tmp_path: Path) -> None:
     env.pop("PREFECT_API_URL", None)
     env.pop("PREFECT_HOME", None)
     t0 = time.monotonic()
-    make = subprocess.Popen(["make", "run", f"RUN_ARGS=--prefect-port {free_port()}"], cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    make = subprocess.Popen(
+        ["make", "run", f"RUN_ARGS=--prefect-port {free_port()}"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     try:
         ready = None
         for line in make.stdout:  # type: ignore[union-attr]
