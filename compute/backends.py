@@ -165,9 +165,9 @@ class ExecutorBackend(ComputeBackend):
                 for chunk in batch.chunks:
                     yield chunk
                 if batch.error is not None:
-                    if "message" in batch.error and "body" not in batch.error:
-                        raise APIError(int(batch.error.get("status", 502)), batch.error["message"])
-                    raise backend_error(batch.error, where)
+                    if "kind" in batch.error or "body" in batch.error:  # vLLM unreachable, or its error answer
+                        raise backend_error(batch.error, where)
+                    raise APIError(int(batch.error.get("status", 502)), batch.error["message"])
                 if batch.done:
                     return
         finally:

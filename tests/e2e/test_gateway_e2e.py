@@ -251,7 +251,12 @@ def test_scale_down_then_next_request_warms_it_again(stack: Stack) -> None:
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "'stopped': True" in out.stdout and vllm_servers(stack) == []
-    # The gateway still believes the model is hot: the request finds vLLM gone, re-warms, and succeeds.
-    r = client(stack).chat.completions.create(model="tiny", messages=MSG, max_tokens=4)
-    assert r.usage.completion_tokens == 4
+    # The gateway still believes the model is hot: the request (a stream, through the relay) finds vLLM
+    # gone before its first byte, re-warms it, and succeeds.
+    chunks = list(
+        client(stack).chat.completions.create(
+            model="tiny", messages=MSG, max_tokens=4, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert chunks[-1].usage.completion_tokens == 4
     assert len(vllm_servers(stack)) == 1
