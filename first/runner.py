@@ -135,17 +135,22 @@ class Runner:
         console.print(f"[green]✓[/green] Prefect server at http://127.0.0.1:{self.prefect_port}")
 
     def setup_prefect(self) -> None:
+        from deployments import local
+
         with console.status("registering blocks and deployments (prefect.yaml)…"):
-            for cmd in (
+            r = subprocess.run(
                 [str(BIN / "first"), "registry", "init"],
-                [str(BIN / "prefect"), "work-pool", "create", "first-local", "--type", "process", "--overwrite"],
-                [str(BIN / "prefect"), "--no-prompt", "deploy", "--all"],
-            ):
-                r = subprocess.run(cmd, env=self.env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
-                if r.returncode != 0:
-                    raise RuntimeError(f"{' '.join(cmd[1:])} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
-        self.spawn("worker", [str(BIN / "prefect"), "worker", "start", "--pool", "first-local"])
-        console.print("[green]✓[/green] deployments warm-up-model, scale-down-model, model-status; worker started")
+                env=self.env,
+                cwd=REPO_ROOT,
+                capture_output=True,
+                text=True,
+                timeout=180,
+            )
+            if r.returncode != 0:
+                raise RuntimeError(f"first registry init failed:\n{r.stderr[-2000:]}")
+            local.register(self.env)
+        self.spawn("worker", local.worker_command())
+        console.print(f"[green]✓[/green] deployments {', '.join(local.DEPLOYMENTS)}; worker on pool {local.WORK_POOL}")
 
     def demo_key(self) -> str:
         path = self.s.home / "demo-api-key"
