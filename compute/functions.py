@@ -65,10 +65,13 @@ def openai_stream(
     """
     import json
     import time
+    from urllib.parse import urlsplit
 
     import httpx
 
-    relay = _client(relay_url, 30.0)
+    parts = urlsplit(relay_url)
+    relay = _client(f"{parts.scheme}://{parts.netloc}", 30.0)  # one pooled client per gateway, not per request
+    relay_path = parts.path
     seq = 0
     sent = 0
 
@@ -77,7 +80,7 @@ def openai_stream(
         doc = {"seq": seq, "chunks": chunks, "done": done, "error": error}
         for attempt in range(5):  # reposts are idempotent: the gateway drops duplicate sequence numbers
             try:
-                r = relay.post("", json=doc, headers={"X-Relay-Token": relay_token})
+                r = relay.post(relay_path, json=doc, headers={"X-Relay-Token": relay_token})
                 if r.status_code < 500:
                     break
             except httpx.HTTPError:
@@ -97,7 +100,7 @@ def openai_stream(
                 post([], done=True, error={"status": r.status_code, "body": payload})
                 return {"status": r.status_code, "chunks": 0}
             batch: list[Any] = []
-            first = True
+            content_sent = False  # until the first token is out, every chunk goes at once (time to first token)
             deadline = 0.0
             for line in r.iter_lines():
                 if not line.startswith("data:"):
@@ -105,12 +108,16 @@ def openai_stream(
                 data = line[5:].strip()
                 if data == "[DONE]":
                     break
-                batch.append(json.loads(data))
+                chunk = json.loads(data)
+                batch.append(chunk)
                 now = time.monotonic()
-                if first or len(batch) >= batch_chunks or now >= deadline:
+                if not content_sent or len(batch) >= batch_chunks or now >= deadline:
                     post(batch)
                     sent += len(batch)
-                    batch, first, deadline = [], False, now + batch_ms / 1000
+                    content_sent = content_sent or any(
+                        (c.get("delta") or {}).get("content") or c.get("text") for c in chunk.get("choices") or []
+                    )
+                    batch, deadline = [], now + batch_ms / 1000
             sent += len(batch)
             post(batch, done=True)
     except httpx.HTTPError as exc:
