@@ -272,9 +272,10 @@ class Target:
     errors: list[str] = field(default_factory=list)
     short: int = 0  # responses with fewer completion tokens than asked for
     first_event: list[float] = field(default_factory=list)  # streams: ms to the first data event of any kind
+    block_rps: list[float] = field(default_factory=list)  # req/s of each full throughput block
 
     def reset(self) -> None:
-        self.errors, self.short, self.first_event = [], 0, []
+        self.errors, self.short, self.first_event, self.block_rps = [], 0, [], []
 
 
 def make_client(base_url: str, api_key: str) -> httpx.AsyncClient:
@@ -410,6 +411,7 @@ async def alternate_throughput(
             totals[t.name] = (prev_ok + ok, prev_s + secs)
             if started < size:
                 return totals, True
+            t.block_rps.append(ok / secs)
         done += size
     return totals, False
 
@@ -447,6 +449,7 @@ class Result:
     errors: dict[str, list[str]]
     short: dict[str, int]
     first_event: dict[str, list[float]]
+    block_rps: dict[str, list[float]]
     truncated: list[str]
     health: dict[str, Any]
     seconds: float
@@ -543,6 +546,7 @@ async def measure(setting: str, url: str, stack: Stack, direct: Target, args: ar
             setting=setting, lat=lat, ttft=first, tput=tput,
             errors={t.name: list(t.errors) for t in targets}, short={t.name: t.short for t in targets},
             first_event={t.name: list(t.first_event) for t in targets},
+            block_rps={t.name: list(t.block_rps) for t in targets},
             truncated=truncated, health=health, seconds=time.monotonic() - t0,
             gw_cpu_ms=cpu_s * 1000 / calls if calls else float("nan"),
         )  # fmt: skip
@@ -608,6 +612,12 @@ def notes(results: list[Result]) -> list[str]:
                 f"{r.setting}: streams' first data event (of any kind) p50 {median(fe['direct']):.1f} ms "
                 f"direct / {median(fe['gateway']):.1f} ms gateway; first content chunk (TTFT) "
                 f"{median(r.ttft['direct']):.1f} / {median(r.ttft['gateway']):.1f} ms"
+            )
+        b = r.block_rps
+        if len(b.get("direct", [])) > 1 and len(b.get("gateway", [])) > 1:
+            out.append(
+                f"{r.setting}: req/s per block of the throughput point ranged {min(b['direct']):.1f}-"
+                f"{max(b['direct']):.1f} direct, {min(b['gateway']):.1f}-{max(b['gateway']):.1f} gateway"
             )
         if r.truncated:
             out.append(f"{r.setting}: stopped early (time budget) in: {', '.join(r.truncated)}")

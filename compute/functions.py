@@ -107,7 +107,7 @@ def openai_stream(
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
-                    break
+                    continue  # read to the end of the body, so the connection goes back to the pool
                 chunk = json.loads(data)
                 batch.append(chunk)
                 now = time.monotonic()
