@@ -52,6 +52,7 @@ BIN = Path(sys.executable).parent
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
 SETTINGS = ("off", "sample", "all")
+CLIENT_TIMEOUT_S = 180.0
 BEGIN = "<!-- bench/overhead.py: begin (generated; rerun the script to replace this section) -->"
 END = "<!-- bench/overhead.py: end -->"
 INTRO = """# Benchmarks
@@ -282,7 +283,7 @@ def make_client(base_url: str, api_key: str) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         base_url=base_url,
         headers={"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"},
-        timeout=httpx.Timeout(180.0, connect=10.0),
+        timeout=httpx.Timeout(CLIENT_TIMEOUT_S, connect=10.0),
         limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
     )
 
@@ -347,7 +348,10 @@ async def guarded(t: Target, coro: Any) -> float | None:
     try:
         return await coro
     except (BenchError, httpx.HTTPError, ValueError) as exc:
-        t.errors.append(f"{type(exc).__name__}: {exc}"[:300])
+        if isinstance(exc, httpx.TimeoutException):
+            t.errors.append(f"{type(exc).__name__}: no answer within the client's {CLIENT_TIMEOUT_S:.0f} s timeout")
+        else:
+            t.errors.append((f"{type(exc).__name__}: {exc}" if str(exc) else repr(exc))[:300])
         return None
 
 
@@ -453,11 +457,14 @@ class Result:
     truncated: list[str]
     health: dict[str, Any]
     seconds: float
-    gw_cpu_ms: float  # CPU time of the gateway (and its local compute endpoint) per call, all points together
+    gw_cpu_ms: dict[str, float]  # CPU time of the gateway (and its local compute endpoint) per call, per point
 
     def rps(self, who: str) -> float:
         ok, secs = self.tput[who]
         return ok / secs if secs else float("nan")
+
+    def cpu_cell(self) -> str:
+        return " / ".join(fmt(self.gw_cpu_ms.get(k, float("nan"))) for k in ("latency", "ttft", "throughput"))
 
     @property
     def added_ms(self) -> float:
@@ -500,7 +507,15 @@ async def measure(setting: str, url: str, stack: Stack, direct: Target, args: ar
         direct.reset()
         gw.reset()
         truncated = []
-        cpu0 = tree_cpu_s(gw_pid)
+        cpu: dict[str, float] = {}  # gateway CPU ms per gateway call, per point
+        mark = (tree_cpu_s(gw_pid), 0)
+
+        def cpu_per_call(point: str, ok: int) -> None:
+            nonlocal mark
+            now = (tree_cpu_s(gw_pid), len(gw.errors))
+            calls = ok + now[1] - mark[1]
+            cpu[point] = (now[0] - mark[0]) * 1000 / calls if calls else float("nan")
+            mark = now
 
         log(f"  a) latency, c=1: {args.requests} non-streaming calls per target, alternating blocks of {args.block}")
 
@@ -510,6 +525,7 @@ async def measure(setting: str, url: str, stack: Stack, direct: Target, args: ar
         lat, cut = await alternate_c1(targets, call_chat, args.requests, args.block, args.point_budget)
         if cut:
             truncated.append("latency")
+        cpu_per_call("latency", len(lat["gateway"]))
         log(
             f"     direct p50 {median(lat['direct']):.1f} ms, gateway p50 {median(lat['gateway']):.1f} ms "
             f"(n={len(lat['direct'])}/{len(lat['gateway'])})"
@@ -523,6 +539,7 @@ async def measure(setting: str, url: str, stack: Stack, direct: Target, args: ar
         first, cut = await alternate_c1(targets, call_stream, args.requests, args.block, args.point_budget)
         if cut:
             truncated.append("ttft")
+        cpu_per_call("ttft", len(first["gateway"]))
         log(
             f"     direct p50 {median(first['direct']):.1f} ms, gateway p50 {median(first['gateway']):.1f} ms "
             f"(first data event of any kind: {median(direct.first_event):.1f} / {median(gw.first_event):.1f} ms)"
@@ -536,10 +553,9 @@ async def measure(setting: str, url: str, stack: Stack, direct: Target, args: ar
         )
         if cut:
             truncated.append("throughput")
+        cpu_per_call("throughput", tput["gateway"][0])
         rps = {k: (ok / s if s else float("nan")) for k, (ok, s) in tput.items()}
         log(f"     direct {rps['direct']:.1f} req/s, gateway {rps['gateway']:.1f} req/s")
-        cpu_s = tree_cpu_s(gw_pid) - cpu0
-        calls = len(lat["gateway"]) + len(first["gateway"]) + tput["gateway"][0] + len(gw.errors)
         await asyncio.sleep(3 if setting == "sample" else 0)  # let the recorder catch up before reading /health
         health = stack.health(setting, url)
         return Result(
@@ -548,7 +564,7 @@ async def measure(setting: str, url: str, stack: Stack, direct: Target, args: ar
             first_event={t.name: list(t.first_event) for t in targets},
             block_rps={t.name: list(t.block_rps) for t in targets},
             truncated=truncated, health=health, seconds=time.monotonic() - t0,
-            gw_cpu_ms=cpu_s * 1000 / calls if calls else float("nan"),
+            gw_cpu_ms=cpu,
         )  # fmt: skip
     finally:
         await gw.client.aclose()
@@ -570,7 +586,7 @@ def print_table(results: list[Result], args: argparse.Namespace) -> None:
     for col in (
         "setting", "c=1 p50 direct/gw ms", "added p50 ms [95% CI]", "ratio", "c=1 p95 direct/gw ms",
         "TTFT p50 direct/gw ms", "added TTFT ms", f"c={args.concurrency} req/s direct/gw", "tput ratio",
-        "gw CPU ms/call", "errors",
+        "gw CPU ms/call c=1/stream/c=16", "errors",
     ):  # fmt: skip
         table.add_column(col, justify="right" if col != "setting" else "left")
     for r in results:
@@ -587,7 +603,7 @@ def print_table(results: list[Result], args: argparse.Namespace) -> None:
             fmt(r.added_ttft_ms, "+.1f"),
             f"{fmt(r.rps('direct'))} / {fmt(r.rps('gateway'))}",
             f"[{'green' if ok_tput else 'red'}]{fmt(r.tput_ratio, '.2f')}x[/]",
-            fmt(r.gw_cpu_ms),
+            r.cpu_cell(),
             f"{len(r.errors['direct'])} / {len(r.errors['gateway'])}" if errors else "0",
         )
     console.print(table)
@@ -655,7 +671,7 @@ def markdown(results: list[Result], args: argparse.Namespace, started: datetime,
     rows = [
         "| Setting | c=1 latency p50, direct / gateway (ms) | Added p50 (ms) [95% CI] | Ratio | "
         "c=1 p95, direct / gateway (ms) | TTFT p50, direct / gateway (ms) | Added TTFT (ms) | "
-        f"c={c} req/s, direct / gateway | Throughput ratio | Gateway CPU per call (ms) | "
+        f"c={c} req/s, direct / gateway | Throughput ratio | Gateway CPU per call, c=1 / stream / c={c} (ms) | "
         "Failed calls, direct / gateway |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -667,7 +683,7 @@ def markdown(results: list[Result], args: argparse.Namespace, started: datetime,
             f"| {fmt(p95(r.lat['direct']))} / {fmt(p95(r.lat['gateway']))} "
             f"| {fmt(median(r.ttft['direct']))} / {fmt(median(r.ttft['gateway']))} | {fmt(r.added_ttft_ms, '+.1f')} "
             f"| {fmt(r.rps('direct'))} / {fmt(r.rps('gateway'))} | {fmt(r.tput_ratio, '.2f')}x "
-            f"| {fmt(r.gw_cpu_ms)} | {len(r.errors['direct'])} / {len(r.errors['gateway'])} |"
+            f"| {r.cpu_cell()} | {len(r.errors['direct'])} / {len(r.errors['gateway'])} |"
         )
     checks = []
     for r in results:
@@ -695,7 +711,7 @@ def markdown(results: list[Result], args: argparse.Namespace, started: datetime,
         f"of {c * 5} calls at concurrency {c} ({args.requests_c16} calls per target for throughput). "
         "One reused `httpx.AsyncClient` per target. The client, the gateway and vLLM share the machine's cores, "
         "so gateway CPU time shows up as lost vLLM throughput; the gateway's CPU per call is its process's and its "
-        "local compute endpoint's CPU time over all three points, per gateway call. The CI is a bootstrap "
+        "local compute endpoint's CPU time during each point, per gateway call. The CI is a bootstrap "
         "interval of the difference of medians.",
         "",
         *rows,
