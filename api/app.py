@@ -6,6 +6,7 @@ pipeline) -> ``compute.backends`` -> cluster function -> vLLM; events come back 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -75,21 +76,27 @@ async def _serve(request: Request, body: ChatCompletionRequest | CompletionReque
     first = value if kind == "chunk" else None
 
     async def events() -> AsyncIterator[bytes]:
-        if first is not None:
-            yield b"data: " + _encode(first) + b"\n\n"
-        elif kind == "end":
+        """SSE bytes. Chunks that are already waiting go out in one write (a relay batch arrives at once)."""
+        if kind == "end":
             yield b"data: [DONE]\n\n"
             return
+        parts = [b"data: " + _encode(first) + b"\n\n"]
         while True:
-            k, v = await sink.get()
+            try:
+                k, v = sink.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                yield b"".join(parts)
+                parts = []
+                k, v = await sink.get()
             if k == "chunk":
-                yield b"data: " + _encode(v) + b"\n\n"
-            elif k == "error":  # after the first byte an HTTP status can't change: send an error event
-                yield b"data: " + _encode(v.body()) + b"\n\n"
-                return
+                parts.append(b"data: " + _encode(v) + b"\n\n")
+                continue
+            if k == "error":  # after the first byte an HTTP status can't change: send an error event
+                parts.append(b"data: " + _encode(v.body()) + b"\n\n")
             else:
-                yield b"data: [DONE]\n\n"
-                return
+                parts.append(b"data: [DONE]\n\n")
+            yield b"".join(parts)
+            return
 
     return Stream(events(), media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
 

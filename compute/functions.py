@@ -100,7 +100,7 @@ def openai_stream(
                 post([], done=True, error={"status": r.status_code, "body": payload})
                 return {"status": r.status_code, "chunks": 0}
             batch: list[Any] = []
-            content_sent = False  # until the first token is out, every chunk goes at once (time to first token)
+            content_sent = False  # the first token goes out at once (time to first token), with the role chunk
             deadline = 0.0
             for line in r.iter_lines():
                 if not line.startswith("data:"):
@@ -111,12 +111,15 @@ def openai_stream(
                 chunk = json.loads(data)
                 batch.append(chunk)
                 now = time.monotonic()
-                if not content_sent or len(batch) >= batch_chunks or now >= deadline:
-                    post(batch)
-                    sent += len(batch)
-                    content_sent = content_sent or any(
+                if content_sent:
+                    flush = len(batch) >= batch_chunks or now >= deadline
+                else:
+                    flush = content_sent = any(
                         (c.get("delta") or {}).get("content") or c.get("text") for c in chunk.get("choices") or []
                     )
+                if flush:
+                    post(batch)
+                    sent += len(batch)
                     batch, deadline = [], now + batch_ms / 1000
             sent += len(batch)
             post(batch, done=True)
