@@ -17,6 +17,7 @@ Usage is spooled before the final event, so a response never completes without i
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -36,6 +37,8 @@ from blocks.registry import ModelSpec, Registry
 from compute.backends import Backends
 from first.settings import FlowTracking, Settings
 from flows.state import Instance, LiveState
+
+log = logging.getLogger("first.inference")
 
 
 @dataclass
@@ -80,8 +83,10 @@ class Sink:
     def __init__(self) -> None:
         self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self.started = False  # a stream's first byte went out: failures can no longer become HTTP errors
+        self.finished = False  # the terminal event (end or error) was sent
 
     def put(self, kind: str, value: Any = None) -> None:
+        self.finished = self.finished or kind in ("end", "error")
         self.queue.put_nowait((kind, value))
 
     async def get(self) -> tuple[str, Any]:
@@ -233,15 +238,17 @@ async def _pipeline(req: InferenceRequest, svc: Services, sink: Sink, run: StepR
         out.status, out.error_type, out.error_message = exc.status, exc.type, exc.message
         error: APIError | None = exc
     except Exception as exc:  # a bug or an unexpected failure: still an OpenAI-shaped answer and a usage row
+        log.exception("request %s failed unexpectedly", req.request_id)
         out.status, out.error_type, out.error_message = 500, "server_error", repr(exc)
         error = APIError(500, "The gateway hit an internal error; it has been logged.", type="server_error")
     else:
         error = None
-    await run(record_usage, req, out, svc)
-    if error is not None:
-        sink.put("error", error)
-    else:
-        sink.put("end")
+    try:
+        await run(record_usage, req, out, svc)
+    except Exception:  # no usage record, no response: the caller gets an error instead of unmetered output
+        log.exception("could not record usage for request %s", req.request_id)
+        error = APIError(503, "The gateway could not record this request's usage; try again.", code="usage_spool")
+    sink.put("error", error) if error is not None else sink.put("end")
     return out
 
 
@@ -280,8 +287,15 @@ async def _run_tracked(req: InferenceRequest, svc: Services, sink: Sink) -> None
     _inflight[req.request_id] = (req, svc, sink)
     try:
         await infer(request_id=req.request_id, endpoint=req.endpoint, model=req.body.model, user=req.principal.user)
-    except Exception:
-        pass  # the failure is in the flow run's state; the caller already has its error event
+    except Exception as exc:
+        if sink.finished:
+            return  # the request failed inside the flow: the run's state says so, the caller has its error
+        # Prefect itself failed (API unreachable, ...) before the pipeline answered: serve the request anyway.
+        log.warning("could not run request %s as a flow run (%s); serving it untracked", req.request_id, exc)
+        if not sink.started:
+            await _pipeline(req, svc, sink, _plain_runner([]))
+        else:
+            sink.put("error", APIError(502, "The request's flow run failed mid-stream", code="flow_failed"))
     finally:
         _inflight.pop(req.request_id, None)
 
