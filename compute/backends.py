@@ -174,6 +174,10 @@ class ExecutorBackend(ComputeBackend):
             relay.close(request_id)
 
 
+def _unreachable(base_url: str, exc: httpx.HTTPError) -> dict[str, Any]:
+    return functions.backend_unreachable(base_url, exc, isinstance(exc, httpx.TimeoutException))
+
+
 class DirectHTTPBackend(ComputeBackend):
     """A cluster that exposes an OpenAI-compatible URL the gateway can reach (no lifecycle control)."""
 
@@ -205,7 +209,10 @@ class DirectHTTPBackend(ComputeBackend):
         try:
             r = await self.client.post(base_url + path, json=body)
         except httpx.HTTPError as exc:
-            raise backend_error(functions._connect_error(base_url, exc), f"Cluster '{self.cluster.name}'") from exc
+            raise backend_error(
+                functions.backend_unreachable(base_url, exc, isinstance(exc, httpx.TimeoutException)),
+                f"Cluster '{self.cluster.name}'",
+            ) from exc
         try:
             payload = r.json()
         except ValueError:
@@ -233,7 +240,9 @@ class DirectHTTPBackend(ComputeBackend):
                         return
                     yield json.loads(data)
         except httpx.HTTPError as exc:
-            raise backend_error(functions._connect_error(base_url, exc), where) from exc
+            raise backend_error(
+                functions.backend_unreachable(base_url, exc, isinstance(exc, httpx.TimeoutException)), where
+            ) from exc
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -8,25 +8,49 @@ from __future__ import annotations
 
 from typing import Any
 
-_clients: dict[str, Any] = {}  # one pooled HTTP client per endpoint process and base URL
+_pool: Any = None  # one urllib3 pool per endpoint process, shared by its worker threads
 
 
-def _client(base_url: str, timeout: float) -> Any:
-    import httpx
+def _http() -> Any:
+    """urllib3 rather than httpx here: the same call costs ~1.1 ms of CPU instead of ~1.8 ms (measured),
+    and urllib3 is already in every Globus Compute endpoint's environment (through requests)."""
+    global _pool
+    if _pool is None:
+        import urllib3
 
-    client = _clients.get(base_url)
-    if client is None:
-        limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
-        client = _clients[base_url] = httpx.Client(base_url=base_url, limits=limits, timeout=timeout)
-    return client
+        _pool = urllib3.PoolManager(maxsize=64, block=False, retries=False)
+    return _pool
 
 
-def _connect_error(base_url: str, exc: Exception) -> dict[str, Any]:
-    import httpx
+def _timeout(seconds: float) -> Any:
+    import urllib3
 
-    if isinstance(exc, httpx.TimeoutException):
+    return urllib3.Timeout(connect=min(10.0, seconds), read=seconds)
+
+
+def backend_unreachable(base_url: str, exc: Exception, timed_out: bool) -> dict[str, Any]:
+    """The answer when vLLM could not be reached or did not answer in time (a value, not an exception,
+    so its message survives any serializer)."""
+    if timed_out:
         return {"status": 504, "kind": "timeout", "message": f"vLLM at {base_url} timed out: {exc!r}"}
     return {"status": 503, "kind": "unreachable", "message": f"vLLM at {base_url} is unreachable: {exc!r}"}
+
+
+def _is_timeout(exc: Exception) -> bool:
+    from urllib3.exceptions import NewConnectionError
+    from urllib3.exceptions import TimeoutError as Urllib3Timeout
+
+    # NewConnectionError (refused, no route) subclasses ConnectTimeoutError for history's sake: not a timeout.
+    return isinstance(exc, Urllib3Timeout) and not isinstance(exc, NewConnectionError)
+
+
+def _json_or_error(data: bytes) -> Any:
+    import json
+
+    try:
+        return json.loads(data)
+    except ValueError:
+        return {"error": {"message": data[:500].decode(errors="replace"), "type": "backend_error"}}
 
 
 def openai_request(base_url: str, path: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -35,17 +59,18 @@ def openai_request(base_url: str, path: str, body: dict[str, Any], timeout: floa
     Returns {"status": http status, "body": json} or {"status": 503|504, "kind", "message"} when vLLM
     could not be reached.
     """
-    import httpx
+    import json
+
+    from urllib3.exceptions import HTTPError
 
     try:
-        r = _client(base_url, timeout).post(path, json=body, timeout=timeout)
-    except httpx.HTTPError as exc:
-        return _connect_error(base_url, exc)
-    try:
-        payload = r.json()
-    except ValueError:
-        payload = {"error": {"message": r.text[:500], "type": "backend_error"}}
-    return {"status": r.status_code, "body": payload}
+        r = _http().request(
+            "POST", base_url + path, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"},
+            timeout=_timeout(timeout),
+        )  # fmt: skip
+    except HTTPError as exc:
+        return backend_unreachable(base_url, exc, _is_timeout(exc))
+    return {"status": r.status, "body": _json_or_error(r.data)}
 
 
 def openai_stream(
@@ -65,49 +90,59 @@ def openai_stream(
     """
     import json
     import time
-    from urllib.parse import urlsplit
 
-    import httpx
+    from urllib3.exceptions import HTTPError
 
-    parts = urlsplit(relay_url)
-    relay = _client(f"{parts.scheme}://{parts.netloc}", 30.0)  # one pooled client per gateway, not per request
-    relay_path = parts.path
+    http = _http()
+    headers = {"Content-Type": "application/json"}
     seq = 0
     sent = 0
 
     def post(chunks: list[Any], done: bool = False, error: dict[str, Any] | None = None) -> None:
         nonlocal seq
-        doc = {"seq": seq, "chunks": chunks, "done": done, "error": error}
+        doc = json.dumps({"seq": seq, "chunks": chunks, "done": done, "error": error}).encode()
         for attempt in range(5):  # reposts are idempotent: the gateway drops duplicate sequence numbers
             try:
-                r = relay.post(relay_path, json=doc, headers={"X-Relay-Token": relay_token})
-                if r.status_code < 500:
+                r = http.request(
+                    "POST",
+                    relay_url,
+                    body=doc,
+                    headers={**headers, "X-Relay-Token": relay_token},
+                    timeout=_timeout(30.0),
+                )
+                if r.status < 500:
                     break
-            except httpx.HTTPError:
+            except HTTPError:
                 if attempt == 4:
                     raise
             time.sleep(0.05 * 2**attempt)
         seq += 1
 
     try:
-        with _client(base_url, timeout).stream("POST", path, json=body, timeout=timeout) as r:
-            if r.status_code != 200:
-                r.read()
-                try:
-                    payload = r.json()
-                except ValueError:
-                    payload = {"error": {"message": r.text[:500]}}
-                post([], done=True, error={"status": r.status_code, "body": payload})
-                return {"status": r.status_code, "chunks": 0}
-            batch: list[Any] = []
-            content_sent = False  # the first token goes out at once (time to first token), with the role chunk
-            deadline = 0.0
-            for line in r.iter_lines():
-                if not line.startswith("data:"):
+        r = http.request(
+            "POST",
+            base_url + path,
+            body=json.dumps(body).encode(),
+            headers=headers,
+            timeout=_timeout(timeout),
+            preload_content=False,
+        )
+        if r.status != 200:
+            post([], done=True, error={"status": r.status, "body": _json_or_error(r.read())})
+            r.release_conn()
+            return {"status": r.status, "chunks": 0}
+        batch: list[Any] = []
+        content_sent = False  # the first token goes out at once (time to first token), with the role chunk
+        deadline = 0.0
+        pending = b""
+        for piece in r.stream(None):  # each HTTP chunk as it arrives: vLLM sends one SSE event per chunk
+            *lines, pending = (pending + piece).split(b"\n")
+            for line in lines:
+                if not line.startswith(b"data:"):
                     continue
                 data = line[5:].strip()
-                if data == "[DONE]":
-                    continue  # read to the end of the body, so the connection goes back to the pool
+                if data == b"[DONE]":
+                    continue
                 chunk = json.loads(data)
                 batch.append(chunk)
                 now = time.monotonic()
@@ -121,10 +156,11 @@ def openai_stream(
                     post(batch)
                     sent += len(batch)
                     batch, deadline = [], now + batch_ms / 1000
-            sent += len(batch)
-            post(batch, done=True)
-    except httpx.HTTPError as exc:
-        err = _connect_error(base_url, exc)
+        r.release_conn()
+        sent += len(batch)
+        post(batch, done=True)
+    except HTTPError as exc:
+        err = backend_unreachable(base_url, exc, _is_timeout(exc))
         post([], done=True, error=err)
         return {"status": err["status"], "chunks": sent}
     return {"status": 200, "chunks": sent}

@@ -61,3 +61,12 @@ def test_endpoint_death_fails_pending_futures():
     with pytest.raises(TaskExecutionFailed, match="exited"):
         fut.result(timeout=10)
     ex.shutdown()
+
+
+def test_a_hung_vllm_is_a_timeout_not_unreachable(executor):
+    from tests.unit.test_api import HangingBackendDouble
+
+    with HangingBackendDouble() as hung:
+        url = f"http://127.0.0.1:{hung.port}"
+        result = executor.submit(functions.openai_request, url, "/v1/completions", {}, 1.0).result(30)
+    assert result["status"] == 504 and result["kind"] == "timeout"
