@@ -40,6 +40,9 @@ class ModelSpec(BaseModel):
     context_length: int = 512
     allowed_groups: list[str] = Field(default_factory=list, description="Empty: everyone may use it")
     idle_timeout_s: int = 3600
+    nice: int = Field(
+        default=0, ge=0, le=19, description="Run vLLM at this niceness (for a machine shared with the gateway)"
+    )
     owned_by: str = "first"
 
     @property
@@ -105,6 +108,9 @@ class Registry(BaseModel):
             },
             context_length=512,
             idle_timeout_s=3600,
+            # vLLM CPU's threads keep every core busy; at niceness 10 the gateway and the local endpoint get a
+            # core when they need one: the endpoint hop fell from ~2.7 to ~1.1 ms (docs/benchmarks.md).
+            nice=10,
         )
         return cls(clusters={"local": ClusterSpec(name="local", transport="local")}, models={"tiny": tiny})
 

@@ -109,6 +109,7 @@ class ExecutorBackend(ComputeBackend):
             "port": model.port,
             "args": model.vllm_args,
             "env": model.vllm_env,
+            "nice": model.nice,
             "python": str(settings.vllm_python),
             "state_dir": str(settings.instances_dir / cluster.name),
         }

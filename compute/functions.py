@@ -256,8 +256,10 @@ def start_vllm(spec: dict[str, Any]) -> dict[str, Any]:
             return current
         port = int(spec["port"])
         log_path = state_dir / f"{spec['model']}.log"
+        # On a machine it shares with the gateway, vLLM's busy threads yield the CPU to it first (`nice`).
+        nice = ["nice", "-n", str(spec["nice"])] if spec.get("nice") else []
         cmd = [
-            spec["python"], "-m", "vllm.entrypoints.openai.api_server",
+            *nice, spec["python"], "-m", "vllm.entrypoints.openai.api_server",
             "--model", spec["model_path"], "--served-model-name", spec["served_name"],
             "--host", "127.0.0.1", "--port", str(port), *spec.get("args", []),
         ]  # fmt: skip

@@ -45,11 +45,19 @@ class HangingBackendDouble:
 
     def __enter__(self) -> HangingBackendDouble:
         self.thread.start()
-        asyncio.run_coroutine_threadsafe(asyncio.start_server(self._handle, "127.0.0.1", self.port), self.loop).result()
+        start = asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        self.server = asyncio.run_coroutine_threadsafe(start, self.loop).result()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        async def shutdown() -> None:
+            self.server.close()
+            for task in asyncio.all_tasks() - {asyncio.current_task()}:
+                task.cancel()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result()
         self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
 
 
 @pytest.fixture
