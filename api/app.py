@@ -205,7 +205,6 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         app.state.services, app.state.relay = svc, relay
         app.state.authenticator = build_authenticator(settings)
         app.state.on_rejected = _record_rejected
-        app.state.started = time.time()
         try:
             yield
         finally:

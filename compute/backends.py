@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor, Future
@@ -24,8 +23,6 @@ from blocks.registry import ClusterSpec, ModelSpec
 from compute import functions
 from compute.relay import RelayHub
 from first.settings import Settings
-
-log = logging.getLogger("first.compute")
 
 
 def backend_error(result: dict[str, Any], where: str) -> APIError:

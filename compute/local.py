@@ -9,7 +9,6 @@ endpoint would, with arguments and results round-tripped through ``globus_comput
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 import secrets
 import subprocess
@@ -24,8 +23,6 @@ from typing import Any
 
 from globus_compute_sdk.errors import TaskExecutionFailed
 from globus_compute_sdk.serialize import ComputeSerializer
-
-log = logging.getLogger("first.compute.local")
 
 
 def _endpoint_main(conn: Any, workers: int, parent_pid: int) -> None:

@@ -10,12 +10,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import logging
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
-
-log = logging.getLogger("first.relay")
 
 
 @dataclass
