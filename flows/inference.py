@@ -315,4 +315,10 @@ def run_inference(req: InferenceRequest, svc: Services) -> tuple[Sink, asyncio.T
     """Start the pipeline for one request; the caller reads events from the returned sink."""
     sink = Sink()
     runner = _run_tracked if svc.settings.flow_tracking is FlowTracking.all else _run_sampled
-    return sink, asyncio.create_task(runner(req, svc, sink))
+    task = asyncio.create_task(runner(req, svc, sink))
+    _running.add(task)  # the loop keeps only weak references: a disconnected caller's pipeline must finish
+    task.add_done_callback(_running.discard)
+    return sink, task
+
+
+_running: set[asyncio.Task[None]] = set()
