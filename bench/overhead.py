@@ -45,6 +45,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from first.runner import gateway_command
 from first.settings import Settings, prefect_env
 
 REPO = Path(__file__).resolve().parent.parent
@@ -200,10 +201,7 @@ class Stack:
         }  # fmt: skip
         log_path = self.home / "logs" / f"bench-gateway-{setting}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [
-            str(BIN / "python"), "-m", "uvicorn", "api.asgi:app", "--host", "127.0.0.1", "--port", str(port),
-            "--no-access-log", "--log-level", "warning",
-        ]  # fmt: skip
+        cmd = gateway_command("127.0.0.1", port)
         out = open(log_path, "ab")
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=REPO,

@@ -197,8 +197,6 @@ def registry_init(
     from blocks.registry import ClusterBlock, ModelBlock, Registry
 
     async def go() -> None:
-        from prefect.utilities.asyncutils import sync_compatible  # noqa: F401  (ensures prefect settings load)
-
         await ClusterBlock.register_type_and_schema()
         await ModelBlock.register_type_and_schema()
         existing = await Registry.load_blocks()

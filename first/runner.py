@@ -31,6 +31,12 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)
 BIN = Path(sys.executable).parent
 
 
+def gateway_command(host: str, port: int) -> list[str]:
+    """The gateway as its own process (uvicorn, one worker, no access log: it costs throughput)."""
+    return [str(BIN / "python"), "-m", "uvicorn", "api.asgi:app", "--host", host, "--port", str(port),
+            "--no-access-log", "--log-level", "warning"]  # fmt: skip
+
+
 def stop_group(
     proc: subprocess.Popen, name: str, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT), grace_s: float = 8.0
 ) -> None:
@@ -168,22 +174,7 @@ class Runner:
         return key
 
     def start_gateway(self) -> None:
-        proc = self.spawn(
-            "gateway",
-            [
-                str(BIN / "python"),
-                "-m",
-                "uvicorn",
-                "api.asgi:app",
-                "--host",
-                self.s.host,
-                "--port",
-                str(self.s.port),
-                "--no-access-log",
-                "--log-level",
-                "warning",
-            ],
-        )
+        proc = self.spawn("gateway", gateway_command(self.s.host, self.s.port))
         with console.status("starting the gateway…"):
             wait_http(f"http://{self.s.host}:{self.s.port}/health", 60, proc, "the gateway")
         console.print(f"[green]✓[/green] gateway at http://{self.s.host}:{self.s.port}")

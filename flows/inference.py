@@ -248,7 +248,10 @@ async def _pipeline(req: InferenceRequest, svc: Services, sink: Sink, run: StepR
     except Exception:  # no usage record, no response: the caller gets an error instead of unmetered output
         log.exception("could not record usage for request %s", req.request_id)
         error = APIError(503, "The gateway could not record this request's usage; try again.", code="usage_spool")
-    sink.put("error", error) if error is not None else sink.put("end")
+    if error is not None:
+        sink.put("error", error)
+    else:
+        sink.put("end")
     return out
 
 

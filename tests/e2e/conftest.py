@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from first.runner import stop_group, wait_http
+from first.runner import gateway_command, stop_group, wait_http
 from first.settings import REPO_ROOT, Settings, prefect_env
 
 BIN = Path(sys.executable).parent
@@ -111,21 +111,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "alice": stack.first("keys", "create", "--user", "alice", "--group", "staff").stdout.strip(),
             "limited": stack.first("keys", "create", "--user", "limited", "--rpm", "2").stdout.strip(),
         }
-        gateway = spawn(
-            "gateway",
-            [
-                str(BIN / "python"),
-                "-m",
-                "uvicorn",
-                "api.asgi:app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(gateway_port),
-                "--log-level",
-                "warning",
-            ],
-        )
+        gateway = spawn("gateway", gateway_command("127.0.0.1", gateway_port))
         wait_http(f"{stack.base_url}/health", 60, gateway)
         yield stack
     finally:

@@ -188,12 +188,13 @@ def test_failed_and_cold_requests_are_recorded_as_flow_runs(stack: Stack) -> Non
 
 def test_tracking_all_records_every_request_as_an_infer_flow_run(stack: Stack) -> None:
     """A second gateway on the same stack with FIRST_FLOW_TRACKING=all: each request is a real flow run."""
+    from first.runner import gateway_command
     from tests.e2e.conftest import free_port, stop, wait_http
 
     port = free_port()
     env = {**stack.env, "FIRST_PORT": str(port), "FIRST_FLOW_TRACKING": "all"}
     gw = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "api.asgi:app", "--port", str(port), "--log-level", "warning"],
+        gateway_command("127.0.0.1", port),
         env=env,
         cwd=REPO_ROOT,
         start_new_session=True,
