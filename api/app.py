@@ -26,8 +26,10 @@ from analytics.records import UsageRecord
 from analytics.spool import UsageSpool
 from api.auth import Authenticator, KeyStore, LocalKeyAuthenticator, Principal, bearer_token
 from api.errors import APIError, handle_exception
+from api.globus_auth import GlobusAuthenticator
 from api.limits import RateLimiter
 from api.protocol import ChatCompletionRequest, CompletionRequest
+from blocks.globus import GlobusAuthBlock
 from blocks.registry import Registry
 from compute.backends import Backends
 from compute.relay import RelayBatch, RelayHub
@@ -40,10 +42,10 @@ log = logging.getLogger("first.api")
 _encode = msgspec.json.encode
 
 
-def _authenticate(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+async def _authenticate(connection: ASGIConnection, _: BaseRouteHandler) -> None:
     """Guard: every /v1 request carries a credential that resolves to a principal."""
     auth: Authenticator = connection.app.state.authenticator
-    connection.state.principal = auth.authenticate(bearer_token(connection.headers.get("authorization")))
+    connection.state.principal = await auth.authenticate(bearer_token(connection.headers.get("authorization")))
 
 
 def _services(request: Request) -> Services:
@@ -118,8 +120,10 @@ async def list_models(request: Request) -> dict[str, Any]:
     svc = _services(request)
     principal: Principal = request.state.principal
     data = []
-    for m in svc.registry.models.values():
-        if m.allowed_groups and not set(m.allowed_groups) & set(principal.groups):
+    reg = svc.registry
+    who = (principal.groups, principal.identity_providers)
+    for m in reg.models.values():
+        if not m.allows(*who) or not any(c in reg.clusters and reg.clusters[c].allows(*who) for c in m.clusters):
             continue
         states = {i.cluster.name: i.state for i in svc.live.all() if i.model.name == m.name}
         data.append({
@@ -137,6 +141,7 @@ async def health(request: Request) -> dict[str, Any]:
         "status": "ok",
         "instances": [i.snapshot() for i in svc.live.all()],
         "flow_tracking": svc.settings.flow_tracking.value,
+        "auth_mode": svc.settings.auth_mode,
         "flow_records": {"recorded": recorder.recorded, "dropped": recorder.dropped} if recorder else None,
     }
 
@@ -174,13 +179,41 @@ def _record_rejected(request: Request, error: APIError) -> None:
     )  # fmt: skip
 
 
-def build_authenticator(settings: Settings) -> Authenticator:
-    if settings.auth_mode != "local":
-        raise SystemExit(f"auth mode {settings.auth_mode!r} is not available yet; use FIRST_AUTH_MODE=local")
-    return LocalKeyAuthenticator(KeyStore(settings.keys_db), default_rpm=settings.default_rpm)
+async def load_globus_block(settings: Settings) -> GlobusAuthBlock:
+    try:
+        return await GlobusAuthBlock.aload(settings.globus_block)  # type: ignore[misc]
+    except Exception as exc:
+        raise SystemExit(
+            f"FIRST_AUTH_MODE=globus, but the Globus Auth block {settings.globus_block!r} could not be loaded "
+            f"from Prefect ({exc}). Create it with `first globus configure` or in the Prefect UI (Blocks)."
+        ) from None
 
 
-def create_app(settings: Settings | None = None, registry: Registry | None = None) -> Litestar:
+async def build_authenticator(settings: Settings, globus: GlobusAuthBlock | None) -> Authenticator:
+    """The gateway's auth mode (FIRST_AUTH_MODE): local API keys, or Globus access tokens."""
+    if settings.auth_mode == "local":
+        return LocalKeyAuthenticator(KeyStore(settings.keys_db), default_rpm=settings.default_rpm)
+    return GlobusAuthenticator(globus or await load_globus_block(settings))
+
+
+async def _follow_globus_block(settings: Settings, auth: GlobusAuthenticator) -> None:
+    """Operators edit the Globus block in the Prefect UI; adopt their changes within a minute."""
+    while True:
+        await asyncio.sleep(settings.globus_block_refresh_s)
+        try:
+            block = await GlobusAuthBlock.aload(settings.globus_block)  # type: ignore[misc]
+        except Exception as exc:
+            log.warning("could not re-read the Globus Auth block (%s); keeping the settings in use", exc)
+            continue
+        if block.model_dump() != auth.config.model_dump():
+            log.info("the Globus Auth block changed; applying it")
+            auth.configure(block)
+
+
+def create_app(
+    settings: Settings | None = None, registry: Registry | None = None, globus: GlobusAuthBlock | None = None
+) -> Litestar:
+    """The gateway. ``registry`` and ``globus`` are normally read from Prefect Blocks at startup; tests pass them."""
     settings = settings or get_settings()
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per backend call costs ~35% throughput
 
@@ -203,11 +236,18 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         )  # fmt: skip
         lifecycle.install(backends, reg)
         app.state.services, app.state.relay = svc, relay
-        app.state.authenticator = build_authenticator(settings)
+        auth = app.state.authenticator = await build_authenticator(settings, globus)
         app.state.on_rejected = _record_rejected
+        follower = None
+        if isinstance(auth, GlobusAuthenticator) and globus is None:
+            follower = asyncio.create_task(_follow_globus_block(settings, auth))
         try:
             yield
         finally:
+            if follower:
+                follower.cancel()
+            if isinstance(auth, GlobusAuthenticator):
+                auth.close()
             if recorder:
                 recorder.close()
             spool.close()

@@ -1,12 +1,13 @@
 """Who is calling: the bearer token resolves to a Principal through an Authenticator.
 
 Local mode uses API keys stored only as SHA-256 hashes in SQLite. Keys are 32 random bytes, so a fast
-hash is safe (no dictionary to attack) and lets the gateway check a key in microseconds. Globus Auth
-plugs in later behind the same ``Authenticator`` protocol.
+hash is safe (no dictionary to attack) and lets the gateway check a key in microseconds. Globus mode
+(``api/globus_auth.py``) sits behind the same ``Authenticator`` protocol and yields the same ``Principal``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import secrets
@@ -24,15 +25,21 @@ KEY_PREFIX = "first-"
 
 @dataclass(frozen=True)
 class Principal:
-    user: str
-    groups: tuple[str, ...] = ()
+    """Who is calling, as every step of the inference flow sees it, whichever way they authenticated."""
+
+    user: str  # local: the key's user; Globus: the primary identity's username (alice@uchicago.edu)
+    groups: tuple[str, ...] = ()  # local: names given to the key; Globus: ids of the caller's groups
     key_id: str | None = None
-    rpm: int = 0  # requests per minute for this credential; 0 = no limit
+    rpm: int = 0  # requests per minute for this credential (local keys); 0 = no limit
     is_admin: bool = False
+    identities: tuple[str, ...] = ()  # Globus: usernames of every identity in the caller's identity set
+    identity_providers: tuple[str, ...] = ()  # Globus: domains of the identities signed in this session
+    expires_at: float | None = None  # Globus: the token's expiry (epoch seconds)
+    auth: str = "local"  # "local" | "globus"
 
 
 class Authenticator(Protocol):
-    def authenticate(self, token: str | None) -> Principal: ...
+    async def authenticate(self, token: str | None) -> Principal: ...
 
 
 @dataclass
@@ -124,7 +131,11 @@ class LocalKeyAuthenticator:
                 self._keys = self.store._active()
                 self._mtime = mtime
 
-    def authenticate(self, token: str | None) -> Principal:
+    async def authenticate(self, token: str | None) -> Principal:
+        return self.check(token)
+
+    def check(self, token: str | None) -> Principal:
+        """The synchronous check (microseconds: a hash and a dict scan, no I/O but a stat once a second)."""
         if not token:
             raise APIError(
                 401,
@@ -141,9 +152,7 @@ class LocalKeyAuthenticator:
         if principal is None:
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
         if principal.rpm == 0 and self.default_rpm:
-            principal = Principal(
-                principal.user, principal.groups, principal.key_id, self.default_rpm, principal.is_admin
-            )
+            principal = dataclasses.replace(principal, rpm=self.default_rpm)
         return principal
 
 

@@ -1,34 +1,115 @@
-"""Per-credential request rate limit (token bucket). Full per-model/token limits come with Globus auth."""
+"""Rate limits: requests and tokens per minute, per user and per model (and per cluster), as token buckets.
+
+Tokens are *reserved* before a request runs (its prompt estimate plus ``max_tokens``) and *settled* with
+the real usage after it. A check-then-record limiter lets a burst of N concurrent requests all pass the
+check before any of them records, and overshoot the limit N-fold; reserving first makes the sum of what
+is in flight fit the bucket. Over-estimates are refunded at settlement, under-estimates become debt.
+
+All of it runs on the gateway's event loop with no ``await`` between check and take, so each reservation
+is atomic across its buckets. (Several gateway replicas would need a shared store: see docs/architecture.md.)
+"""
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 
-from api.auth import Principal
 from api.errors import APIError
+from blocks.registry import RateLimits
+
+
+@dataclass
+class _Bucket:
+    capacity: float
+    level: float
+    last: float  # monotonic time of the last refill
+
+    def refill(self, capacity: float, now: float) -> None:
+        if capacity != self.capacity:  # the limit was edited: keep what was used, at the new size
+            self.level = min(capacity, self.level + capacity - self.capacity)
+            self.capacity = capacity
+        self.level = min(capacity, self.level + (now - self.last) * capacity / 60.0)
+        self.last = now
+
+
+@dataclass
+class Reservation:
+    """What one request holds: the token buckets it drew from and how much it reserved from each."""
+
+    tokens: int = 0
+    token_buckets: list[_Bucket] = field(default_factory=list)
+    settled: bool = False
+
+
+@dataclass(frozen=True)
+class Limit:
+    """One limit to enforce: which bucket (``key``), its size, and how to name it in a 429."""
+
+    key: str
+    limits: RateLimits
+    label: str  # e.g. "model tiny" or "your API key"
 
 
 class RateLimiter:
     def __init__(self) -> None:
-        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, last refill time)
+        self._buckets: dict[tuple[str, str], _Bucket] = {}
 
-    def check(self, principal: Principal) -> None:
-        """Take one request from the caller's bucket, or raise 429 with Retry-After."""
-        rpm = principal.rpm
-        if rpm <= 0:
-            return
-        key = principal.key_id or principal.user
+    def _bucket(self, key: str, kind: str, capacity: int, now: float) -> _Bucket:
+        bucket = self._buckets.get((key, kind))
+        if bucket is None:
+            bucket = self._buckets[(key, kind)] = _Bucket(float(capacity), float(capacity), now)
+        bucket.refill(float(capacity), now)
+        return bucket
+
+    def reserve(self, user: str, limits: list[Limit], tokens: int, into: Reservation | None = None) -> Reservation:
+        """Take one request and ``tokens`` tokens from every applicable bucket, or none of them (429)."""
         now = time.monotonic()
-        tokens, last = self._buckets.get(key, (float(rpm), now))
-        tokens = min(float(rpm), tokens + (now - last) * rpm / 60.0)
-        if tokens < 1.0:
-            retry = math.ceil((1.0 - tokens) * 60.0 / rpm)
-            self._buckets[key] = (tokens, now)
-            raise APIError(
-                429,
-                f"Rate limit reached for {principal.user}: {rpm} requests per minute. Retry in {retry} s.",
-                code="rate_limit_exceeded",
-                headers={"Retry-After": str(retry)},
-            )
-        self._buckets[key] = (tokens - 1.0, now)
+        requests: list[_Bucket] = []
+        token_buckets: list[_Bucket] = []
+        for limit in limits:
+            rpm, tpm = limit.limits.rpm, limit.limits.tpm
+            if rpm:
+                b = self._bucket(limit.key, "rpm", rpm, now)
+                if b.level < 1.0:
+                    _reject(user, f"{rpm} requests per minute for {limit.label}", (1.0 - b.level) * 60.0 / rpm)
+                requests.append(b)
+            if tpm:
+                if tokens > tpm:
+                    raise APIError(
+                        429,
+                        f"This request needs up to {tokens} tokens (prompt + max_tokens), more than the {tpm} "
+                        f"tokens per minute allowed for {limit.label}. Lower max_tokens or shorten the prompt.",
+                        code="tokens_exceed_limit",
+                    )
+                b = self._bucket(limit.key, "tpm", tpm, now)
+                if b.level < tokens:
+                    _reject(user, f"{tpm} tokens per minute for {limit.label}", (tokens - b.level) * 60.0 / tpm)
+                token_buckets.append(b)
+        for b in requests:
+            b.level -= 1.0
+        for b in token_buckets:
+            b.level -= tokens
+        res = into or Reservation()
+        res.token_buckets.extend(token_buckets)
+        res.tokens = tokens
+        return res
+
+    @staticmethod
+    def settle(res: Reservation, used_tokens: int) -> None:
+        """Give back what was reserved but not used (or charge the excess). Idempotent."""
+        if res.settled:
+            return
+        res.settled = True
+        for b in res.token_buckets:
+            b.level = min(b.capacity, b.level + res.tokens - used_tokens)
+
+
+def _reject(user: str, what: str, wait_s: float) -> None:
+    retry = max(1, math.ceil(wait_s))
+    raise APIError(
+        429,
+        f"Rate limit reached for {user}: {what}. Retry in {retry} s.",
+        code="rate_limit_exceeded",
+        headers={"Retry-After": str(retry)},
+    )

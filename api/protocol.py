@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -70,3 +71,22 @@ def backend_body(req: ChatCompletionRequest | CompletionRequest, served_name: st
         opts["include_usage"] = True
         body["stream_options"] = opts
     return body
+
+
+def token_estimate(req: ChatCompletionRequest | CompletionRequest, context_length: int) -> int:
+    """Tokens to reserve against a tokens-per-minute limit before the request runs.
+
+    Prompt: a byte count over 3 (tokenizers average 3-4 bytes a token on English, so this errs high) or, for
+    token-id prompts, their count. Completion: ``max_tokens`` times ``n``, or what the context leaves. Settled
+    with the real usage afterwards, so erring high only delays, never overcharges."""
+    if isinstance(req, ChatCompletionRequest):
+        text = sum(len(str(m.content or "").encode()) + 4 for m in req.messages)
+        prompt = math.ceil(text / 3)
+    elif isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], str):
+        prompt = sum(len(p) if isinstance(p, list) else 1 for p in req.prompt)  # token ids
+    else:
+        texts = req.prompt if isinstance(req.prompt, list) else [req.prompt]
+        prompt = math.ceil(sum(len(str(t).encode()) for t in texts) / 3)
+    prompt = min(prompt, context_length)
+    completion = requested_max_tokens(req) or max(context_length - prompt, 1)
+    return prompt + completion * (req.n or 1)

@@ -17,18 +17,55 @@ log = logging.getLogger("first.registry")
 Transport = Literal["local", "http", "globus-compute"]
 
 
-class ClusterSpec(BaseModel):
+class RateLimits(BaseModel):
+    """Per-user limits (0 = no limit). Tokens count prompt + completion."""
+
+    rpm: int = Field(default=0, ge=0, description="Requests per minute, per user")
+    tpm: int = Field(default=0, ge=0, description="Tokens per minute, per user (reserved from max_tokens up front)")
+
+
+class AccessRules(BaseModel):
+    """Who may use a cluster or a model, and how much. Shared by clusters and models."""
+
+    allowed_groups: list[str] = Field(
+        default_factory=list, description="Group ids (Globus) or names (local keys); empty: everyone"
+    )
+    allowed_domains: list[str] = Field(
+        default_factory=list, description="Identity-provider domains, e.g. anl.gov; empty: any"
+    )
+    limits: RateLimits = Field(default_factory=RateLimits)
+    group_limits: dict[str, RateLimits] = Field(
+        default_factory=dict, description="Overrides for members of a group (the most generous one applies)"
+    )
+
+    def allows(self, groups: tuple[str, ...], domains: tuple[str, ...]) -> bool:
+        if self.allowed_groups and not set(self.allowed_groups) & set(groups):
+            return False
+        return not self.allowed_domains or bool({d.lower() for d in self.allowed_domains} & set(domains))
+
+    def limits_for(self, groups: tuple[str, ...]) -> RateLimits:
+        """The model's limits, unless a group the user is in overrides them (0 = unlimited wins)."""
+        overrides = [self.group_limits[g] for g in groups if g in self.group_limits]
+        if not overrides:
+            return self.limits
+
+        def generous(values: list[int]) -> int:
+            return 0 if 0 in values else max(values)
+
+        return RateLimits(rpm=generous([o.rpm for o in overrides]), tpm=generous([o.tpm for o in overrides]))
+
+
+class ClusterSpec(AccessRules):
     name: str
     transport: Transport = "local"
     base_url: str | None = Field(default=None, description="For transport 'http': an OpenAI-compatible URL")
     endpoint_id: str | None = Field(default=None, description="For transport 'globus-compute'")
     scheduler: Literal["none", "pbs", "slurm"] = "none"
-    allowed_groups: list[str] = Field(default_factory=list, description="Empty: everyone may use it")
     maintenance: bool = False
     maintenance_message: str = ""
 
 
-class ModelSpec(BaseModel):
+class ModelSpec(AccessRules):
     name: str
     aliases: list[str] = Field(default_factory=list)
     clusters: list[str] = Field(default_factory=lambda: ["local"])
@@ -38,7 +75,10 @@ class ModelSpec(BaseModel):
     vllm_args: list[str] = Field(default_factory=list)
     vllm_env: dict[str, str] = Field(default_factory=dict)
     context_length: int = 512
-    allowed_groups: list[str] = Field(default_factory=list, description="Empty: everyone may use it")
+    hidden: bool = Field(
+        default=False,
+        description="Callers who may not use it get 404, as for an unknown model (default: 403, access denied)",
+    )
     idle_timeout_s: int = 3600
     nice: int = Field(
         default=0, ge=0, le=19, description="Run vLLM at this niceness (for a machine shared with the gateway)"

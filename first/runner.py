@@ -166,7 +166,7 @@ class Runner:
             from api.auth import LocalKeyAuthenticator
 
             with contextlib.suppress(Exception):
-                LocalKeyAuthenticator(store).authenticate(key)
+                LocalKeyAuthenticator(store).check(key)
                 return key
         key, _ = store.create("demo", ["demo"])
         path.write_text(key + "\n")

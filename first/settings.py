@@ -9,6 +9,7 @@ from __future__ import annotations
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -33,7 +34,11 @@ class Settings(BaseSettings):
     public_url: str | None = Field(
         default=None, description="URL at which cluster functions reach the gateway's relay endpoint"
     )
-    auth_mode: str = Field(default="local", description="local (API keys) | globus (a later issue)")
+    auth_mode: Literal["local", "globus"] = Field(
+        default="local", description="local: API keys (`first keys`); globus: Globus access tokens"
+    )
+    globus_block: str = Field(default="default", description="Name of the FIRST Globus Auth block (globus mode)")
+    globus_block_refresh_s: float = Field(default=60.0, description="How often the gateway re-reads that block")
 
     flow_tracking: FlowTracking = FlowTracking.sample
     flow_sample_rate: float = Field(default=0.01, ge=0.0, le=1.0)

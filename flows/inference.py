@@ -31,9 +31,9 @@ from analytics.records import UsageRecord
 from analytics.spool import UsageSpool
 from api.auth import Principal
 from api.errors import APIError
-from api.limits import RateLimiter
-from api.protocol import ChatCompletionRequest, CompletionRequest, backend_body
-from blocks.registry import ModelSpec, Registry
+from api.limits import Limit, RateLimiter, Reservation
+from api.protocol import ChatCompletionRequest, CompletionRequest, backend_body, token_estimate
+from blocks.registry import ModelSpec, RateLimits, Registry
 from compute.backends import Backends
 from first.settings import FlowTracking, Settings
 from flows.state import Instance, LiveState
@@ -74,6 +74,9 @@ class Outcome:
     ttft_ms: float | None = None
     cold_start: bool = False
     steps: list[dict[str, Any]] = field(default_factory=list)
+    tokens_reserved: int = 0
+    reservation: Reservation = field(default_factory=Reservation)
+    streamed: bool = False  # stream chunks reached the caller (so tokens were spent, usage or not)
 
 
 class Sink:
@@ -109,39 +112,74 @@ class Services:
 # ---- the steps ----
 
 
+def not_found(name: str) -> APIError:
+    """The one answer for an unknown model and a hidden one, so the message can't tell them apart."""
+    return APIError(
+        404, f"The model '{name}' does not exist or you do not have access to it.", param="model",
+        code="model_not_found",
+    )  # fmt: skip
+
+
 @task(name="authorize", cache_policy=NO_CACHE)
-async def authorize(req: InferenceRequest, svc: Services) -> ModelSpec:
-    """The caller may use this model, and is within its rate limit."""
+async def authorize(req: InferenceRequest, svc: Services, out: Outcome) -> ModelSpec:
+    """The caller may use this model and is within its limits: one request and the request's tokens are
+    reserved from the caller's buckets (settled with the real usage in ``record_usage``)."""
+    p = req.principal
     model = svc.registry.resolve(req.body.model)
-    hidden = model is not None and model.allowed_groups and not set(model.allowed_groups) & set(req.principal.groups)
-    if model is None or hidden:
+    if model is None:
+        raise not_found(req.body.model)
+    if not model.allows(p.groups, p.identity_providers):
+        if model.hidden:
+            raise not_found(req.body.model)
         raise APIError(
-            404,
-            f"The model '{req.body.model}' does not exist or you do not have access to it.",
+            403,
+            f"You do not have access to the model '{model.name}'. It is limited to certain groups or "
+            "identity providers; ask the gateway's operators for access.",
             param="model",
-            code="model_not_found",
+            code="model_access_denied",
         )
-    svc.limiter.check(req.principal)
+    out.tokens_reserved = token_estimate(req.body, model.context_length)
+    limits = [Limit(f"model:{model.name}:{p.user}", model.limits_for(p.groups), f"model {model.name}")]
+    if p.rpm:
+        limits.append(Limit(f"key:{p.key_id or p.user}", RateLimits(rpm=p.rpm), "your API key"))
+    svc.limiter.reserve(p.user, limits, out.tokens_reserved, out.reservation)
     return model
 
 
 @task(name="select-cluster", cache_policy=NO_CACHE)
-async def select_cluster(req: InferenceRequest, model: ModelSpec, svc: Services) -> Instance:
-    """Pick where the model runs: a hot instance if there is one, else the first usable cluster."""
-    candidates = []
+async def select_cluster(req: InferenceRequest, model: ModelSpec, svc: Services, out: Outcome) -> Instance:
+    """Pick where the model runs: a hot instance if there is one, else the first usable cluster; then take
+    the caller's share of that cluster's limits."""
+    p = req.principal
+    candidates, maintenance, denied = [], [], []
     for name in model.clusters:
         cluster = svc.registry.clusters.get(name)
-        if cluster is None or cluster.maintenance:
+        if cluster is None:
             continue
-        if cluster.allowed_groups and not set(cluster.allowed_groups) & set(req.principal.groups):
-            continue
-        candidates.append(svc.live.instance(cluster, model))
+        if not cluster.allows(p.groups, p.identity_providers):
+            denied.append(name)
+        elif cluster.maintenance:
+            maintenance.append(f"{name}: {cluster.maintenance_message or 'in maintenance'}")
+        else:
+            candidates.append(svc.live.instance(cluster, model))
     if not candidates:
+        if maintenance:
+            raise APIError(
+                503, f"No cluster can serve '{model.name}' right now ({'; '.join(maintenance)}).", code="no_cluster",
+                headers={"Retry-After": "60"},
+            )  # fmt: skip
         raise APIError(
-            503, f"No cluster can serve '{model.name}' right now (maintenance or access).", code="no_cluster"
-        )
+            403, f"None of the clusters that serve '{model.name}' ({', '.join(denied) or 'none configured'}) "
+            "is open to you; ask the gateway's operators for access.", param="model", code="cluster_access_denied",
+        )  # fmt: skip
     order = {"hot": 0, "starting": 1, "unknown": 2, "cold": 3, "failed": 4}
-    return min(candidates, key=lambda i: (order.get(i.state, 5), i.inflight))
+    inst = min(candidates, key=lambda i: (order.get(i.state, 5), i.inflight))
+    c = inst.cluster
+    limits = c.limits_for(p.groups)
+    if limits.rpm or limits.tpm:
+        svc.limiter.reserve(p.user, [Limit(f"cluster:{c.name}:{p.user}", limits, f"cluster {c.name}")],
+                            out.tokens_reserved, out.reservation)  # fmt: skip
+    return inst
 
 
 @task(name="ensure-warm", cache_policy=NO_CACHE)
@@ -190,14 +228,18 @@ async def _stream(req: InferenceRequest, chunks: Any, sink: Sink, out: Outcome) 
             out.ttft_ms = (time.perf_counter() - req.t0) * 1000
         if not req.include_usage and chunk.get("usage"):
             chunk.pop("usage", None)
-        sink.started = True
+        sink.started = out.streamed = True
         sink.put("chunk", chunk)
 
 
 @task(name="record-usage", cache_policy=NO_CACHE)
 async def record_usage(req: InferenceRequest, out: Outcome, svc: Services) -> UsageRecord:
-    """Append the request's usage record to the spool (durable before the response completes)."""
+    """Settle the caller's token reservation with the real usage, and append the request's usage record to
+    the spool (durable before the response completes)."""
     u = out.usage
+    # No usage reported: nothing was spent, unless a stream broke after tokens flowed (then charge it all).
+    used = int(u.get("total_tokens") or 0) if u else (out.tokens_reserved if out.streamed else 0)
+    svc.limiter.settle(out.reservation, used)
     record = UsageRecord(
         request_id=req.request_id,
         ts=req.started,
@@ -228,9 +270,9 @@ StepRunner = Callable[..., Awaitable[Any]]
 async def _pipeline(req: InferenceRequest, svc: Services, sink: Sink, run: StepRunner) -> Outcome:
     out = Outcome(model=req.body.model)
     try:
-        model = await run(authorize, req, svc)
+        model = await run(authorize, req, svc, out)
         out.model = model.name
-        inst = await run(select_cluster, req, model, svc)
+        inst = await run(select_cluster, req, model, svc, out)
         out.cluster = inst.cluster.name
         out.cold_start = await run(ensure_warm, req, inst, svc)
         await run(execute, req, inst, svc, sink, out)

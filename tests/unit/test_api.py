@@ -75,7 +75,8 @@ def registry(hanging: HangingBackendDouble) -> Registry:
         models={
             "m-down": ModelSpec(name="m-down", clusters=["down"], path="-"),
             "m-hung": ModelSpec(name="m-hung", clusters=["hung"], path="-", aliases=["hung-alias"]),
-            "secret": ModelSpec(name="secret", clusters=["down"], path="-", allowed_groups=["staff"]),
+            "secret": ModelSpec(name="secret", clusters=["down"], path="-", allowed_groups=["staff"], hidden=True),
+            "staff-only": ModelSpec(name="staff-only", clusters=["down"], path="-", allowed_groups=["staff"]),
         },
     )
 
@@ -143,12 +144,21 @@ async def test_unknown_and_hidden_models_are_404_alike(client, keys):
     assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_url"
 
 
+async def test_a_visible_model_the_caller_may_not_use_is_403(client, keys):
+    r = await client.post("/v1/chat/completions", json={**CHAT, "model": "staff-only"}, headers=_auth(keys["bob"]))
+    assert r.status_code == 403
+    _is_openai_error(r.json(), "permission_error")
+    assert r.json()["error"]["code"] == "model_access_denied" and r.json()["error"]["param"] == "model"
+    r = await client.post("/v1/chat/completions", json={**CHAT, "model": "staff-only"}, headers=_auth(keys["alice"]))
+    assert r.status_code == 503  # alice may: she gets through to the (down) cluster
+
+
 async def test_model_list_shows_only_what_the_caller_may_use(client, keys):
     bob = (await client.get("/v1/models", headers=_auth(keys["bob"]))).json()
     alice = (await client.get("/v1/models", headers=_auth(keys["alice"]))).json()
     assert bob["object"] == "list"
     assert sorted(m["id"] for m in bob["data"]) == ["m-down", "m-hung"]
-    assert sorted(m["id"] for m in alice["data"]) == ["m-down", "m-hung", "secret"]
+    assert sorted(m["id"] for m in alice["data"]) == ["m-down", "m-hung", "secret", "staff-only"]
 
 
 async def test_rate_limit_is_429_with_retry_after(client, keys):
