@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -73,20 +72,31 @@ def backend_body(req: ChatCompletionRequest | CompletionRequest, served_name: st
     return body
 
 
-def token_estimate(req: ChatCompletionRequest | CompletionRequest, context_length: int) -> int:
-    """Tokens to reserve against a tokens-per-minute limit before the request runs.
+TEMPLATE_TOKENS_PER_MESSAGE = 32  # what a chat template may add around each message (role markers, headers)
 
-    Prompt: a byte count over 3 (tokenizers average 3-4 bytes a token on English, so this errs high) or, for
-    token-id prompts, their count. Completion: ``max_tokens`` times ``n``, or what the context leaves. Settled
-    with the real usage afterwards, so erring high only delays, never overcharges."""
+
+def token_estimate(req: ChatCompletionRequest | CompletionRequest, context_length: int) -> int:
+    """Tokens to reserve against a tokens-per-minute limit before the request runs: an upper bound, so that
+    the requests a limit admits together can never use more than it.
+
+    Prompt: its UTF-8 bytes (a byte-level BPE tokenizer never makes more tokens than bytes) plus
+    ``TEMPLATE_TOKENS_PER_MESSAGE`` per message, or the count of token-id prompts; capped by the context.
+    Completion: ``max_tokens`` (or what the context leaves) times ``n``. The reservation is settled with the
+    real usage as soon as the request ends, so erring high only narrows a burst; it never overcharges."""
     if isinstance(req, ChatCompletionRequest):
-        text = sum(len(str(m.content or "").encode()) + 4 for m in req.messages)
-        prompt = math.ceil(text / 3)
+        prompt = sum(len(_text(m.content).encode()) + TEMPLATE_TOKENS_PER_MESSAGE for m in req.messages)
     elif isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], str):
         prompt = sum(len(p) if isinstance(p, list) else 1 for p in req.prompt)  # token ids
     else:
         texts = req.prompt if isinstance(req.prompt, list) else [req.prompt]
-        prompt = math.ceil(sum(len(str(t).encode()) for t in texts) / 3)
+        prompt = sum(len(str(t).encode()) + TEMPLATE_TOKENS_PER_MESSAGE for t in texts)
     prompt = min(prompt, context_length)
     completion = requested_max_tokens(req) or max(context_length - prompt, 1)
     return prompt + completion * (req.n or 1)
+
+
+def _text(content: str | list[dict[str, Any]] | None) -> str:
+    """A message's text: a string, or the text parts of a content list (images etc. count as their JSON)."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "".join(str(part.get("text", "")) if part.get("type") == "text" else str(part) for part in content)

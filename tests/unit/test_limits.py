@@ -6,7 +6,7 @@ import pytest
 
 from api.errors import APIError
 from api.limits import Limit, RateLimiter, Reservation
-from api.protocol import ChatCompletionRequest, CompletionRequest, token_estimate
+from api.protocol import TEMPLATE_TOKENS_PER_MESSAGE, ChatCompletionRequest, CompletionRequest, token_estimate
 from blocks.registry import ModelSpec, RateLimits
 
 
@@ -91,9 +91,12 @@ def test_group_overrides_pick_the_most_generous():
 
 
 def test_token_estimate_covers_max_tokens_and_prompt():
-    chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x" * 300}], max_tokens=50)
-    assert token_estimate(chat, 4096) == 100 + 2 + 50  # 304 bytes / 3, rounded up, + max_tokens
+    chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "é" * 100}], max_tokens=50)
+    assert token_estimate(chat, 4096) == 200 + TEMPLATE_TOKENS_PER_MESSAGE + 50  # UTF-8 bytes bound the tokens
     no_max = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}])
     assert token_estimate(no_max, 512) == 512  # the whole context
+    parts = [{"type": "text", "text": "abc"}, {"type": "text", "text": "de"}]
+    multi = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": parts}], max_tokens=1)
+    assert token_estimate(multi, 512) == 5 + TEMPLATE_TOKENS_PER_MESSAGE + 1
     ids = CompletionRequest(model="m", prompt=[[1, 2, 3], [4, 5]], max_tokens=10, n=2)
     assert token_estimate(ids, 512) == 5 + 20
