@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ class GlobusGateway:
     url: str
     fake: FakeGlobusServer
     env: dict[str, str]
+    configure: list[str]  # the `first globus configure` command line that saved the block
 
     def client(self, token: str) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=token, max_retries=0, timeout=120)
@@ -67,7 +69,10 @@ def globus_gateway(stack: Stack) -> Iterator[GlobusGateway]:
         ]  # fmt: skip
         subprocess.run(configure, env=env, cwd=REPO_ROOT, check=True, capture_output=True, timeout=120)
         port = free_port()
-        genv = {**stack.env, "FIRST_AUTH_MODE": "globus", "FIRST_PORT": str(port), "FIRST_FLOW_TRACKING": "off"}
+        genv = {
+            **stack.env, "FIRST_AUTH_MODE": "globus", "FIRST_PORT": str(port), "FIRST_FLOW_TRACKING": "off",
+            "FIRST_GLOBUS_BLOCK_REFRESH_S": "1",
+        }  # fmt: skip
         log = open(stack.home / "logs" / "gateway-globus.log", "wb")
         proc = subprocess.Popen(
             gateway_command("127.0.0.1", port), env=genv, cwd=REPO_ROOT, start_new_session=True,
@@ -75,7 +80,7 @@ def globus_gateway(stack: Stack) -> Iterator[GlobusGateway]:
         )  # fmt: skip
         try:
             wait_http(f"http://127.0.0.1:{port}/health", 60, proc)
-            yield GlobusGateway(f"http://127.0.0.1:{port}", fake, env)
+            yield GlobusGateway(f"http://127.0.0.1:{port}", fake, env, configure)
         finally:
             stop(proc)
 
@@ -181,3 +186,17 @@ def test_rpm_limit_and_group_override(globus_gateway: GlobusGateway) -> None:
     assert asyncio.run(calls(pro, 5)) == [200] * 5  # the "pro" group's override: no limit
     r = asyncio.run(gw.client(pro).chat.completions.create(model="tiny-pro", messages=MSG, max_tokens=2))
     assert r.usage.completion_tokens > 0  # a group-restricted model, for its group
+
+
+def test_an_edit_of_the_globus_block_reaches_the_running_gateway(globus_gateway: GlobusGateway) -> None:
+    """Operators edit the block (UI or CLI); the gateway applies it within its refresh period (1 s here)."""
+    gw = globus_gateway
+    h = {"Authorization": f"Bearer {gw.fake.user_token('ivan@uchicago.edu')}"}
+    assert httpx.get(gw.url + "/v1/models", headers=h, timeout=10).status_code == 200  # cached as valid
+    narrowed = [*gw.configure[: gw.configure.index("--allowed-domain")], "--allowed-domain", "anl.gov"]
+    subprocess.run(narrowed, env=gw.env, cwd=REPO_ROOT, check=True, capture_output=True, timeout=120)
+    deadline = time.monotonic() + 30
+    while (status := httpx.get(gw.url + "/v1/models", headers=h, timeout=10).status_code) == 200:
+        assert time.monotonic() < deadline, "the gateway did not apply the edited block within 30 s"
+        time.sleep(0.5)
+    assert status == 403
