@@ -69,8 +69,13 @@ def gateway(
     """Run only the gateway (uvicorn), against whatever PREFECT_API_URL points at."""
     import uvicorn
 
+    from first.runner import KEEP_ALIVE_S
+
     s = get_settings()
-    uvicorn.run("api.asgi:app", host=host or s.host, port=port or s.port, log_level="warning", access_log=False)
+    uvicorn.run(
+        "api.asgi:app", host=host or s.host, port=port or s.port, log_level="warning", access_log=False,
+        timeout_keep_alive=KEEP_ALIVE_S,
+    )  # fmt: skip
 
 
 # ---- keys ----

@@ -31,10 +31,15 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)
 BIN = Path(sys.executable).parent
 
 
+# uvicorn closes idle keep-alive connections after 5 s by default; a client that reuses one just as it is closed
+# gets a read error (seen in bench runs, against vLLM too). 75 s, as nginx does, makes that race rare.
+KEEP_ALIVE_S = 75
+
+
 def gateway_command(host: str, port: int) -> list[str]:
     """The gateway as its own process (uvicorn, one worker, no access log: it costs throughput)."""
     return [str(BIN / "python"), "-m", "uvicorn", "api.asgi:app", "--host", host, "--port", str(port),
-            "--no-access-log", "--log-level", "warning"]  # fmt: skip
+            "--no-access-log", "--log-level", "warning", "--timeout-keep-alive", str(KEEP_ALIVE_S)]  # fmt: skip
 
 
 def stop_group(
