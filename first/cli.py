@@ -336,6 +336,12 @@ def _token_file(token_file: Path | None) -> Path:
     return token_file or default_token_file()
 
 
+def _read_code(_url: str) -> str:
+    """The prompt goes to stderr and nothing to stdout (click's prompt writes a space to stdout)."""
+    typer.echo("Authorization code: ", err=True, nl=False)
+    return sys.stdin.readline().strip()
+
+
 @app.command("login")
 def login_cmd(
     client_id: ClientIdOption = None,
@@ -375,7 +381,7 @@ def login_cmd(
             client_id,
             scope,
             _token_file(token_file),
-            code_reader=lambda _url: typer.prompt("Authorization code", err=True),
+            code_reader=_read_code,
         )
     except LoginError as e:
         typer.echo(f"Error: {e}", err=True)

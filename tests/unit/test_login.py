@@ -198,3 +198,31 @@ def test_login_commands_have_help(command):
     r = runner.invoke(app, [command, "--help"])
     assert r.exit_code == 0 and "--token-file" in r.output and "--client-id" in r.output
     assert len(r.output.split("Usage:")[1].strip()) > 200
+
+
+def test_first_login_end_to_end_as_a_user_would_run_it(fake, token_file, tmp_path):
+    """The real command in a subprocess: read the URL it prints, "sign in" there, paste the code back."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "FIRST_LOGIN_CLIENT_ID": NATIVE_CLIENT_ID, "FIRST_LOGIN_SCOPE": fake.scope}
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "first"), "login", "--token-file", str(token_file)],
+        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        url = ""
+        while not url:
+            line = proc.stderr.readline()
+            assert line, "first login exited before printing a URL"
+            if "/v2/oauth2/authorize?" in line:
+                url = line.strip()
+        out, err = proc.communicate(fake.approve(url) + "\n", timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert out == "" and "Logged in" in err
+    stored = load_tokens(token_file)
+    assert stored is not None and fake.tokens[stored.access_token].active
+    assert stored.access_token not in err and stored.refresh_token not in err
