@@ -108,11 +108,14 @@ SERIES = {
     "local_1": "local: API key, 1 key in the store (`LocalKeyAuthenticator.authenticate`)",
     "local_many": "local: API key, {n} keys in the store",
     "noop": "floor: `await` of a no-op coroutine",
+    "app_local": "whole request, local key: `GET /v1/models` through the app in process ({r} per batch)",
+    "app_globus": "whole request, Globus token: the same ({r} per batch)",
 }
+APP_REQUESTS = 200  # requests per batch of the whole-request series (each costs ~1 ms)
 
 
 def series_label(key: str, args: argparse.Namespace) -> str:
-    return SERIES[key].format(n=args.many_keys)
+    return SERIES[key].format(n=args.many_keys, r=APP_REQUESTS)
 
 
 async def in_process(args: argparse.Namespace, tmp: Path) -> InProcess:
@@ -171,9 +174,54 @@ async def in_process(args: argparse.Namespace, tmp: Path) -> InProcess:
             miss_calls = Counter(fake.calls)
             miss_calls.subtract(before)
             log(f"     miss: median {median(miss_ms):.2f} ms, p95 {p95(miss_ms):.2f} ms ({dict(miss_calls)})")
+            per_call.update(await whole_requests(args, tmp, fake, block))
         finally:
             auth.close()
     return InProcess(per_call, miss_ms, +miss_calls)
+
+
+async def whole_requests(
+    args: argparse.Namespace, tmp: Path, fake: FakeGlobusServer, block: GlobusAuthBlock
+) -> dict[str, list[float]]:
+    """The whole request path of the gateway in each auth mode, in process (Litestar's test client, no sockets,
+    no vLLM): routing, the guard, the handler and the response, so the two modes compare without the noise of
+    a loaded machine's network and model server."""
+    from litestar.testing import AsyncTestClient
+
+    from api.app import create_app
+    from blocks.registry import Registry
+    from first.settings import FlowTracking, Settings
+
+    local = Settings(home=tmp / "app-local", flow_tracking=FlowTracking.off)
+    globus = Settings(home=tmp / "app-globus", flow_tracking=FlowTracking.off, auth_mode="globus")
+    key = KeyStore(local.keys_db).create("alice")[0]
+    token = fake.user_token("alice@uchicago.edu", groups=["staff"])
+    registry = Registry.embedded_default(local)
+    out: dict[str, list[float]] = {"app_local": [], "app_globus": []}
+    async with (
+        AsyncTestClient(app=create_app(local, registry)) as c_local,
+        AsyncTestClient(app=create_app(globus, registry, globus=block)) as c_globus,
+    ):
+        clients = {
+            "app_local": (c_local, {"Authorization": f"Bearer {key}"}),
+            "app_globus": (c_globus, {"Authorization": f"Bearer {token}"}),
+        }
+        for client, headers in clients.values():
+            for _ in range(50):  # warm up; the first Globus call is its one cache miss
+                r = await client.get("/v1/models", headers=headers)
+                if r.status_code != 200:
+                    raise BenchError(f"in-process GET /v1/models: HTTP {r.status_code}: {r.text[:200]}")
+        batches = max(4, args.batches // 2)
+        log(f"   whole requests in process: {batches} batches of {APP_REQUESTS} GET /v1/models per mode, interleaved")
+        for b in range(batches):
+            for name, (client, headers) in list(clients.items())[:: 1 if b % 2 == 0 else -1]:
+                t0 = time.perf_counter_ns()
+                for _ in range(APP_REQUESTS):
+                    await client.get("/v1/models", headers=headers)
+                out[name].append((time.perf_counter_ns() - t0) / APP_REQUESTS / 1000)
+        for name, xs in out.items():
+            log(f"     {name}: median {median(xs):.0f} µs/request")
+    return out
 
 
 # ---- 2. through the gateway ----
@@ -459,8 +507,11 @@ def markdown(ip: InProcess, gw: GatewayResult, args: argparse.Namespace, started
         f"then `await auth.authenticate(token)` runs in batches of {args.batch_size:,} calls, {args.batches} "
         f"batches, interleaved with `LocalKeyAuthenticator` (a `KeyStore` with 1 key, and one with {args.many_keys} "
         "keys: it looks the key's hash up in a dict) and with an `await` of a "
-        "no-op coroutine. Each batch gives one per-call time; the table gives their median and p95. A cache miss "
-        "is a fresh token: introspection, a dependent token and `my_groups`, three HTTP calls to the fake.",
+        "no-op coroutine. Each batch gives one per-call time; the table gives their median and p95. The "
+        "whole-request rows run `GET /v1/models` through the gateway app itself (Litestar's test client: no "
+        "sockets, no vLLM), in each auth mode, alternating batches: the two modes side by side without the noise "
+        "of the loaded machine. A cache miss is a fresh token: introspection, a dependent token and `my_groups`, "
+        "three HTTP calls to the fake.",
         "",
         *in_rows,
         "",
