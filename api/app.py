@@ -142,6 +142,7 @@ async def health(request: Request) -> dict[str, Any]:
         "instances": [i.snapshot() for i in svc.live.all()],
         "flow_tracking": svc.settings.flow_tracking.value,
         "auth_mode": svc.settings.auth_mode,
+        "auth_checks": getattr(request.app.state.authenticator, "checks", None),  # Globus: cache misses so far
         "flow_records": {"recorded": recorder.recorded, "dropped": recorder.dropped} if recorder else None,
     }
 

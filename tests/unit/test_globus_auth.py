@@ -156,7 +156,7 @@ async def test_a_token_checked_before_an_outage_keeps_working(fake):
 
 
 async def test_one_introspection_for_100_concurrent_requests_with_one_new_token(fake):
-    auth = GlobusAuthenticator(block(fake))
+    auth = GlobusAuthenticator(block(fake, timeout_s=10))  # 3 slow calls must fit, even on a loaded machine
     fake.mode, fake.hang_s = "hang", 0.2  # a slow Globus: all 100 arrive while the first check is out
     token = fake.user_token()
     principals = await asyncio.gather(*(auth.authenticate(token) for _ in range(100)))
@@ -212,7 +212,7 @@ def registry() -> Registry:
 @pytest.fixture
 async def gateway(tmp_path, fake, registry):
     s = Settings(home=tmp_path / "home", auth_mode="globus", flow_tracking=FlowTracking.off, request_timeout_s=2)
-    app = create_app(s, registry, globus=block(fake))
+    app = create_app(s, registry, globus=block(fake, timeout_s=10))
     async with AsyncTestClient(app=app) as c:
         yield c
 
@@ -259,3 +259,4 @@ async def test_gateway_single_flight_under_100_concurrent_requests(gateway, fake
     responses = await asyncio.gather(*(gateway.get("/v1/models", headers=h) for _ in range(100)))
     assert {r.status_code for r in responses} == {200}
     assert fake.calls["introspect"] == 1
+    assert (await gateway.get("/health")).json()["auth_checks"] == 1
