@@ -59,7 +59,14 @@ class ClusterSpec(AccessRules):
     name: str
     transport: Transport = "local"
     base_url: str | None = Field(default=None, description="For transport 'http': an OpenAI-compatible URL")
-    endpoint_id: str | None = Field(default=None, description="For transport 'globus-compute'")
+    endpoint_id: str | None = Field(default=None, description="For transport 'globus-compute': the endpoint's id")
+    function_ids: dict[str, str] = Field(
+        default_factory=dict,
+        description="Registered cluster functions, name -> Globus Compute function id (`first functions register`)",
+    )
+    user_endpoint_config: dict[str, Any] = Field(
+        default_factory=dict, description="For a multi-user endpoint: the values its config template takes"
+    )
     scheduler: Literal["none", "pbs", "slurm"] = "none"
     maintenance: bool = False
     maintenance_message: str = ""

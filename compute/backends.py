@@ -1,15 +1,18 @@
 """One compute interface, three transports (design decision 2).
 
-``ExecutorBackend`` submits the cluster functions in ``compute.functions`` to a
-``concurrent.futures.Executor``: the local endpoint (``compute.local``) here, a
-``globus_compute_sdk.Executor`` in production. Streams come back through the relay.
-``DirectHTTPBackend`` talks to an OpenAI-compatible URL that the gateway can reach itself.
+``ExecutorBackend`` runs the cluster functions of ``compute.functions`` through an executor with the
+``globus_compute_sdk.Executor`` interface: a ``globus_compute_sdk.Executor(endpoint_id=...)`` for a cluster
+with transport ``globus-compute``, the local endpoint (``compute.local``) for transport ``local``. Both run
+functions registered once, by id (``submit_to_registered_function``); the same code path either way.
+Streams come back through the relay. ``DirectHTTPBackend`` talks to an OpenAI-compatible URL that the
+gateway can reach itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor, Future
@@ -38,10 +41,21 @@ def backend_error(result: dict[str, Any], where: str) -> APIError:
 
 
 def _task_failed(exc: BaseException, where: str) -> APIError:
+    """TaskExecutionFailed: the function ran and raised (502, naming the remote cause). Anything else (Globus
+    API or connection errors, a lost endpoint, an executor that shut itself down): the route failed (503)."""
     if isinstance(exc, TaskExecutionFailed):
-        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else "unknown"
+        text = str(exc).strip()
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        # The remote traceback ends with "ExcType: message"; the first line may be only a header.
+        cause = next(
+            (ln for ln in reversed(lines) if ": " in ln and not ln.startswith("File ")),
+            lines[0] if lines else "unknown",
+        )
         return APIError(502, f"{where}: the cluster function failed: {cause}", code="task_failed")
-    return APIError(503, f"{where}: the compute endpoint is unreachable: {exc!r}", code="endpoint_unreachable")
+    return APIError(
+        503, f"{where}: the compute endpoint is unreachable ({type(exc).__name__}: {exc})", code="endpoint_unreachable",
+        headers={"Retry-After": "10"},
+    )  # fmt: skip
 
 
 class ComputeBackend(ABC):
@@ -76,24 +90,40 @@ class ComputeBackend(ABC):
 
 
 class ExecutorBackend(ComputeBackend):
-    def __init__(self, cluster: ClusterSpec, settings: Settings, executor: Executor, relay: RelayHub | None) -> None:
+    """A cluster reached through a compute endpoint (Globus Compute, or the local endpoint)."""
+
+    def __init__(self, cluster: ClusterSpec, settings: Settings, pool: ExecutorPool, relay: RelayHub | None) -> None:
         super().__init__(cluster, settings)
-        self.executor = executor
+        self.pool = pool
         self.relay = relay
 
-    async def call(self, fn: Any, *args: Any, timeout: float | None = None) -> Any:
-        """Submit one cluster function and await its result; a timeout cancels only this call."""
-        fut: Future[Any] = self.executor.submit(fn, *args)
+    async def submit(self, name: str, *args: Any) -> Future[Any]:
+        """Send one cluster function (by its registered id when there is one) to the cluster's endpoint."""
+        executor, function_ids = await self.pool.get(self.cluster)
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(fut), timeout or self.settings.request_timeout_s)
+            function_id = function_ids.get(name)
+            if function_id:
+                return executor.submit_to_registered_function(function_id, args=args)  # type: ignore[attr-defined]
+            return executor.submit(functions.CLUSTER_FUNCTIONS[name], *args)
+        except Exception as exc:  # the executor itself is broken: build a new one for the next request
+            self.pool.retire(self.cluster, executor)
+            raise _task_failed(exc, f"Cluster '{self.cluster.name}'") from exc
+
+    async def call(self, name: str, *args: Any, timeout: float | None = None) -> Any:
+        """Run one cluster function and await its result. The timeout cancels only this request's future,
+        never the shared executor."""
+        timeout = timeout or self.settings.request_timeout_s
+        fut = await self.submit(name, *args)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
         except TimeoutError:
             fut.cancel()
             raise APIError(
-                504, f"Cluster '{self.cluster.name}' did not answer within {timeout} s", code="backend_timeout"
+                504, f"Cluster '{self.cluster.name}' did not answer within {timeout:g} s", code="backend_timeout"
             ) from None
-        except APIError:
-            raise
         except Exception as exc:
+            if not isinstance(exc, TaskExecutionFailed):
+                self.pool.retire(self.cluster, None)
             raise _task_failed(exc, f"Cluster '{self.cluster.name}'") from exc
 
     @staticmethod
@@ -115,17 +145,17 @@ class ExecutorBackend(ComputeBackend):
         return self._spec_for(model, self.cluster, self.settings)
 
     async def status(self, model: ModelSpec) -> dict[str, Any]:
-        return await self.call(functions.vllm_status, self._spec(model), timeout=30)
+        return await self.call("vllm_status", self._spec(model), timeout=30)
 
     async def start(self, model: ModelSpec) -> dict[str, Any]:
-        return await self.call(functions.start_vllm, self._spec(model), timeout=60)
+        return await self.call("start_vllm", self._spec(model), timeout=60)
 
     async def stop(self, model: ModelSpec) -> dict[str, Any]:
-        return await self.call(functions.stop_vllm, self._spec(model), timeout=60)
+        return await self.call("stop_vllm", self._spec(model), timeout=60)
 
     async def complete(self, base_url: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
         timeout = self.settings.request_timeout_s
-        result = await self.call(functions.openai_request, base_url, path, body, timeout, timeout=timeout + 5)
+        result = await self.call("openai_request", base_url, path, body, timeout, timeout=timeout + 5)
         if result.get("status") != 200:
             raise backend_error(result, f"Cluster '{self.cluster.name}'")
         return result["body"]
@@ -137,15 +167,18 @@ class ExecutorBackend(ComputeBackend):
         where = f"Cluster '{self.cluster.name}'"
         channel = relay.open(request_id)
         try:
-            fut = self.executor.submit(
-                functions.openai_stream, base_url, path, body, self.settings.request_timeout_s,
+            fut = await self.submit(
+                "openai_stream", base_url, path, body, self.settings.request_timeout_s,
                 f"{self.settings.gateway_url}/internal/relay/{request_id}", relay.token_for(request_id),
                 self.settings.relay_batch_chunks, self.settings.relay_batch_ms,
             )  # fmt: skip
+            pool, cluster = self.pool, self.cluster
 
-            def on_done(f: Future[Any]) -> None:
+            def on_done(f: Future[Any]) -> None:  # the function failed or its endpoint died: end the stream now
                 exc = f.exception() if not f.cancelled() else None
                 if exc is not None:
+                    if not isinstance(exc, TaskExecutionFailed):
+                        pool.retire(cluster, None)
                     err = _task_failed(exc, where)
                     relay.fail_threadsafe(request_id, {"status": err.status, "message": err.message})
 
@@ -246,14 +279,107 @@ class DirectHTTPBackend(ComputeBackend):
         await self.client.aclose()
 
 
+class ExecutorPool:
+    """Executors per endpoint and credential, shared by the clusters that use them.
+
+    After a failure of the executor itself (not of a function), the next request gets a new one; the old one
+    is kept until ``close`` so that requests in flight on it still finish. Building one runs off the event
+    loop (a local endpoint is a process start; a Globus Compute executor a client and a login check)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._live: dict[tuple[str, ...], tuple[Executor, dict[str, str]]] = {}
+        self._retired: list[Executor] = []
+        self._building: dict[tuple[str, ...], asyncio.Future[tuple[Executor, dict[str, str]]]] = {}
+        self.built = 0  # executors built so far (first use and rebuilds)
+
+    @staticmethod
+    def key(cluster: ClusterSpec) -> tuple[str, ...]:
+        if cluster.transport == "local":
+            return ("local", cluster.name)
+        credential = os.environ.get("GLOBUS_COMPUTE_CLIENT_ID") or "user-login"
+        return ("globus-compute", str(cluster.endpoint_id), credential)
+
+    async def get(self, cluster: ClusterSpec) -> tuple[Executor, dict[str, str]]:
+        key = self.key(cluster)
+        live = self._live.get(key)
+        if live is not None:
+            return live
+        building = self._building.get(key)
+        if building is None:  # single-flight: concurrent first requests build one executor
+            building = asyncio.ensure_future(asyncio.to_thread(self._build, cluster))
+            self._building[key] = building
+        try:
+            live = await asyncio.shield(building)
+        except Exception as exc:
+            raise _task_failed(exc, f"Cluster '{cluster.name}'") from exc
+        finally:
+            if building.done():
+                self._building.pop(key, None)
+        self._live[key] = live
+        return live
+
+    def _build(self, cluster: ClusterSpec) -> tuple[Executor, dict[str, str]]:
+        self.built += 1
+        if cluster.transport == "local":
+            from compute.local import LocalComputeExecutor
+
+            local = LocalComputeExecutor(workers=self.settings.local_workers)
+            # Registered by id, as `first functions register` does with Globus Compute: one code path for both.
+            return local, {name: local.register_function(fn) for name, fn in functions.CLUSTER_FUNCTIONS.items()}
+        return globus_compute_executor(cluster), dict(cluster.function_ids)
+
+    def retire(self, cluster: ClusterSpec, executor: Executor | None) -> None:
+        """Stop handing out the cluster's executor (``executor``, if given, only if it is still the live one)."""
+        key = self.key(cluster)
+        live = self._live.get(key)
+        if live is not None and (executor is None or live[0] is executor):
+            del self._live[key]
+            self._retired.append(live[0])
+
+    def close(self) -> None:
+        for executor in [*(e for e, _ in self._live.values()), *self._retired]:
+            executor.shutdown(wait=False, cancel_futures=True)
+        self._live.clear()
+        self._retired.clear()
+
+
+class ComputeCredentialsMissing(ConnectionError):
+    """The gateway has no Globus Compute credentials (it never falls back to an interactive login)."""
+
+
+def globus_compute_executor(cluster: ClusterSpec) -> Executor:
+    """A Globus Compute executor for the cluster's endpoint, as the gateway's own confidential client.
+
+    The SDK's default is an interactive user login, which would wait on a terminal nobody watches; the gateway
+    uses the client-credentials app that GLOBUS_COMPUTE_CLIENT_ID / GLOBUS_COMPUTE_CLIENT_SECRET name."""
+    import globus_sdk
+    from globus_compute_sdk import Client
+    from globus_compute_sdk import Executor as GlobusExecutor
+
+    if not cluster.endpoint_id:
+        raise ValueError(f"cluster {cluster.name} has transport 'globus-compute' but no endpoint_id")
+    client_id, secret = os.environ.get("GLOBUS_COMPUTE_CLIENT_ID"), os.environ.get("GLOBUS_COMPUTE_CLIENT_SECRET")
+    if not client_id or not secret:
+        raise ComputeCredentialsMissing(
+            "the gateway has no Globus Compute credentials: set GLOBUS_COMPUTE_CLIENT_ID and "
+            "GLOBUS_COMPUTE_CLIENT_SECRET (a confidential client allowed to use the endpoint)"
+        )
+    app = globus_sdk.ClientApp("first-gateway", client_id=client_id, client_secret=secret)
+    return GlobusExecutor(
+        endpoint_id=cluster.endpoint_id, client=Client(app=app),
+        user_endpoint_config=cluster.user_endpoint_config or None,
+    )  # fmt: skip
+
+
 class Backends:
     """One backend per cluster, created on first use and shared by the whole process."""
 
     def __init__(self, settings: Settings, relay: RelayHub | None = None) -> None:
         self.settings = settings
         self.relay = relay
+        self.pool = ExecutorPool(settings)
         self._backends: dict[str, ComputeBackend] = {}
-        self._executors: list[Executor] = []
 
     def get(self, cluster: ClusterSpec) -> ComputeBackend:
         backend = self._backends.get(cluster.name)
@@ -264,21 +390,10 @@ class Backends:
     def _create(self, cluster: ClusterSpec) -> ComputeBackend:
         if cluster.transport == "http":
             return DirectHTTPBackend(cluster, self.settings)
-        if cluster.transport == "local":
-            from compute.local import LocalComputeExecutor
-
-            executor: Executor = LocalComputeExecutor(workers=self.settings.local_workers)
-        else:
-            from globus_compute_sdk import Executor as GlobusExecutor
-
-            executor = GlobusExecutor(endpoint_id=cluster.endpoint_id)
-        self._executors.append(executor)
-        return ExecutorBackend(cluster, self.settings, executor, self.relay)
+        return ExecutorBackend(cluster, self.settings, self.pool, self.relay)
 
     async def close(self) -> None:
         for b in self._backends.values():
             await b.close()
-        for ex in self._executors:
-            ex.shutdown(wait=False, cancel_futures=True)
+        self.pool.close()
         self._backends.clear()
-        self._executors.clear()

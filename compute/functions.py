@@ -326,3 +326,14 @@ def stop_vllm(spec: dict[str, Any], grace_s: float = 20.0) -> dict[str, Any]:
         pass
     path.unlink(missing_ok=True)
     return {"state": "cold", "stopped": stopped, "pid": pid}
+
+
+# ---- what gets registered with Globus Compute (`first functions register`) ----
+
+CLUSTER_FUNCTIONS: dict[str, Any] = {
+    "openai_request": openai_request,
+    "openai_stream": openai_stream,
+    "vllm_status": vllm_status,
+    "start_vllm": start_vllm,
+    "stop_vllm": stop_vllm,
+}

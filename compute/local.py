@@ -2,8 +2,11 @@
 endpoint would, with arguments and results round-tripped through ``globus_compute_sdk``'s
 ``ComputeSerializer`` so that serialization bugs show up on one machine.
 
-``LocalComputeExecutor`` is a ``concurrent.futures.Executor``, the same interface as
-``globus_compute_sdk.Executor``; a failed function raises the same ``TaskExecutionFailed``.
+``LocalComputeExecutor`` is a ``concurrent.futures.Executor`` with the same interface as
+``globus_compute_sdk.Executor``: ``submit``, ``register_function`` and ``submit_to_registered_function``
+(the function is serialized once, at registration, as the Globus Compute service stores it). A failed
+function raises the same ``TaskExecutionFailed``; a dead endpoint process raises ``EndpointLost``, an
+infrastructure failure the gateway answers with 503 and recovers from by starting a new endpoint.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import sys
 import tempfile
 import threading
 import traceback
+import uuid
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from multiprocessing.connection import Client, Listener
 from pathlib import Path
@@ -23,6 +27,10 @@ from typing import Any
 
 from globus_compute_sdk.errors import TaskExecutionFailed
 from globus_compute_sdk.serialize import ComputeSerializer
+
+
+class EndpointLost(ConnectionError):
+    """The local endpoint process is gone: its pending tasks fail, and it takes no more."""
 
 
 def _endpoint_main(conn: Any, workers: int, parent_pid: int) -> None:
@@ -81,6 +89,7 @@ class LocalComputeExecutor(Executor):
             listener._listener._socket.settimeout(60)  # type: ignore[attr-defined]
             self._conn = listener.accept()
         self._ids = itertools.count()
+        self._functions: dict[str, str] = {}  # function id -> the function, serialized once
         self._futures: dict[int, Future[Any]] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -92,16 +101,41 @@ class LocalComputeExecutor(Executor):
         return self._proc.pid
 
     def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
+        return self._send(self._serializer.serialize(fn), args, kwargs)
+
+    def register_function(self, fn: Any, function_id: str | None = None, **_: Any) -> str:
+        """Store the serialized function under an id (a new uuid unless given), as the Globus Compute service
+        does; ``submit_to_registered_function`` then sends it by id."""
+        function_id = function_id or str(uuid.uuid4())
+        self._functions[function_id] = self._serializer.serialize(fn)
+        return function_id
+
+    def submit_to_registered_function(
+        self, function_id: str, args: tuple[Any, ...] | None = None, kwargs: dict[str, Any] | None = None
+    ) -> Future[Any]:
+        try:
+            fn_buf = self._functions[function_id]
+        except KeyError:
+            raise ValueError(f"no function registered with id {function_id}") from None
+        return self._send(fn_buf, tuple(args or ()), dict(kwargs or {}))
+
+    def _send(self, fn_buf: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future[Any]:
         if self._closed:
             raise RuntimeError("the local compute endpoint is shut down")
         packed = self._serializer.pack_buffers(
-            [self._serializer.serialize(fn), self._serializer.serialize(args), self._serializer.serialize(kwargs)]
+            [fn_buf, self._serializer.serialize(args), self._serializer.serialize(kwargs)]
         )
         fut: Future[Any] = Future()
         with self._lock:
+            if self._proc.poll() is not None:
+                raise EndpointLost(f"the local compute endpoint process exited (code {self._proc.returncode})")
             task_id = next(self._ids)
             self._futures[task_id] = fut
-            self._conn.send((task_id, packed))
+            try:
+                self._conn.send((task_id, packed))
+            except OSError as exc:
+                self._futures.pop(task_id, None)
+                raise EndpointLost(f"the local compute endpoint is unreachable: {exc!r}") from None
         return fut
 
     def _read(self) -> None:
@@ -126,7 +160,7 @@ class LocalComputeExecutor(Executor):
             pending, self._futures = self._futures, {}
         for fut in pending.values():
             if fut.set_running_or_notify_cancel():
-                fut.set_exception(TaskExecutionFailed("the local compute endpoint process exited"))
+                fut.set_exception(EndpointLost("the local compute endpoint process exited"))
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         if self._closed:

@@ -8,7 +8,7 @@ import pytest
 from globus_compute_sdk.errors import TaskExecutionFailed
 
 from compute import functions
-from compute.local import LocalComputeExecutor
+from compute.local import EndpointLost, LocalComputeExecutor
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +58,21 @@ def test_endpoint_death_fails_pending_futures():
     ex = LocalComputeExecutor(workers=2)
     fut = ex.submit(time.sleep, 30)
     os.kill(ex.pid, signal.SIGKILL)
-    with pytest.raises(TaskExecutionFailed, match="exited"):
+    with pytest.raises(EndpointLost, match="exited"):
         fut.result(timeout=10)
+    with pytest.raises(EndpointLost):  # and it takes no more work
+        ex.submit(os.getpid)
     ex.shutdown()
+
+
+def test_registered_functions_run_by_id(executor, tmp_path):
+    fid = executor.register_function(functions.vllm_status)
+    spec = {"state_dir": str(tmp_path), "model": "m"}
+    assert executor.submit_to_registered_function(fid, args=(spec,)).result(timeout=30) == {"state": "cold"}
+    assert executor.register_function(os.getpid, function_id="fixed-id") == "fixed-id"
+    assert executor.submit_to_registered_function("fixed-id").result(timeout=30) == executor.pid
+    with pytest.raises(ValueError, match="no function registered"):
+        executor.submit_to_registered_function("unknown")
 
 
 def test_a_hung_vllm_is_a_timeout_not_unreachable(executor):

@@ -1,0 +1,106 @@
+"""The compute transport: cluster functions registered once and run by id through an executor with the Globus
+Compute interface (here the local endpoint, the same functions and serializer), per-request timeouts that
+cancel one request only, errors mapped to OpenAI-shaped statuses, and executors rebuilt after a failure."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+
+from api.errors import APIError
+from blocks.registry import ClusterSpec, ModelSpec
+from compute import functions
+from compute.backends import Backends, ExecutorBackend
+from compute.relay import RelayHub
+from tests.unit.test_api import HangingBackendDouble
+
+MODEL = ModelSpec(name="m", path="-")
+
+
+@pytest.fixture
+async def backends(settings):
+    b = Backends(settings, RelayHub())
+    yield b
+    await b.close()
+
+
+def local(backends: Backends, name: str = "local") -> ExecutorBackend:
+    backend = backends.get(ClusterSpec(name=name, transport="local"))
+    assert isinstance(backend, ExecutorBackend)
+    return backend
+
+
+async def test_local_cluster_runs_the_registered_functions_by_id(backends):
+    backend = local(backends)
+    assert await backend.status(MODEL) == {"state": "cold"}
+    _, ids = await backends.pool.get(backend.cluster)
+    assert set(ids) == set(functions.CLUSTER_FUNCTIONS)  # every cluster function, registered once
+    assert all(ids.values()) and len(set(ids.values())) == len(ids)
+    assert backends.pool.built == 1
+
+
+async def test_a_timeout_cancels_only_that_request(backends):
+    backend = local(backends)
+    with HangingBackendDouble() as hung:
+        url = f"http://127.0.0.1:{hung.port}"
+        slow = asyncio.create_task(backend.call("openai_request", url, "/v1/completions", {}, 30.0, timeout=1.0))
+        fine = await backend.status(MODEL)  # another request on the same executor, meanwhile
+        with pytest.raises(APIError) as e:
+            await slow
+    assert e.value.status == 504 and e.value.code == "backend_timeout" and "1 s" in e.value.message
+    assert fine == {"state": "cold"}
+    assert await backend.status(MODEL) == {"state": "cold"}  # the shared executor still serves
+    assert backends.pool.built == 1
+
+
+async def test_a_function_that_raises_is_502_naming_the_remote_cause(backends):
+    backend = local(backends)
+    with pytest.raises(APIError) as e:
+        await backend.call("vllm_status", {"model": "m"})  # no state_dir: KeyError on the endpoint
+    assert e.value.status == 502 and e.value.code == "task_failed"
+    assert "KeyError" in e.value.message and "state_dir" in e.value.message
+    assert backends.pool.built == 1  # a function's failure is not the executor's
+
+
+async def test_a_lost_endpoint_is_503_and_the_next_request_gets_a_new_one(backends):
+    backend = local(backends)
+    executor, _ = await backends.pool.get(backend.cluster)
+    with HangingBackendDouble() as hung:
+        url = f"http://127.0.0.1:{hung.port}"
+        in_flight = asyncio.create_task(backend.call("openai_request", url, "/v1/completions", {}, 30.0))
+        await asyncio.sleep(0.5)
+        os.kill(executor.pid, signal.SIGKILL)
+        with pytest.raises(APIError) as e:
+            await in_flight
+    assert e.value.status == 503 and e.value.code == "endpoint_unreachable" and "exited" in e.value.message
+    assert e.value.headers["Retry-After"]
+    assert await backend.status(MODEL) == {"state": "cold"}  # served by a rebuilt endpoint
+    assert backends.pool.built == 2
+
+
+async def test_clusters_share_nothing_but_their_own_executor(backends):
+    a, b = local(backends, "a"), local(backends, "b")
+    assert await a.status(MODEL) == await b.status(MODEL) == {"state": "cold"}
+    (ex_a, _), (ex_b, _) = await backends.pool.get(a.cluster), await backends.pool.get(b.cluster)
+    assert ex_a is not ex_b and ex_a.pid != ex_b.pid
+
+
+async def test_concurrent_first_requests_build_one_executor(backends):
+    backend = local(backends)
+    results = await asyncio.gather(*(backend.status(MODEL) for _ in range(20)))
+    assert results == [{"state": "cold"}] * 20 and backends.pool.built == 1
+
+
+async def test_globus_compute_cluster_without_credentials_is_503_never_an_interactive_login(backends, monkeypatch):
+    monkeypatch.delenv("GLOBUS_COMPUTE_CLIENT_ID", raising=False)
+    monkeypatch.delenv("GLOBUS_COMPUTE_CLIENT_SECRET", raising=False)
+    cluster = ClusterSpec(
+        name="polaris", transport="globus-compute", endpoint_id="4b116d3c-1703-4f8f-9f6f-39921e5864df"
+    )
+    backend = backends.get(cluster)
+    with pytest.raises(APIError) as e:
+        await backend.status(MODEL)
+    assert e.value.status == 503 and "GLOBUS_COMPUTE_CLIENT_ID" in e.value.message
