@@ -126,6 +126,20 @@ class ExecutorBackend(ComputeBackend):
                 self.pool.retire(self.cluster, None)
             raise _task_failed(exc, f"Cluster '{self.cluster.name}'") from exc
 
+    async def endpoint_status(self) -> dict[str, Any]:
+        """Is the cluster's endpoint online, and does it have a manager (a running block) to take work?"""
+        if self.cluster.transport == "local":
+            executor, _ = await self.pool.get(self.cluster)
+            alive = executor._proc.poll() is None  # type: ignore[attr-defined]
+            workers = self.settings.local_workers
+            return {
+                "status": "online" if alive else "offline", "ready": alive, "managers": int(alive),
+                "idle_workers": workers, "total_workers": workers, "outstanding_tasks": 0, "pending_tasks": 0,
+            }  # fmt: skip
+        from compute.globus_compute import endpoint_status
+
+        return await asyncio.to_thread(endpoint_status, str(self.cluster.endpoint_id))
+
     @staticmethod
     def _spec_for(model: ModelSpec, cluster: ClusterSpec, settings: Settings) -> dict[str, Any]:
         """What the lifecycle functions need to start, probe or stop the model's vLLM on this cluster."""
@@ -327,6 +341,8 @@ class ExecutorPool:
             local = LocalComputeExecutor(workers=self.settings.local_workers)
             # Registered by id, as `first functions register` does with Globus Compute: one code path for both.
             return local, {name: local.register_function(fn) for name, fn in functions.CLUSTER_FUNCTIONS.items()}
+        from compute.globus_compute import globus_compute_executor
+
         return globus_compute_executor(cluster), dict(cluster.function_ids)
 
     def retire(self, cluster: ClusterSpec, executor: Executor | None) -> None:
@@ -342,34 +358,6 @@ class ExecutorPool:
             executor.shutdown(wait=False, cancel_futures=True)
         self._live.clear()
         self._retired.clear()
-
-
-class ComputeCredentialsMissing(ConnectionError):
-    """The gateway has no Globus Compute credentials (it never falls back to an interactive login)."""
-
-
-def globus_compute_executor(cluster: ClusterSpec) -> Executor:
-    """A Globus Compute executor for the cluster's endpoint, as the gateway's own confidential client.
-
-    The SDK's default is an interactive user login, which would wait on a terminal nobody watches; the gateway
-    uses the client-credentials app that GLOBUS_COMPUTE_CLIENT_ID / GLOBUS_COMPUTE_CLIENT_SECRET name."""
-    import globus_sdk
-    from globus_compute_sdk import Client
-    from globus_compute_sdk import Executor as GlobusExecutor
-
-    if not cluster.endpoint_id:
-        raise ValueError(f"cluster {cluster.name} has transport 'globus-compute' but no endpoint_id")
-    client_id, secret = os.environ.get("GLOBUS_COMPUTE_CLIENT_ID"), os.environ.get("GLOBUS_COMPUTE_CLIENT_SECRET")
-    if not client_id or not secret:
-        raise ComputeCredentialsMissing(
-            "the gateway has no Globus Compute credentials: set GLOBUS_COMPUTE_CLIENT_ID and "
-            "GLOBUS_COMPUTE_CLIENT_SECRET (a confidential client allowed to use the endpoint)"
-        )
-    app = globus_sdk.ClientApp("first-gateway", client_id=client_id, client_secret=secret)
-    return GlobusExecutor(
-        endpoint_id=cluster.endpoint_id, client=Client(app=app),
-        user_endpoint_config=cluster.user_endpoint_config or None,
-    )  # fmt: skip
 
 
 class Backends:

@@ -97,5 +97,7 @@ async def model_status(model: str = "tiny", cluster: str = "best") -> dict[str, 
     """Report whether the model is cold, starting, hot or failed on a cluster."""
     _, spec, cl, backend = await _context(model, cluster)
     status = await backend.status(spec)
-    get_run_logger().info("%s on %s: %s", spec.name, cl.name, status["state"])
+    if hasattr(backend, "endpoint_status"):  # clusters reached through a compute endpoint
+        status["endpoint"] = await backend.endpoint_status()
+    get_run_logger().info("%s on %s: %s (endpoint: %s)", spec.name, cl.name, status["state"], status.get("endpoint"))
     return status

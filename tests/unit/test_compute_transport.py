@@ -104,3 +104,34 @@ async def test_globus_compute_cluster_without_credentials_is_503_never_an_intera
     with pytest.raises(APIError) as e:
         await backend.status(MODEL)
     assert e.value.status == 503 and "GLOBUS_COMPUTE_CLIENT_ID" in e.value.message
+
+
+async def test_registered_ids_run_the_functions_a_cluster_block_names(backends, tmp_path):
+    """`first functions register` stores ids from register_functions in the block; the gateway then runs by id.
+    Here the local endpoint plays the registrar (it has Globus Compute's register_function)."""
+    from compute.globus_compute import register_functions
+    from compute.local import LocalComputeExecutor
+
+    endpoint = LocalComputeExecutor(workers=2)
+    try:
+        ids = register_functions(endpoint)
+        assert set(ids) == set(functions.CLUSTER_FUNCTIONS)
+        spec = {"state_dir": str(tmp_path), "model": "m"}
+        fut = endpoint.submit_to_registered_function(ids["vllm_status"], args=(spec,))
+        assert fut.result(timeout=30) == {"state": "cold"}
+    finally:
+        endpoint.shutdown()
+
+
+async def test_endpoint_status_of_the_local_endpoint_and_the_service_shape(backends):
+    from compute.globus_compute import summarize_endpoint_status
+
+    assert (await local(backends).endpoint_status())["ready"] is True
+    raw = {"status": "online", "details": {"managers": 0, "idle_workers": 0, "outstanding_tasks": 2}}
+    assert summarize_endpoint_status(raw) == {
+        "status": "online", "ready": False, "managers": 0, "idle_workers": 0, "total_workers": 0,
+        "outstanding_tasks": 2, "pending_tasks": 0,
+    }  # fmt: skip  # online with no manager: a task would wait for a block to start
+    raw = {"status": "online", "details": {"managers": 2, "idle_workers": 8, "total_workers": 8}}
+    assert summarize_endpoint_status(raw)["ready"] is True
+    assert summarize_endpoint_status({"status": "offline"})["ready"] is False
