@@ -157,7 +157,13 @@ async def relay_post(request: Request, request_id: str) -> dict[str, str]:
     doc = msgspec.json.decode(await request.body())
     result = hub.deliver(request_id, RelayBatch(**doc))
     if result == "unknown":
+        log.warning("rejected a relay post for %s: no open stream (finished, or never opened)", request_id)
         raise APIError(404, f"No open stream {request_id}", code="unknown_stream")
+    if result == "duplicate":  # a replay, or the function's repost after a lost answer: delivered once already
+        log.warning(
+            "rejected a replayed relay post for %s (batch %s was delivered already)", request_id, doc.get("seq")
+        )
+        raise APIError(409, f"Batch {doc.get('seq')} of {request_id} was delivered already", code="duplicate_batch")
     return {"status": result}
 
 
