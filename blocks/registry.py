@@ -67,6 +67,12 @@ class ClusterSpec(AccessRules):
     user_endpoint_config: dict[str, Any] = Field(
         default_factory=dict, description="For a multi-user endpoint: the values its config template takes"
     )
+    first_home: str = Field(
+        default="${FIRST_HOME}", description="Remote clusters: FIRST's state folder there (expanded on the endpoint)"
+    )
+    vllm_python: str = Field(
+        default="${FIRST_VLLM_PYTHON}", description="Remote clusters: the Python that has vLLM (expanded there)"
+    )
     scheduler: Literal["none", "pbs", "slurm"] = "none"
     maintenance: bool = False
     maintenance_message: str = ""

@@ -151,8 +151,12 @@ class ExecutorBackend(ComputeBackend):
             "args": model.vllm_args,
             "env": model.vllm_env,
             "nice": model.nice,
-            "python": str(settings.vllm_python),
-            "state_dir": str(settings.instances_dir / cluster.name),
+            # Paths on the cluster: the gateway's own for the local cluster; for a remote one, what its endpoint's
+            # worker_init exports (deployments/endpoints/), expanded there.
+            "python": str(settings.vllm_python) if cluster.transport == "local" else cluster.vllm_python,
+            "state_dir": str(settings.instances_dir / cluster.name)
+            if cluster.transport == "local"
+            else f"{cluster.first_home}/instances/{cluster.name}",
         }
 
     def _spec(self, model: ModelSpec) -> dict[str, Any]:
@@ -312,7 +316,9 @@ class ExecutorPool:
         if cluster.transport == "local":
             return ("local", cluster.name)
         credential = os.environ.get("GLOBUS_COMPUTE_CLIENT_ID") or "user-login"
-        return ("globus-compute", str(cluster.endpoint_id), credential)
+        # A multi-user endpoint runs one user endpoint per config: clusters with other values get their own.
+        config = json.dumps(cluster.user_endpoint_config, sort_keys=True)
+        return ("globus-compute", str(cluster.endpoint_id), credential, config)
 
     async def get(self, cluster: ClusterSpec) -> tuple[Executor, dict[str, str]]:
         key = self.key(cluster)

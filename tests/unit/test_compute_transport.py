@@ -135,3 +135,27 @@ async def test_endpoint_status_of_the_local_endpoint_and_the_service_shape(backe
     raw = {"status": "online", "details": {"managers": 2, "idle_workers": 8, "total_workers": 8}}
     assert summarize_endpoint_status(raw)["ready"] is True
     assert summarize_endpoint_status({"status": "offline"})["ready"] is False
+
+
+def test_cluster_functions_use_the_sites_proxy_for_the_relay_but_not_for_vllm(monkeypatch):
+    import urllib3
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.site.example:3128")
+    monkeypatch.setenv("NO_PROXY", "internal.site.example")
+    relay = functions._http("https://first.example.org/internal/relay/abc")
+    assert isinstance(relay, urllib3.ProxyManager) and relay.proxy.host == "proxy.site.example"
+    assert not isinstance(functions._http("http://127.0.0.1:8100"), urllib3.ProxyManager)  # vLLM, on the node
+    assert not isinstance(functions._http("https://internal.site.example/x"), urllib3.ProxyManager)
+
+
+def test_remote_cluster_paths_are_expanded_on_the_endpoint(settings, monkeypatch):
+    remote = ClusterSpec(name="polaris", transport="globus-compute", endpoint_id="e")
+    spec = ExecutorBackend._spec_for(MODEL, remote, settings)
+    assert spec["state_dir"] == "${FIRST_HOME}/instances/polaris" and spec["python"] == "${FIRST_VLLM_PYTHON}"
+    local_spec = ExecutorBackend._spec_for(MODEL, ClusterSpec(name="local"), settings)
+    assert local_spec["state_dir"] == str(settings.instances_dir / "local")
+    monkeypatch.setenv("FIRST_HOME", "/local/scratch/first")
+    assert str(functions._state_path(spec)) == "/local/scratch/first/instances/polaris/m.json"
+    monkeypatch.delenv("FIRST_VLLM_PYTHON", raising=False)
+    with pytest.raises(ValueError, match=r"FIRST_VLLM_PYTHON.*worker_init"):
+        functions._expand(spec["python"], "python")
