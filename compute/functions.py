@@ -356,10 +356,19 @@ def stop_vllm(spec: dict[str, Any], grace_s: float = 20.0) -> dict[str, Any]:
 
 # ---- what gets registered with Globus Compute (`first functions register`) ----
 
+
+def scheduler_status(kind: str, job_ids: list[str]) -> dict[str, Any]:
+    """On a login-node endpoint: what PBS or Slurm says of these jobs (compute/scheduler.py)."""
+    from compute.scheduler import scheduler_status as read
+
+    return read(kind, job_ids)
+
+
 CLUSTER_FUNCTIONS: dict[str, Any] = {
     "openai_request": openai_request,
     "openai_stream": openai_stream,
     "vllm_status": vllm_status,
     "start_vllm": start_vllm,
     "stop_vllm": stop_vllm,
+    "scheduler_status": scheduler_status,
 }
