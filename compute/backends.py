@@ -166,7 +166,9 @@ class ExecutorBackend(ComputeBackend):
         return await self.call("vllm_status", self._spec(model), timeout=30)
 
     async def start(self, model: ModelSpec) -> dict[str, Any]:
-        return await self.call("start_vllm", self._spec(model), timeout=60)
+        # A remote start may wait in the batch queue for a block to run it: bounded by the warm-up, not 60 s.
+        timeout = 60 if self.cluster.transport == "local" else self.settings.warm_up_timeout_s
+        return await self.call("start_vllm", self._spec(model), timeout=timeout)
 
     async def stop(self, model: ModelSpec) -> dict[str, Any]:
         return await self.call("stop_vllm", self._spec(model), timeout=60)

@@ -269,6 +269,7 @@ def start_vllm(spec: dict[str, Any]) -> dict[str, Any]:
     import fcntl
     import json
     import os
+    import socket
     import subprocess
     import time
     from pathlib import Path
@@ -297,7 +298,9 @@ def start_vllm(spec: dict[str, Any]) -> dict[str, Any]:
             )  # fmt: skip
         state = {
             "pid": proc.pid, "port": port, "base_url": f"http://127.0.0.1:{port}", "log": str(log_path),
-            "started": time.time(), "model": spec["model"], "cmd": cmd,
+            "started": time.time(), "model": spec["model"], "cmd": cmd, "host": socket.gethostname(),
+            # On a batch cluster this runs inside the endpoint's block: its job is the one holding the node.
+            "job_id": os.environ.get("PBS_JOBID") or os.environ.get("SLURM_JOB_ID"),
         }  # fmt: skip
         tmp = _state_path(spec).with_suffix(".tmp")
         tmp.write_text(json.dumps(state))

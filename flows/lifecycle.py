@@ -55,7 +55,21 @@ async def warm_up(model: str = "tiny", cluster: str = "best", timeout_s: float |
         logger.info("%s on %s is already hot at %s", spec.name, cl.name, status.get("base_url"))
         return status
     logger.info("starting %s on %s (bound %.0f s)", spec.name, cl.name, bound)
-    status = await backend.start(spec)
+    start = asyncio.create_task(backend.start(spec))
+    # On a batch cluster the start function waits for a block (a batch job) to run it: say what the endpoint
+    # reports meanwhile, so the run shows the queue wait.
+    while not start.done():
+        await asyncio.wait({start}, timeout=15)
+        if not start.done() and hasattr(backend, "endpoint_status"):
+            ep = await backend.endpoint_status()
+            logger.info("%s on %s: waiting for the endpoint to run the start (endpoint %s, managers %s, "
+                        "outstanding tasks %s)", spec.name, cl.name, ep.get("status"), ep.get("managers"),
+                        ep.get("outstanding_tasks"))  # fmt: skip
+    status = start.result()
+    queue_wait_s = time.monotonic() - t0
+    job = status.get("job_id")
+    logger.info("%s on %s: vLLM process started on %s%s after %.1f s", spec.name, cl.name,
+                status.get("host", "?"), f" in job {job}" if job else "", queue_wait_s)  # fmt: skip
     last = None
     while status["state"] != "hot":
         if status["state"] != last:
@@ -73,13 +87,15 @@ async def warm_up(model: str = "tiny", cluster: str = "best", timeout_s: float |
     await create_markdown_artifact(
         key=f"warm-up-{spec.name}".replace("_", "-").lower(),
         markdown=(
-            f"### Warm-up of `{spec.name}` on `{cl.name}`\n\n| cluster | model | pid | URL | load time |\n"
-            f"|---|---|---|---|---|\n| {cl.name} | {spec.name} | {status.get('pid')} | {status.get('base_url')}"
-            f" | {load_s:.1f} s |\n"
+            f"### Warm-up of `{spec.name}` on `{cl.name}`\n\n"
+            "| cluster | model | host | batch job | pid | queue wait | load time (total) |\n"
+            "|---|---|---|---|---|---|---|\n"
+            f"| {cl.name} | {spec.name} | {status.get('host', '-')} | {job or '-'} | {status.get('pid')} "
+            f"| {queue_wait_s:.1f} s | {load_s:.1f} s |\n"
         ),
         description=f"warm-up of {spec.name} on {cl.name}",
     )
-    return {**status, "load_s": load_s}
+    return {**status, "load_s": load_s, "queue_wait_s": queue_wait_s}
 
 
 @flow(name="scale-down", log_prints=True)
