@@ -33,7 +33,7 @@ $(VLLM_VENV)/.installed:
 $(ENDPOINT_VENV)/.installed: pyproject.toml
 	@echo "==> endpoint environment ($(ENDPOINT_VENV)): globus-compute-endpoint $(GC_ENDPOINT_VERSION) (about 40 s and 120 MB)"
 	test -x $(ENDPOINT_VENV)/bin/python || $(PY) -m venv $(ENDPOINT_VENV)
-	$(ENDPOINT_VENV)/bin/pip install -q globus-compute-endpoint==$(GC_ENDPOINT_VERSION) httpx 2>&1 | grep -v "^WARNING: Location" || true
+	$(ENDPOINT_VENV)/bin/pip install -q globus-compute-endpoint==$(GC_ENDPOINT_VERSION) httpx pytest 2>&1 | grep -v "^WARNING: Location" || true
 	$(ENDPOINT_VENV)/bin/pip install -q --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
 	cd / && $(CURDIR)/$(ENDPOINT_VENV)/bin/python -c "import globus_compute_endpoint.engines, compute.functions, httpx, urllib3"
 	touch $@

@@ -130,3 +130,15 @@ def test_cluster_functions_through_globus_compute_engine(tmp_path: Path) -> None
 
     # Shutdown stopped every block; nothing was left for the safety net.
     assert not any(r["shutdown"]["block_groups_alive"].values()) and not r["shutdown"]["vllm_stopped_by_cleanup"]
+
+
+def test_endpoint_templates_load_with_the_real_endpoint_package() -> None:
+    """tests/unit/test_endpoint_templates.py again, in .venv-endpoint, where its checks against
+    globus_compute_endpoint's own config loader run instead of being skipped."""
+    r = subprocess.run(
+        [str(ENDPOINT_PYTHON), "-m", "pytest", "-q", "--noconftest", "-p", "no:cacheprovider",
+         "tests/unit/test_endpoint_templates.py"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-1000:]
