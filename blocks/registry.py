@@ -67,6 +67,9 @@ class ClusterSpec(AccessRules):
     user_endpoint_config: dict[str, Any] = Field(
         default_factory=dict, description="For a multi-user endpoint: the values its config template takes"
     )
+    login_endpoint_id: str | None = Field(
+        default=None, description="A login-node endpoint that reads and cancels batch jobs (qstat/squeue, qdel/scancel)"
+    )
     first_home: str = Field(
         default="${FIRST_HOME}", description="Remote clusters: FIRST's state folder there (expanded on the endpoint)"
     )

@@ -367,6 +367,18 @@ def scheduler_status(kind: str, job_ids: list[str]) -> dict[str, Any]:
     return read(kind, job_ids)
 
 
+def cancel_job(kind: str, job_id: str) -> dict[str, Any]:
+    """On a login-node endpoint: cancel a batch job (qdel / scancel). Returns {"cancelled", "error"}."""
+    from compute.scheduler import cancel_command, run_command
+
+    try:
+        argv = cancel_command(kind, job_id)
+    except ValueError as exc:
+        return {"cancelled": False, "error": str(exc)}
+    rc, _out, err = run_command(argv)
+    return {"cancelled": rc == 0, "error": None if rc == 0 else (err.strip() or f"{argv[0]} exited {rc}")}
+
+
 CLUSTER_FUNCTIONS: dict[str, Any] = {
     "openai_request": openai_request,
     "openai_stream": openai_stream,
@@ -374,4 +386,5 @@ CLUSTER_FUNCTIONS: dict[str, Any] = {
     "start_vllm": start_vllm,
     "stop_vllm": stop_vllm,
     "scheduler_status": scheduler_status,
+    "cancel_job": cancel_job,
 }

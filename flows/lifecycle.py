@@ -103,8 +103,22 @@ async def scale_down(model: str = "tiny", cluster: str = "best") -> dict[str, An
     """Stop the model's vLLM server on a cluster."""
     logger = get_run_logger()
     _, spec, cl, backend = await _context(model, cluster)
+    before = await backend.status(spec)
     result = await backend.stop(spec)
     logger.info("%s on %s: %s", spec.name, cl.name, "stopped" if result.get("stopped") else "was not running")
+    job = before.get("job_id")
+    if job and cl.scheduler != "none" and cl.login_endpoint_id:
+        # Release the node now rather than after the endpoint's idle time: cancel the batch job that held it.
+        login_cluster = cl.model_copy(update={"name": f"{cl.name}-login", "endpoint_id": cl.login_endpoint_id})
+        login = _backends.get(login_cluster)  # type: ignore[union-attr]
+        cancelled = await login.call("cancel_job", cl.scheduler, job, timeout=60)  # type: ignore[attr-defined]
+        logger.info("%s: batch job %s %s", cl.name, job,
+                    "cancelled" if cancelled["cancelled"] else f"not cancelled: {cancelled['error']}")  # fmt: skip
+        result["job_cancelled"] = cancelled
+    elif job:
+        logger.info(
+            "%s: batch job %s stays until the endpoint's idle time ends it (no login_endpoint_id)", cl.name, job
+        )
     return result
 
 

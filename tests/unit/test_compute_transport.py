@@ -159,3 +159,23 @@ def test_remote_cluster_paths_are_expanded_on_the_endpoint(settings, monkeypatch
     monkeypatch.delenv("FIRST_VLLM_PYTHON", raising=False)
     with pytest.raises(ValueError, match=r"FIRST_VLLM_PYTHON.*worker_init"):
         functions._expand(spec["python"], "python")
+
+
+def test_cancel_job_runs_the_schedulers_cancel_command(tmp_path, monkeypatch):
+    """A `qdel` double on PATH (no PBS here) records its argv: cancel_job runs exactly `qdel JOBID`."""
+    log = tmp_path / "argv"
+    qdel = tmp_path / "bin" / "qdel"
+    qdel.parent.mkdir()
+    qdel.write_text(
+        f'#!/bin/sh\necho "$@" > {log}\n'
+        '[ "$1" = "999.pbs" ] && echo "qdel: Unknown Job Id 999.pbs" >&2 && exit 35\nexit 0\n'
+    )
+    qdel.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{qdel.parent}:{os.environ['PATH']}")
+    assert functions.cancel_job("pbs", "8412345.polaris-pbs-01") == {"cancelled": True, "error": None}
+    assert log.read_text().strip() == "8412345.polaris-pbs-01"
+    assert functions.cancel_job("pbs", "999.pbs") == {"cancelled": False, "error": "qdel: Unknown Job Id 999.pbs"}
+    bad = functions.cancel_job("pbs", "-x")
+    assert bad["cancelled"] is False and bad["error"]
+    missing = functions.cancel_job("slurm", "123")  # no scancel anywhere
+    assert missing["cancelled"] is False and "scancel" in missing["error"]
