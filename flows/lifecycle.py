@@ -43,6 +43,12 @@ async def _context(model: str, cluster: str) -> tuple[Settings, ModelSpec, Clust
     return settings, spec, registry.clusters[cluster], _backends.get(registry.clusters[cluster])
 
 
+def _login_backend(cl: ClusterSpec) -> Any:
+    """The cluster's login-node endpoint (reads and cancels batch jobs), as a backend of its own."""
+    login = cl.model_copy(update={"name": f"{cl.name}-login", "endpoint_id": cl.login_endpoint_id})
+    return _backends.get(login)  # type: ignore[union-attr]
+
+
 @flow(name="warm-up", log_prints=True)
 async def warm_up(model: str = "tiny", cluster: str = "best", timeout_s: float | None = None) -> dict[str, Any]:
     """Start the model's vLLM server on a cluster and wait until it answers /health."""
@@ -109,9 +115,7 @@ async def scale_down(model: str = "tiny", cluster: str = "best") -> dict[str, An
     job = before.get("job_id")
     if job and cl.scheduler != "none" and cl.login_endpoint_id:
         # Release the node now rather than after the endpoint's idle time: cancel the batch job that held it.
-        login_cluster = cl.model_copy(update={"name": f"{cl.name}-login", "endpoint_id": cl.login_endpoint_id})
-        login = _backends.get(login_cluster)  # type: ignore[union-attr]
-        cancelled = await login.call("cancel_job", cl.scheduler, job, timeout=60)  # type: ignore[attr-defined]
+        cancelled = await _login_backend(cl).call("cancel_job", cl.scheduler, job, timeout=60)
         logger.info("%s: batch job %s %s", cl.name, job,
                     "cancelled" if cancelled["cancelled"] else f"not cancelled: {cancelled['error']}")  # fmt: skip
         result["job_cancelled"] = cancelled
@@ -129,5 +133,11 @@ async def model_status(model: str = "tiny", cluster: str = "best") -> dict[str, 
     status = await backend.status(spec)
     if hasattr(backend, "endpoint_status"):  # clusters reached through a compute endpoint
         status["endpoint"] = await backend.endpoint_status()
+    job = status.get("job_id")
+    if job and cl.scheduler != "none" and cl.login_endpoint_id:  # what the batch scheduler says of its job
+        from compute.scheduler import model_job_state
+
+        report = await _login_backend(cl).call("scheduler_status", cl.scheduler, [job], timeout=60)
+        status["job"] = {"id": job, "state": model_job_state(report["jobs"].get(job)), "error": report["error"]}
     get_run_logger().info("%s on %s: %s (endpoint: %s)", spec.name, cl.name, status["state"], status.get("endpoint"))
     return status
