@@ -80,7 +80,7 @@ class SlowStreamDouble:
 
     def __enter__(self) -> SlowStreamDouble:
         self.thread.start()
-        start = asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        start = asyncio.start_server(self._handle, "127.0.0.1", self.port, backlog=2048)  # 200+ connections at once
         self.server = asyncio.run_coroutine_threadsafe(start, self.loop).result()
         return self
 
