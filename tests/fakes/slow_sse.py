@@ -38,7 +38,7 @@ class SlowStreamDouble:
         try:
             request = await reader.readuntil(b"\r\n\r\n")
             if request.startswith(b"GET /health"):
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
                 await writer.drain()
                 return
             length = next(
@@ -50,7 +50,9 @@ class SlowStreamDouble:
                 0,
             )
             await reader.readexactly(length)
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+            )
             created = int(time.time())
             for i in range(self.chunks):
                 if self.hang_after is not None and i >= self.hang_after:
