@@ -4,7 +4,8 @@ It stands in for a model server generating for minutes (vLLM CPU with the tiny m
 seconds, and can't be made to pause mid-stream or hang on demand). ``POST /v1/chat/completions`` with
 ``stream: true`` answers SSE chunks whose content is "0", "1", ... one every ``interval_s``; after
 ``hang_after`` chunks (if set) it goes silent with the connection open. ``GET /health`` answers 200. The
-last chunk carries usage, as vLLM's does with ``stream_options.include_usage``.
+last chunk carries usage, as vLLM's does with ``stream_options.include_usage``. It closes each connection
+after one answer, and says so (``connection: close``), so clients never reuse one it has closed.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ class SlowStreamDouble:
             )
             await reader.readexactly(length)
             writer.write(
-                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
+                b"connection: close\r\n\r\n"
             )
             created = int(time.time())
             for i in range(self.chunks):
