@@ -181,7 +181,9 @@ def openai_stream(
                 if flush:
                     post(batch)
                     sent += len(batch)
-                    batch, deadline = [], now + batch_ms / 1000
+                    # The window starts when the post is done: under load a post can outlast batch_ms, and a
+                    # window counted from before it would already be over (one chunk per post at 200 streams).
+                    batch, deadline = [], time.monotonic() + batch_ms / 1000
         r.release_conn()
         sent += len(batch)
         post(batch, done=True)
