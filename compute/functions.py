@@ -99,6 +99,23 @@ def openai_request(base_url: str, path: str, body: dict[str, Any], timeout: floa
     return {"status": r.status, "body": _json_or_error(r.data)}
 
 
+def _readable_within(response: Any, seconds: float) -> bool:
+    """Whether more of the response may be read within ``seconds`` (select on its socket). True when unsure:
+    bytes already buffered by the reader don't show on the socket, and reading them costs no wait."""
+    import select
+
+    sock = getattr(getattr(response, "connection", None), "sock", None)
+    if sock is None:  # a response that will close its connection holds the socket in its reader
+        try:
+            sock = response._fp.fp.raw._sock
+        except AttributeError:
+            return True
+    try:
+        return bool(select.select([sock], [], [], max(0.0, seconds))[0])
+    except (OSError, ValueError):
+        return True
+
+
 def openai_stream(
     base_url: str,
     path: str,
@@ -161,7 +178,15 @@ def openai_stream(
         content_sent = False  # the first token goes out at once (time to first token), with the role chunk
         deadline = 0.0
         pending = b""
-        for piece in r.stream(None):  # each HTTP chunk as it arrives: vLLM sends one SSE event per chunk
+        pieces = r.stream(None)  # each HTTP chunk as it arrives: vLLM sends one SSE event per chunk
+        while True:
+            if batch and not _readable_within(r, deadline - time.monotonic()):
+                post(batch)  # the model went quiet with chunks waiting: don't hold them past their window
+                sent += len(batch)
+                batch, deadline = [], time.monotonic() + batch_ms / 1000
+            piece = next(pieces, None)
+            if piece is None:
+                break
             *lines, pending = (pending + piece).split(b"\n")
             for line in lines:
                 if not line.startswith(b"data:"):
