@@ -97,14 +97,15 @@ class ExecutorBackend(ComputeBackend):
         self.pool = pool
         self.relay = relay
 
-    async def submit(self, name: str, *args: Any) -> Future[Any]:
-        """Send one cluster function (by its registered id when there is one) to the cluster's endpoint."""
+    async def submit(self, name: str, *args: Any) -> tuple[Executor, Future[Any]]:
+        """Send one cluster function (by its registered id when there is one) to the cluster's endpoint;
+        returns the executor it went to, and its future."""
         executor, function_ids = await self.pool.get(self.cluster)
         try:
             function_id = function_ids.get(name)
             if function_id:
-                return executor.submit_to_registered_function(function_id, args=args)  # type: ignore[attr-defined]
-            return executor.submit(functions.CLUSTER_FUNCTIONS[name], *args)
+                return executor, executor.submit_to_registered_function(function_id, args=args)  # type: ignore[attr-defined]
+            return executor, executor.submit(functions.CLUSTER_FUNCTIONS[name], *args)
         except Exception as exc:  # the executor itself is broken: build a new one for the next request
             self.pool.retire(self.cluster, executor)
             raise _task_failed(exc, f"Cluster '{self.cluster.name}'") from exc
@@ -113,7 +114,7 @@ class ExecutorBackend(ComputeBackend):
         """Run one cluster function and await its result. The timeout cancels only this request's future,
         never the shared executor."""
         timeout = timeout or self.settings.request_timeout_s
-        fut = await self.submit(name, *args)
+        executor, fut = await self.submit(name, *args)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
         except TimeoutError:
@@ -122,8 +123,8 @@ class ExecutorBackend(ComputeBackend):
                 504, f"Cluster '{self.cluster.name}' did not answer within {timeout:g} s", code="backend_timeout"
             ) from None
         except Exception as exc:
-            if not isinstance(exc, TaskExecutionFailed):
-                self.pool.retire(self.cluster, None)
+            if not isinstance(exc, TaskExecutionFailed):  # the route failed, not the function: a new executor
+                self.pool.retire(self.cluster, executor)
             raise _task_failed(exc, f"Cluster '{self.cluster.name}'") from exc
 
     async def endpoint_status(self) -> dict[str, Any]:
@@ -187,7 +188,7 @@ class ExecutorBackend(ComputeBackend):
         where = f"Cluster '{self.cluster.name}'"
         channel = relay.open(request_id)
         try:
-            fut = await self.submit(
+            executor, fut = await self.submit(
                 "openai_stream", base_url, path, body, self.settings.request_timeout_s,
                 f"{self.settings.gateway_url}/internal/relay/{request_id}", relay.token_for(request_id),
                 self.settings.relay_batch_chunks, self.settings.relay_batch_ms,
@@ -198,7 +199,7 @@ class ExecutorBackend(ComputeBackend):
                 exc = f.exception() if not f.cancelled() else None
                 if exc is not None:
                     if not isinstance(exc, TaskExecutionFailed):
-                        pool.retire(cluster, None)
+                        pool.retire(cluster, executor)
                     err = _task_failed(exc, where)
                     relay.fail_threadsafe(request_id, {"status": err.status, "message": err.message})
 
@@ -353,11 +354,11 @@ class ExecutorPool:
 
         return globus_compute_executor(cluster), dict(cluster.function_ids)
 
-    def retire(self, cluster: ClusterSpec, executor: Executor | None) -> None:
-        """Stop handing out the cluster's executor (``executor``, if given, only if it is still the live one)."""
+    def retire(self, cluster: ClusterSpec, executor: Executor) -> None:
+        """Stop handing out ``executor`` for the cluster, if it is still the live one (not already replaced)."""
         key = self.key(cluster)
         live = self._live.get(key)
-        if live is not None and (executor is None or live[0] is executor):
+        if live is not None and live[0] is executor:
             del self._live[key]
             self._retired.append(live[0])
 
