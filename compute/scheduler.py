@@ -1,8 +1,10 @@
 """Read the batch scheduler on an HPC login node: PBS Pro and Slurm.
 
-FIRST warms a model up by submitting a batch job that starts a vLLM server on a GPU node.
-``scheduler_status`` runs on the cluster's login-node endpoint and reports what the scheduler says about
-each job; ``model_job_state`` turns that into the gateway's model lifecycle words. The parsers are pure
+On a batch cluster a model's vLLM runs inside a batch job: the Globus Compute endpoint's block that ran
+``start_vllm`` (which reports the job id). ``scheduler_status`` runs on the cluster's login-node endpoint and
+reports what the scheduler says about jobs; ``model_job_state`` turns that into the gateway's model
+lifecycle words; ``cancel_command`` ends a job at scale-down. ``submit_command`` and
+``parse_submit_output`` are for sites that submit a vLLM job themselves instead. The parsers are pure
 functions over the commands' text, tested against recorded outputs in ``tests/fixtures/scheduler``.
 
 Like ``compute.functions``, this module is shipped to endpoints: it uses the standard library only, so it
