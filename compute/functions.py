@@ -180,7 +180,8 @@ def openai_stream(
         pending = b""
         pieces = r.stream(None)  # each HTTP chunk as it arrives: vLLM sends one SSE event per chunk
         while True:
-            if batch and not _readable_within(r, deadline - time.monotonic()):
+            # (Before the first token, the role chunk waits for it: they go out together.)
+            if batch and content_sent and not _readable_within(r, deadline - time.monotonic()):
                 post(batch)  # the model went quiet with chunks waiting: don't hold them past their window
                 sent += len(batch)
                 batch, deadline = [], time.monotonic() + batch_ms / 1000
