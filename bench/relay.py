@@ -82,45 +82,13 @@ def _reply_channel() -> IO[str]:
     return out
 
 
-class _SaysClose:
-    """A StreamWriter whose response head carries `connection: close`."""
-
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self._writer, self._head = writer, True
-
-    def write(self, data: bytes) -> None:
-        if self._head and data.startswith(b"HTTP/1.1 "):
-            data = data.replace(b"\r\n", b"\r\nconnection: close\r\n", 1)
-        self._head = False
-        self._writer.write(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._writer, name)
-
-
 def serve_double() -> None:
     from tests.fakes.slow_sse import SlowStreamDouble
 
-    class Double(SlowStreamDouble):
-        """The double, with two changes that keep its own quirks out of the numbers:
-
-        - a listen backlog of 1024 (asyncio's default is 100): 200 callers connecting at once would otherwise
-          lose SYNs and wait a second for the retry (vLLM's uvicorn listens with a backlog of 2048);
-        - its answers say `connection: close`. It closes every connection after one answer anyway, but without
-          saying so a client that keeps the connection (the endpoint's urllib3 pool) may send its next request
-          on it just as it closes, and get a reset (seen: 3 of 620 relayed streams failed so in one run)."""
-
-        def __enter__(self) -> Double:
-            self.thread.start()
-            start = asyncio.start_server(self._handle, "127.0.0.1", self.port, backlog=1024)
-            self.server = asyncio.run_coroutine_threadsafe(start, self.loop).result()
-            return self
-
-        async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await super()._handle(reader, _SaysClose(writer))  # type: ignore[arg-type]
-
     out = _reply_channel()
-    with Double(chunks=1, interval_s=0.0) as double:
+    # The double listens with a large backlog and says `connection: close` (tests/fakes/slow_sse.py), so its
+    # own quirks stay out of the numbers with 200 callers connecting at once.
+    with SlowStreamDouble(chunks=1, interval_s=0.0) as double:
         out.write(json.dumps({"url": double.url, "pid": os.getpid()}) + "\n")
         for line in sys.stdin:  # "set CHUNKS INTERVAL_S"; EOF (the parent closed stdin or died) ends it
             parts = line.split()

@@ -1,6 +1,6 @@
 """Run the cluster functions through a real Globus Compute endpoint engine, without the Globus cloud.
 
-Runs in an environment with ``globus-compute-endpoint`` (``.venv-endpoint``, made by ``make setup``):
+Runs in an environment with ``globus-compute-endpoint`` (``.venv-endpoint``, made by ``make test``):
 
     .venv-endpoint/bin/python -m compute.engine_check SPEC_JSON WORKDIR [--max-idletime S]
 
