@@ -47,7 +47,7 @@ def processes_with(marker: str) -> list[int]:
 
 
 def test_cluster_functions_through_globus_compute_engine(tmp_path: Path) -> None:
-    assert ENDPOINT_PYTHON.exists(), "no .venv-endpoint: run `make setup`"
+    assert ENDPOINT_PYTHON.exists(), "no .venv-endpoint: `make test` builds it"
     settings = Settings(home=tmp_path, vllm_port_base=free_port())
     subprocess.run(
         [str(BIN / "first"), "model", "build-tiny", str(settings.models_dir / "tiny")],
