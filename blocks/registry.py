@@ -205,3 +205,69 @@ class Registry(BaseModel):
 
     def describe(self) -> dict[str, Any]:
         return self.model_dump()
+
+    # ---- declared in a file (`first apply`) ----
+
+    @classmethod
+    def from_yaml(cls, text: str) -> Registry:
+        """A registry declared in YAML: ``clusters:`` and ``models:``, each a list of specs (the block fields).
+        Raises ``ValueError`` naming every problem: unknown keys, duplicates, models on undeclared clusters."""
+        import yaml
+        from pydantic import ValidationError
+
+        doc = yaml.safe_load(text) or {}
+        if not isinstance(doc, dict) or set(doc) - {"clusters", "models"}:
+            extra = sorted(set(doc) - {"clusters", "models"}) if isinstance(doc, dict) else type(doc).__name__
+            raise ValueError(f"a registry file has two lists, clusters: and models: (found {extra})")
+        problems: list[str] = []
+        reg = cls()
+        for key, spec_cls, target in (("clusters", ClusterSpec, reg.clusters), ("models", ModelSpec, reg.models)):
+            for i, item in enumerate(doc.get(key) or []):
+                try:
+                    spec = spec_cls.model_validate(item)
+                except ValidationError as exc:
+                    for e in exc.errors():
+                        where = ".".join(str(x) for x in e["loc"])
+                        problems.append(f"{key}[{i}] ({(item or {}).get('name', '?')}): {where}: {e['msg']}")
+                    continue
+                if spec.name in target:
+                    problems.append(f"{key}: {spec.name!r} is declared twice")
+                target[spec.name] = spec  # type: ignore[assignment]
+        for m in reg.models.values():
+            missing = [c for c in m.clusters if c not in reg.clusters]
+            if missing:
+                problems.append(f"models: {m.name!r} runs on undeclared cluster(s) {missing}")
+        if problems:
+            raise ValueError("the registry file has problems:\n  " + "\n  ".join(problems))
+        return reg
+
+    def plan(self, desired: Registry, prune: bool = False) -> list[tuple[str, str, str]]:
+        """What applying ``desired`` over this registry does: (action, kind, name), action one of create,
+        update, unchanged, delete (only with ``prune``)."""
+        out: list[tuple[str, str, str]] = []
+        for kind, have, want in (("cluster", self.clusters, desired.clusters), ("model", self.models, desired.models)):
+            for name, spec in want.items():
+                action = "create" if name not in have else ("unchanged" if have[name] == spec else "update")
+                out.append((action, kind, name))
+            out += [("delete" if prune else "keep", kind, name) for name in have if name not in want]
+        return out
+
+    async def apply(self, desired: Registry, prune: bool = False) -> list[tuple[str, str, str]]:
+        """Make the blocks match ``desired`` (this registry being what the blocks hold now)."""
+        from prefect.client.orchestration import get_client
+
+        steps = self.plan(desired, prune)
+        for action, kind, name in steps:
+            if action in ("create", "update"):
+                if kind == "cluster":
+                    await ClusterBlock(spec=desired.clusters[name]).save(_slug(name), overwrite=True)
+                else:
+                    await ModelBlock(spec=desired.models[name]).save(_slug(name), overwrite=True)
+        deletions = [(kind, name) for action, kind, name in steps if action == "delete"]
+        if deletions:
+            async with get_client() as client:
+                for kind, name in deletions:
+                    block_cls = ClusterBlock if kind == "cluster" else ModelBlock
+                    doc = await client.read_block_document_by_name(_slug(name), block_cls.get_block_type_slug())
+                    await client.delete_block_document(doc.id)
+        return steps

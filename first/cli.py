@@ -232,6 +232,37 @@ def registry_show() -> None:
     print(json.dumps(reg.describe(), indent=2))
 
 
+@app.command("apply")
+def apply(
+    file: Annotated[Path, typer.Argument(help="YAML with `clusters:` and `models:` lists (the blocks' fields)")],
+    prune: Annotated[bool, typer.Option(help="Delete cluster and model blocks the file does not declare")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Only show what would change")] = False,
+) -> None:
+    """Declare the whole registry (clusters and models) from a file, for a reproducible setup.
+
+    Saves a FIRST Cluster / FIRST Model block for each entry, shows what was created, updated or left as it
+    was, and with --prune deletes blocks the file does not name. Gateways read the registry when they start."""
+    from blocks.registry import ClusterBlock, ModelBlock, Registry
+
+    try:
+        desired = Registry.from_yaml(file.read_text())
+    except (OSError, ValueError) as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+
+    async def go() -> list[tuple[str, str, str]]:
+        for block_type in (ClusterBlock, ModelBlock):
+            await block_type.register_type_and_schema()
+        current = await Registry.load_blocks()
+        return current.plan(desired, prune) if dry_run else await current.apply(desired, prune)
+
+    steps = asyncio.run(go())
+    t = Table("action", "kind", "name", title=f"{'plan for' if dry_run else 'applied'} {file}")
+    for action, kind, name in steps:
+        t.add_row(action, kind, name)
+    Console(stderr=True).print(t)
+
+
 # ---- operators: cluster functions ----
 
 
