@@ -31,7 +31,6 @@ import asyncio
 import gc
 import os
 import platform
-import re
 import shutil
 import signal
 import subprocess
@@ -53,7 +52,6 @@ from api.auth import KeyStore, LocalKeyAuthenticator
 from api.globus_auth import GlobusAuthenticator
 from bench.overhead import (
     BIN,
-    INTRO,
     REPO,
     BenchError,
     Stack,
@@ -74,6 +72,7 @@ from bench.overhead import (
     p95,
     port_free,
     tree_cpu_s,
+    write_section,
 )  # fmt: skip
 from blocks.globus import GlobusAuthBlock
 from tests.fakes.globus_server import FakeGlobusServer
@@ -548,18 +547,6 @@ def markdown(ip: InProcess, gw: GatewayResult, args: argparse.Namespace, started
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this script's section between its markers, or append it; other sections are left as they are."""
-    text = path.read_text() if path.exists() else INTRO
-    pattern = re.compile(re.escape(BEGIN.split(" (")[0]) + r".*?" + re.escape(END) + r"\n?", re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
 # ---- main ----
 
 
@@ -670,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in notes(gw):
             console.print(f"[yellow]note:[/yellow] {n}")
     if ip is not None and gw is not None and args.write and code == 0:
-        write_section(args.out, markdown(ip, gw, args, started, wall_s))
+        write_section(args.out, markdown(ip, gw, args, started, wall_s), BEGIN, END)
         log(f"wrote the section in {args.out}")
     elif not args.write:
         log(f"--quick: {args.out} left alone (give --out to write it)")

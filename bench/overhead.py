@@ -735,9 +735,11 @@ def markdown(results: list[Result], args: argparse.Namespace, started: datetime,
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
+def write_section(path: Path, section: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace a script's section between its markers, or append it; other sections are left as they are.
+    Every bench script that writes docs/benchmarks.md uses this, with its own markers."""
     text = path.read_text() if path.exists() else INTRO
-    pattern = re.compile(re.escape(BEGIN.split(" (")[0]) + r".*?" + re.escape(END) + r"\n?", re.DOTALL)
+    pattern = re.compile(re.escape(begin.split(" (")[0]) + r".*?" + re.escape(end) + r"\n?", re.DOTALL)
     if pattern.search(text):
         text = pattern.sub(lambda _: section, text, count=1)
     else:

@@ -37,7 +37,6 @@ import itertools
 import json
 import os
 import platform
-import re
 import shutil
 import signal
 import subprocess
@@ -55,7 +54,20 @@ import httpx
 import msgspec
 from rich.table import Table
 
-from bench.overhead import INTRO, REPO, BenchError, console, cpu_model, diff_ci, fmt, git, log, median, p95, stop_group
+from bench.overhead import (
+    REPO,
+    BenchError,
+    console,
+    cpu_model,
+    diff_ci,
+    fmt,
+    git,
+    log,
+    median,
+    p95,
+    stop_group,
+    write_section,
+)
 
 BEGIN = "<!-- bench/relay.py: begin (generated; rerun the script to replace this section) -->"
 END = "<!-- bench/relay.py: end -->"
@@ -616,18 +628,6 @@ def markdown(res: Results, args: argparse.Namespace, started: datetime, wall_s: 
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this script's section between its markers, or append it; other sections are left as they are."""
-    text = path.read_text() if path.exists() else INTRO
-    pattern = re.compile(re.escape(BEGIN.split(" (")[0]) + r".*?" + re.escape(END) + r"\n?", re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
 # ---- main ----
 
 
@@ -748,7 +748,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in notes(res, args):
             console.print(f"[yellow]note:[/yellow] {n}")
         if args.write and code == 0:
-            write_section(args.out, markdown(res, args, started, wall_s))
+            write_section(args.out, markdown(res, args, started, wall_s), BEGIN, END)
             log(f"wrote the section in {args.out}")
     if not args.write:
         log(f"--quick: {args.out} left alone (give --out to write it)")
