@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -28,13 +29,14 @@ from api.auth import Authenticator, KeyStore, LocalKeyAuthenticator, Principal, 
 from api.errors import APIError, handle_exception
 from api.globus_auth import GlobusAuthenticator
 from api.limits import RateLimiter
+from api.metrics import metrics_registry, render
 from api.protocol import ChatCompletionRequest, CompletionRequest
 from blocks.globus import GlobusAuthBlock
 from blocks.registry import Registry
 from compute.backends import Backends
 from compute.relay import RelayBatch, RelayHub
 from first.settings import FlowTracking, Settings, get_settings
-from flows import lifecycle
+from flows import bus, lifecycle
 from flows.inference import InferenceRequest, Services, run_inference
 from flows.state import LiveState
 
@@ -62,11 +64,13 @@ async def _serve(request: Request, body: ChatCompletionRequest | CompletionReque
         raise APIError(400, "X-First-Warm-Wait must be a number of seconds", param="X-First-Warm-Wait") from None
     req = InferenceRequest(
         request_id=uuid.uuid4().hex, endpoint=endpoint, path=f"/v1/{endpoint.replace('.', '/')}", body=body,
-        principal=principal, warm_wait_s=warm_wait_s,
+        principal=principal, warm_wait_s=warm_wait_s, pinned=request.headers.get("x-first-cluster") or None,
     )  # fmt: skip
     sink, _task = run_inference(req, svc)
     headers = {"X-Request-Id": req.request_id}
     kind, value = await sink.get()
+    if sink.cluster:
+        headers["X-First-Cluster"] = sink.cluster
     if kind == "error":
         value.headers.update(headers)
         return value.response()
@@ -131,6 +135,55 @@ async def list_models(request: Request) -> dict[str, Any]:
             "max_model_len": m.context_length, "clusters": m.clusters, "aliases": m.aliases, "state": states,
         })  # fmt: skip
     return {"object": "list", "data": data}
+
+
+def _visible(request: Request) -> tuple[Principal, list[tuple[Any, Any]]]:
+    """(model, cluster) pairs the caller may see: all for admins, else those the caller may use."""
+    svc = _services(request)
+    principal: Principal = request.state.principal
+    reg, who = svc.registry, (principal.groups, principal.identity_providers)
+    pairs = []
+    for m in reg.models.values():
+        if not principal.is_admin and not m.allows(*who):
+            continue
+        for name in m.clusters:
+            c = reg.clusters.get(name)
+            if c is not None and (principal.is_admin or c.allows(*who)):
+                pairs.append((m, c))
+    return principal, pairs
+
+
+@get("/v1/status", guards=[_authenticate], summary="Live state of each model on each cluster")
+async def fleet_status(request: Request) -> dict[str, Any]:
+    """Per model and cluster: state (cold, queued, starting, hot, draining, failed), in-flight requests, recent
+    latency and errors, last status time; per cluster: maintenance and circuit breaker. Admins see everything
+    (with server URLs and error text); callers see what they may use."""
+    svc = _services(request)
+    principal, pairs = _visible(request)
+    now = time.time()
+    instances = [svc.live.instance(c, m).snapshot(detail=principal.is_admin) for m, c in pairs]
+    clusters = {}
+    for _, c in pairs:
+        b = svc.live.breaker(c.name)
+        clusters[c.name] = {
+            "name": c.name, "maintenance": c.maintenance, "maintenance_message": c.maintenance_message or None,
+            "breaker": b.state(now), "breaker_opened": b.opened,
+            "expected_start_s": round(svc.live.estimates.get(c.name, c.expected_start_s), 1),
+            "max_instances": c.max_instances, "max_concurrency": c.max_concurrency,
+        }  # fmt: skip
+    doc: dict[str, Any] = {"object": "status", "instances": instances, "clusters": list(clusters.values())}
+    if principal.is_admin:
+        doc.update(gateway=request.app.state.gateway_id, failovers=svc.live.failovers)
+    return doc
+
+
+@get("/metrics", guards=[_authenticate], summary="Prometheus metrics (admins)", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    if not request.state.principal.is_admin:
+        raise APIError(403, "Metrics are for the gateway's admins (a key in the 'admin' group, or an admin group "
+                       "in Globus mode).", code="admin_only")  # fmt: skip
+    body = render(request.app.state.metrics)
+    return Response(content=body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 @get("/health", summary="Liveness, and the state of each model instance")
@@ -203,6 +256,41 @@ async def build_authenticator(settings: Settings, globus: GlobusAuthBlock | None
     return GlobusAuthenticator(globus or await load_globus_block(settings))
 
 
+async def _follow_fleet(app: Litestar, settings: Settings) -> None:
+    """Keep routing in step with operators: re-read the cluster and model blocks (maintenance, drains, edits),
+    adopt what lifecycle runs observed, and publish this gateway's load for scale-down-idle and drain-cluster."""
+    svc: Services = app.state.services
+    gateway = app.state.gateway_id
+    last_registry, last_report, last_doc, failing = 0.0, 0.0, None, False
+    while True:
+        await asyncio.sleep(settings.state_sync_s)
+        now = time.monotonic()
+        try:
+            if now - last_registry >= settings.registry_refresh_s:
+                last_registry = now
+                reg = await Registry.load_blocks()
+                if reg.models and reg.model_dump() != svc.registry.model_dump():
+                    log.info("clusters or models changed in Prefect; routing with the new registry")
+                    svc.registry = reg
+                    lifecycle.install(svc.backends, reg)
+            for obs in await bus.observations():
+                if svc.live.adopt(obs, svc.registry.clusters, svc.registry.models):
+                    log.info("%s on %s is %s (seen by %s)", obs.model, obs.cluster, obs.state, obs.source or "a flow")
+            maintenance = sorted(c.name for c in svc.registry.clusters.values() if c.maintenance)
+            report = svc.live.report(gateway, maintenance)
+            doc = report.model_dump(exclude={"ts"})
+            if doc != last_doc or now - last_report >= 10:  # on change, and a heartbeat
+                await bus.publish_gateway(report)
+                last_doc, last_report = doc, now
+            if failing:
+                log.info("exchanging live state with Prefect again")
+            failing = False
+        except Exception as exc:
+            if not failing:
+                log.warning("could not exchange live state with Prefect (%s); routing on what this gateway knows", exc)
+            failing = True
+
+
 async def _follow_globus_block(settings: Settings, auth: GlobusAuthenticator) -> None:
     """Operators edit the Globus block in the Prefect UI; adopt their changes within a minute."""
     while True:
@@ -237,22 +325,27 @@ def create_app(
 
             recorder = FlowRecorder()
         spool = UsageSpool(settings.spool_dir)
+        live = LiveState(backends, settings)
         svc = Services(
-            settings=settings, registry=reg, live=LiveState(backends, settings.warm_wait_s), backends=backends,
-            spool=spool, limiter=RateLimiter(), recorder=recorder,
+            settings=settings, registry=reg, live=live, backends=backends, spool=spool, limiter=RateLimiter(),
+            recorder=recorder,
         )  # fmt: skip
         lifecycle.install(backends, reg)
-        app.state.services, app.state.relay = svc, relay
+        app.state.services, app.state.relay, app.state.metrics = svc, relay, metrics_registry(live)
+        app.state.gateway_id = settings.gateway_id or f"{socket.gethostname()}_{settings.port}"
+        background = [asyncio.create_task(live.probe([live.instance(reg.clusters[c], m) for m in reg.models.values()
+                                                      for c in m.clusters if c in reg.clusters]))]  # fmt: skip
+        if registry is None and os.environ.get("PREFECT_API_URL"):
+            background.append(asyncio.create_task(_follow_fleet(app, settings)))
         auth = app.state.authenticator = await build_authenticator(settings, globus)
         app.state.on_rejected = _record_rejected
-        follower = None
         if isinstance(auth, GlobusAuthenticator) and globus is None:
-            follower = asyncio.create_task(_follow_globus_block(settings, auth))
+            background.append(asyncio.create_task(_follow_globus_block(settings, auth)))
         try:
             yield
         finally:
-            if follower:
-                follower.cancel()
+            for task in background:
+                task.cancel()
             if isinstance(auth, GlobusAuthenticator):
                 auth.close()
             if recorder:
@@ -261,7 +354,7 @@ def create_app(
             await backends.close()
 
     return Litestar(
-        route_handlers=[chat_completions, completions, list_models, health, relay_post],
+        route_handlers=[chat_completions, completions, list_models, fleet_status, metrics, health, relay_post],
         lifespan=[lifespan],
         exception_handlers={Exception: handle_exception},
         openapi_config=OpenAPIConfig(

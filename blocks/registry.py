@@ -77,8 +77,24 @@ class ClusterSpec(AccessRules):
         default="${FIRST_VLLM_PYTHON}", description="Remote clusters: the Python that has vLLM (expanded there)"
     )
     scheduler: Literal["none", "pbs", "slurm"] = "none"
-    maintenance: bool = False
+    max_instances: int = Field(default=4, ge=1, description="Model instances the cluster runs at once")
+    max_concurrency: int = Field(
+        default=32, ge=1, description="Concurrent requests per model instance; beyond it the instance counts as full"
+    )
+    expected_start_s: float = Field(
+        default=60.0, ge=0, description="Typical wait from cold to hot (batch queue + load); routing then learns it"
+    )
+    maintenance: bool = Field(default=False, description="Route nothing here (drain-cluster sets it)")
     maintenance_message: str = ""
+
+
+class ClusterModelArgs(BaseModel):
+    """How a model runs on one particular cluster, where that differs from the model's defaults."""
+
+    path: str | None = Field(default=None, description="Model folder or hub id there")
+    port: int | None = None
+    vllm_args: list[str] | None = Field(default=None, description="Replaces the model's vllm_args there")
+    vllm_env: dict[str, str] = Field(default_factory=dict, description="Added to the model's vllm_env there")
 
 
 class ModelSpec(AccessRules):
@@ -90,12 +106,15 @@ class ModelSpec(AccessRules):
     port: int = 8100
     vllm_args: list[str] = Field(default_factory=list)
     vllm_env: dict[str, str] = Field(default_factory=dict)
+    per_cluster: dict[str, ClusterModelArgs] = Field(
+        default_factory=dict, description="Per-cluster path, port, vLLM arguments and environment"
+    )
     context_length: int = 512
     hidden: bool = Field(
         default=False,
         description="Callers who may not use it get 404, as for an unknown model (default: 403, access denied)",
     )
-    idle_timeout_s: int = 3600
+    idle_timeout_s: int = Field(default=3600, ge=0, description="scale-down-idle stops it after this long unused")
     nice: int = Field(
         default=0, ge=0, le=19, description="Run vLLM at this niceness (for a machine shared with the gateway)"
     )
@@ -104,6 +123,14 @@ class ModelSpec(AccessRules):
     @property
     def served(self) -> str:
         return self.served_name or self.name
+
+    def on(self, cluster: str) -> ClusterModelArgs:
+        """Path, port, arguments and environment of this model on ``cluster`` (its overrides applied)."""
+        o = self.per_cluster.get(cluster) or ClusterModelArgs()
+        return ClusterModelArgs(
+            path=o.path or self.path, port=o.port or self.port,
+            vllm_args=self.vllm_args if o.vllm_args is None else o.vllm_args, vllm_env={**self.vllm_env, **o.vllm_env},
+        )  # fmt: skip
 
 
 class ClusterBlock(Block):
@@ -237,6 +264,9 @@ class Registry(BaseModel):
             missing = [c for c in m.clusters if c not in reg.clusters]
             if missing:
                 problems.append(f"models: {m.name!r} runs on undeclared cluster(s) {missing}")
+            stray = [c for c in m.per_cluster if c not in m.clusters]
+            if stray:
+                problems.append(f"models: {m.name!r} has per_cluster settings for {stray}, not in its clusters")
         if problems:
             raise ValueError("the registry file has problems:\n  " + "\n  ".join(problems))
         return reg

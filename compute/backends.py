@@ -144,13 +144,14 @@ class ExecutorBackend(ComputeBackend):
     @staticmethod
     def _spec_for(model: ModelSpec, cluster: ClusterSpec, settings: Settings) -> dict[str, Any]:
         """What the lifecycle functions need to start, probe or stop the model's vLLM on this cluster."""
+        here = model.on(cluster.name)
         return {
             "model": model.name,
             "served_name": model.served,
-            "model_path": model.path,
-            "port": model.port,
-            "args": model.vllm_args,
-            "env": model.vllm_env,
+            "model_path": here.path,
+            "port": here.port,
+            "args": here.vllm_args,
+            "env": here.vllm_env,
             "nice": model.nice,
             # Paths on the cluster: the gateway's own for the local cluster; for a remote one, what its endpoint's
             # worker_init exports (deployments/endpoints/), expanded there.

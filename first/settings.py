@@ -44,6 +44,12 @@ class Settings(BaseSettings):
     flow_sample_rate: float = Field(default=0.01, ge=0.0, le=1.0)
 
     warm_wait_s: float = Field(default=120.0, description="How long a request waits for a cold model")
+    max_tries: int = Field(default=3, ge=1, description="Clusters one request may try before its first byte")
+    breaker_failures: int = Field(default=3, ge=1, description="Consecutive failures that open a cluster's breaker")
+    breaker_cooldown_s: float = Field(default=30.0, description="How long an open breaker waits before one probe")
+    registry_refresh_s: float = Field(default=5.0, description="How often the gateway re-reads cluster/model blocks")
+    state_sync_s: float = Field(default=2.0, description="How often the gateway exchanges live state with flows")
+    gateway_id: str | None = Field(default=None, description="This gateway's name in its state reports (host_port)")
     warm_up_timeout_s: float = Field(default=300.0, description="Bound on one warm-up before it fails")
     request_timeout_s: float = Field(default=300.0, description="Bound on one backend call")
     relay_idle_timeout_s: float = Field(default=120.0, description="Silence that ends a relayed stream")

@@ -38,6 +38,11 @@ from compute.backends import Backends
 from first.settings import FlowTracking, Settings
 from flows.state import Instance, LiveState
 
+# Failures before the first byte that another cluster (or a fresh start of the same one) may not have.
+# Not a warm-up that is merely slow (the caller's wait bound is spent), nor a timeout (it would double the wait).
+FAILOVER_CODES = frozenset({"backend_unreachable", "backend_error", "task_failed", "endpoint_unreachable",
+                            "cluster_unreachable", "model_start_failed"})  # fmt: skip
+
 log = logging.getLogger("first.inference")
 
 
@@ -49,6 +54,7 @@ class InferenceRequest:
     body: ChatCompletionRequest | CompletionRequest
     principal: Principal
     warm_wait_s: float | None = None  # the caller's bound on waiting for a cold model (X-First-Warm-Wait)
+    pinned: str | None = None  # a cluster the caller chose (X-First-Cluster, or a "cluster/model" name)
     started: float = field(default_factory=time.time)
     t0: float = field(default_factory=time.perf_counter)
 
@@ -77,6 +83,7 @@ class Outcome:
     tokens_reserved: int = 0
     reservation: Reservation = field(default_factory=Reservation)
     streamed: bool = False  # stream chunks reached the caller (so tokens were spent, usage or not)
+    tried: list[str] = field(default_factory=list)  # clusters tried, in order (more than one: a failover)
 
 
 class Sink:
@@ -86,6 +93,7 @@ class Sink:
     def __init__(self) -> None:
         self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self.started = False  # a stream's first byte went out: failures can no longer become HTTP errors
+        self.cluster: str | None = None  # where it runs (the X-First-Cluster response header)
         self.finished = False  # the terminal event (end or error) was sent
 
     def put(self, kind: str, value: Any = None) -> None:
@@ -126,6 +134,14 @@ async def authorize(req: InferenceRequest, svc: Services, out: Outcome) -> Model
     reserved from the caller's buckets (settled with the real usage in ``record_usage``)."""
     p = req.principal
     model = svc.registry.resolve(req.body.model)
+    if model is None and "/" in req.body.model:  # "cluster/model" pins a cluster, as FIRST's direct mode does
+        cluster, _, name = req.body.model.partition("/")
+        model = svc.registry.resolve(name) if cluster in svc.registry.clusters else None
+        if model is not None:
+            if req.pinned not in (None, cluster):
+                raise APIError(400, f"X-First-Cluster says '{req.pinned}' but the model name says '{cluster}'",
+                               param="model", code="cluster_conflict")  # fmt: skip
+            req.pinned = cluster
     if model is None:
         raise not_found(req.body.model)
     if not model.allows(p.groups, p.identity_providers):
@@ -147,12 +163,20 @@ async def authorize(req: InferenceRequest, svc: Services, out: Outcome) -> Model
 
 
 @task(name="select-cluster", cache_policy=NO_CACHE)
-async def select_cluster(req: InferenceRequest, model: ModelSpec, svc: Services, out: Outcome) -> Instance:
-    """Pick where the model runs: a hot instance if there is one, else the first usable cluster; then take
-    the caller's share of that cluster's limits."""
+async def select_cluster(req: InferenceRequest, model: ModelSpec, svc: Services, out: Outcome) -> list[Instance]:
+    """Where the request may run, best first (``flows.routing``): the model's clusters the caller may use,
+    less those in maintenance or with an open circuit breaker; or only the cluster the caller pinned."""
     p = req.principal
+    names = model.clusters
+    if req.pinned is not None:
+        if req.pinned not in model.clusters:
+            raise APIError(
+                400, f"Model '{model.name}' is not served on cluster '{req.pinned}'; it runs on "
+                f"{', '.join(model.clusters)}.", param="model", code="cluster_not_serving",
+            )  # fmt: skip
+        names = [req.pinned]
     candidates, maintenance, denied = [], [], []
-    for name in model.clusters:
+    for name in names:
         cluster = svc.registry.clusters.get(name)
         if cluster is None:
             continue
@@ -172,14 +196,28 @@ async def select_cluster(req: InferenceRequest, model: ModelSpec, svc: Services,
             403, f"None of the clusters that serve '{model.name}' ({', '.join(denied) or 'none configured'}) "
             "is open to you; ask the gateway's operators for access.", param="model", code="cluster_access_denied",
         )  # fmt: skip
-    order = {"hot": 0, "starting": 1, "unknown": 2, "cold": 3, "failed": 4}
-    inst = min(candidates, key=lambda i: (order.get(i.state, 5), i.inflight))
+    unknown = [i for i in candidates if i.state == "unknown"]
+    if unknown:  # first contact since the gateway started (or since a server vanished): ask the clusters
+        await svc.live.probe(unknown)
+    plan = svc.live.route(candidates)
+    if not plan:
+        now = time.time()
+        wait = min(svc.live.breaker(i.cluster.name).open_until for i in candidates) - now
+        raise APIError(
+            503, f"Every cluster that serves '{model.name}' is failing ({', '.join(i.cluster.name for i in candidates)}"
+            f": circuit breaker open); retry in {max(1, round(wait))} s.", code="clusters_failing",
+            headers={"Retry-After": str(max(1, round(wait)))},
+        )  # fmt: skip
+    return plan
+
+
+def _reserve_cluster(req: InferenceRequest, inst: Instance, svc: Services, out: Outcome) -> None:
+    """The caller's share of this cluster's limits (a 429 here sends the request to the next cluster)."""
     c = inst.cluster
-    limits = c.limits_for(p.groups)
+    limits = c.limits_for(req.principal.groups)
     if limits.rpm or limits.tpm:
-        svc.limiter.reserve(p.user, [Limit(f"cluster:{c.name}:{p.user}", limits, f"cluster {c.name}")],
-                            out.tokens_reserved, out.reservation)  # fmt: skip
-    return inst
+        svc.limiter.reserve(req.principal.user, [Limit(f"cluster:{c.name}:{req.principal.user}", limits,
+                            f"cluster {c.name}")], out.tokens_reserved, out.reservation)  # fmt: skip
 
 
 @task(name="ensure-warm", cache_policy=NO_CACHE)
@@ -190,29 +228,29 @@ async def ensure_warm(req: InferenceRequest, inst: Instance, svc: Services) -> b
 
 @task(name="execute", cache_policy=NO_CACHE)
 async def execute(req: InferenceRequest, inst: Instance, svc: Services, sink: Sink, out: Outcome) -> None:
-    """Run the request on the cluster; fills ``out`` with usage. Retries once, before the first byte,
-    if the model server turned out to be gone (scaled down or crashed)."""
-    for attempt in (0, 1):
-        backend = svc.backends.get(inst.cluster)
-        body = backend_body(req.body, inst.model.served)
-        inst.inflight += 1
-        try:
-            if req.stream:
-                await _stream(req, backend.stream(inst.base_url or "", req.path, body, req.request_id), sink, out)
-            else:
-                response = await backend.complete(inst.base_url or "", req.path, body)
-                response["model"] = req.body.model
-                out.usage = dict(response.get("usage") or {})
-                sink.put("response", response)  # held by the handler until usage is recorded
-            return
-        except APIError as exc:
-            if attempt == 0 and exc.code == "backend_unreachable" and not sink.started:
-                svc.live.mark_unreachable(inst, exc.message)
-                out.cold_start = await svc.live.ensure_warm(inst, req.warm_wait_s) or out.cold_start
-                continue
-            raise
-        finally:
-            inst.inflight -= 1
+    """Run the request on one cluster; fills ``out`` with usage. The instance's load, latency and errors (and
+    its cluster's breaker) follow the outcome."""
+    backend = svc.backends.get(inst.cluster)
+    body = backend_body(req.body, inst.model.served)
+    sink.cluster = inst.cluster.name
+    svc.live.begin(inst)
+    t0, fault, error = time.perf_counter(), False, None
+    try:
+        if req.stream:
+            await _stream(req, backend.stream(inst.base_url or "", req.path, body, req.request_id), sink, out)
+        else:
+            response = await backend.complete(inst.base_url or "", req.path, body)
+            response["model"] = req.body.model
+            out.usage = dict(response.get("usage") or {})
+            sink.put("response", response)  # held by the handler until usage is recorded
+    except APIError as exc:
+        fault, error = exc.status >= 500, exc.message  # a 4xx is the caller's to fix, not the cluster's fault
+        raise
+    except Exception as exc:
+        fault, error = True, repr(exc)
+        raise
+    finally:
+        svc.live.end(inst, fault, (time.perf_counter() - t0) * 1000, error)
 
 
 async def _stream(req: InferenceRequest, chunks: Any, sink: Sink, out: Outcome) -> None:
@@ -230,6 +268,50 @@ async def _stream(req: InferenceRequest, chunks: Any, sink: Sink, out: Outcome) 
             chunk.pop("usage", None)
         sink.started = out.streamed = True
         sink.put("chunk", chunk)
+
+
+async def _run_on_clusters(
+    req: InferenceRequest, plan: list[Instance], svc: Services, sink: Sink, out: Outcome, run: StepRunner
+) -> None:
+    """Try the plan's clusters in order until one answers, at most ``max_tries`` of them. A failure before the
+    first byte moves on (failover); after it, the stream ends with an error event: never a silent replay.
+    If the server of the only candidate vanished (scaled down, crashed), it is warmed up again once."""
+    queue, tries, last = list(plan), 0, None
+    rewarmed: set[Instance] = set()
+    while queue and tries < svc.settings.max_tries:
+        inst = queue.pop(0)
+        if tries and not svc.live.breaker(inst.cluster.name).allows(time.time()):
+            continue  # opened while this request was on another cluster
+        try:
+            _reserve_cluster(req, inst, svc, out)
+        except APIError as exc:  # the caller's share of this cluster is used up: another cluster may take it
+            last = exc
+            continue
+        tries += 1
+        out.cluster = inst.cluster.name
+        out.tried.append(inst.cluster.name)
+        warmed = False
+        try:
+            out.cold_start = await run(ensure_warm, req, inst, svc) or out.cold_start
+            warmed = True
+            await run(execute, req, inst, svc, sink, out)
+            return
+        except APIError as exc:
+            if sink.started or exc.code not in FAILOVER_CODES:
+                raise
+            last = exc
+            if not warmed:
+                svc.live.start_failed(inst, exc.message)
+            if exc.code == "backend_unreachable":
+                svc.live.mark_unreachable(inst, exc.message)
+                if not queue and inst not in rewarmed:
+                    rewarmed.add(inst)
+                    queue.append(inst)
+            if queue and tries < svc.settings.max_tries:
+                svc.live.failovers += 1
+                log.warning("request %s failed on %s before its first byte (%s); trying %s", req.request_id,
+                            inst.cluster.name, exc.code, queue[0].cluster.name)  # fmt: skip
+    raise last or APIError(503, "No cluster could take the request", code="no_cluster")
 
 
 @task(name="record-usage", cache_policy=NO_CACHE)
@@ -272,10 +354,8 @@ async def _pipeline(req: InferenceRequest, svc: Services, sink: Sink, run: StepR
     try:
         model = await run(authorize, req, svc, out)
         out.model = model.name
-        inst = await run(select_cluster, req, model, svc, out)
-        out.cluster = inst.cluster.name
-        out.cold_start = await run(ensure_warm, req, inst, svc)
-        await run(execute, req, inst, svc, sink, out)
+        plan = await run(select_cluster, req, model, svc, out)
+        await _run_on_clusters(req, plan, svc, sink, out, run)
     except APIError as exc:
         out.status, out.error_type, out.error_message = exc.status, exc.type, exc.message
         error: APIError | None = exc

@@ -1,14 +1,26 @@
 """Live state of each model on each cluster, held by the gateway in memory.
 
-``ensure_warm`` is single-flight: the first request for a cold model starts one warm-up; concurrent
-requests join it and wait up to a bound, then get 503 with Retry-After.
+An instance is one model on one cluster: cold, queued, starting, hot, draining (its cluster is in maintenance
+and requests are still running on it) or failed, plus its in-flight requests, recent latency and errors, and
+when it was last observed. Three things move it:
+
+- requests: each one counts in and out, records its latency, and reports failures to the cluster's breaker;
+- lifecycle runs (warm-up, scale-down, refresh-status, ... from the Prefect UI or the schedule), whose
+  observations the gateway adopts through ``flows.bus`` within ``FIRST_STATE_SYNC_S``;
+- status checks the gateway makes itself when it does not know an instance yet.
+
+``ensure_warm`` is single-flight: the first request for a cold instance starts one warm-up (the ``warm-up``
+flow, a recorded run); concurrent requests join it and resume in arrival order once it is hot. Past the bound
+they get 503 with Retry-After, naming the cluster.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,37 +28,78 @@ from typing import Any
 from api.errors import APIError
 from blocks.registry import ClusterSpec, ModelSpec
 from compute.backends import Backends
+from first.settings import Settings
+from flows.bus import GatewayReport, InstanceUse, Observation
+from flows.routing import RUNNING, Breaker, rank
 
 log = logging.getLogger("first.state")
 
 WarmRunner = Callable[[ModelSpec, ClusterSpec], Awaitable[dict[str, Any]]]
+STATES = ("unknown", "cold", "queued", "starting", "hot", "draining", "failed")
+RECENT_S = 300.0  # the window of "recent" latency and errors
 
 
-@dataclass
+@dataclass(eq=False)
 class Instance:
     cluster: ClusterSpec
     model: ModelSpec
-    state: str = "unknown"  # unknown | cold | starting | hot | failed
+    state: str = "unknown"  # unknown | cold | queued | starting | hot | failed (draining is derived: shown_state)
     base_url: str | None = None
     inflight: int = 0
     last_error: str | None = None
-    since: float = field(default_factory=time.time)
-    warm_started: float | None = None
+    since: float = field(default_factory=time.time)  # when it entered its state
+    last_status: float | None = None  # when a status check or a lifecycle run last said what it is
+    last_used: float | None = None
+    hot_since: float | None = None
+    requests: int = 0
+    errors: int = 0
+    latencies_ms: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=200))
+    error_times: deque[float] = field(default_factory=lambda: deque(maxlen=200))
     warm: asyncio.Future[None] | None = None
+    warm_started: float | None = None
+    warm_ups: int = 0
 
-    def set(self, state: str, base_url: str | None = None, error: str | None = None) -> None:
+    @property
+    def key(self) -> str:
+        return f"{self.cluster.name}/{self.model.name}"
+
+    def set(self, state: str, base_url: str | None = None, error: str | None = None, at: float | None = None) -> None:
+        now = time.time()
         if state != self.state:
             log.info("%s on %s: %s -> %s", self.model.name, self.cluster.name, self.state, state)
-            self.since = time.time()
+            self.since = now
+            if state == "hot":
+                self.hot_since = now
         self.state = state
         self.base_url = base_url or self.base_url
         self.last_error = error
+        self.last_status = at or now
 
-    def snapshot(self) -> dict[str, Any]:
+    @property
+    def shown_state(self) -> str:
+        if self.cluster.maintenance and self.state in RUNNING and self.inflight:
+            return "draining"
+        return self.state
+
+    def recent(self, now: float) -> dict[str, Any]:
+        lat = [ms for t, ms in self.latencies_ms if now - t <= RECENT_S]
         return {
-            "model": self.model.name, "cluster": self.cluster.name, "state": self.state, "inflight": self.inflight,
-            "base_url": self.base_url, "last_error": self.last_error, "since": self.since,
+            "requests": len(lat),
+            "latency_ms_p50": round(statistics.median(lat), 1) if lat else None,
+            "errors": sum(1 for t in self.error_times if now - t <= RECENT_S),
+        }
+
+    def snapshot(self, detail: bool = True) -> dict[str, Any]:
+        now = time.time()
+        doc = {
+            "model": self.model.name, "cluster": self.cluster.name, "state": self.shown_state,
+            "inflight": self.inflight, "capacity": self.cluster.max_concurrency, "since": self.since,
+            "last_status": self.last_status, "last_used": self.last_used, "recent": self.recent(now),
+            "requests": self.requests, "errors": self.errors, "warm_ups": self.warm_ups,
         }  # fmt: skip
+        if detail:
+            doc.update(base_url=self.base_url, last_error=self.last_error)
+        return doc
 
 
 async def run_warm_up_flow(model: ModelSpec, cluster: ClusterSpec) -> dict[str, Any]:
@@ -57,29 +110,99 @@ async def run_warm_up_flow(model: ModelSpec, cluster: ClusterSpec) -> dict[str, 
 
 
 class LiveState:
-    def __init__(self, backends: Backends, warm_wait_s: float, warm_runner: WarmRunner = run_warm_up_flow) -> None:
+    def __init__(self, backends: Backends, settings: Settings, warm_runner: WarmRunner = run_warm_up_flow) -> None:
         self.backends = backends
-        self.warm_wait_s = warm_wait_s
+        self.settings = settings
+        self.warm_wait_s = settings.warm_wait_s
         self.warm_runner = warm_runner
         self._instances: dict[tuple[str, str], Instance] = {}
+        self.breakers: dict[str, Breaker] = {}
+        self.estimates: dict[str, float] = {}  # learned cold-to-hot seconds per cluster
+        self.failovers = 0
+
+    # ---- instances ----
 
     def instance(self, cluster: ClusterSpec, model: ModelSpec) -> Instance:
         key = (cluster.name, model.name)
         inst = self._instances.get(key)
-        if inst is None or inst.model is not model or inst.cluster is not cluster:
-            fresh = Instance(cluster, model)
-            if inst is not None:  # registry refreshed: keep what we know
-                fresh.state, fresh.base_url, fresh.inflight = inst.state, inst.base_url, inst.inflight
-            inst = self._instances[key] = fresh
+        if inst is None:
+            inst = self._instances[key] = Instance(cluster, model)
+        elif inst.model is not model or inst.cluster is not cluster:  # the registry was refreshed: keep the rest
+            inst.model, inst.cluster = model, cluster
         return inst
 
     def all(self) -> list[Instance]:
         return list(self._instances.values())
 
+    def breaker(self, cluster: str) -> Breaker:
+        b = self.breakers.get(cluster)
+        if b is None:
+            b = self.breakers[cluster] = Breaker(self.settings.breaker_failures, self.settings.breaker_cooldown_s)
+        return b
+
+    # ---- routing ----
+
+    def route(self, candidates: list[Instance]) -> list[Instance]:
+        """``candidates`` best first; clusters in maintenance or with an open breaker left out."""
+        return rank(candidates, self.breakers, self.estimates, time.time())
+
+    async def probe(self, instances: list[Instance], timeout_s: float = 10.0) -> None:
+        """Ask the clusters what state these instances are in (the first time the gateway routes to them)."""
+
+        async def one(inst: Instance) -> None:
+            try:
+                status = await asyncio.wait_for(self.backends.get(inst.cluster).status(inst.model), timeout_s)
+            except Exception as exc:
+                status = {"state": "unknown", "detail": f"status check failed: {exc!r}"}
+            if inst.warm is None or inst.warm.done():  # a warm-up in progress knows better
+                inst.set(status["state"], status.get("base_url"), status.get("detail"))
+
+        await asyncio.gather(*(one(i) for i in instances))
+
+    # ---- a request's life on an instance ----
+
+    def begin(self, inst: Instance) -> None:
+        inst.inflight += 1
+        self.breaker(inst.cluster.name).attempt(time.time())
+
+    def end(self, inst: Instance, ok: bool, latency_ms: float, error: str | None = None) -> None:
+        """``ok``: the cluster did its part (a caller's 4xx counts as ok). Failures feed the breaker."""
+        now = time.time()
+        inst.inflight -= 1
+        inst.requests += 1
+        inst.last_used = now
+        breaker = self.breaker(inst.cluster.name)
+        if ok:
+            inst.latencies_ms.append((now, latency_ms))
+            breaker.success()
+            return
+        inst.errors += 1
+        inst.error_times.append(now)
+        inst.last_error = error
+        before = breaker.state(now)
+        breaker.failure(now)
+        if breaker.state(now) == "open" and before != "open":
+            log.warning("cluster %s: circuit breaker open for %.0f s after %d failures in a row (last: %s)",
+                        inst.cluster.name, breaker.cooldown_s, breaker.failures, error)  # fmt: skip
+
+    def start_failed(self, inst: Instance, error: str) -> None:
+        """A warm-up failed or the cluster could not be reached: one more failure for its breaker."""
+        now = time.time()
+        inst.errors += 1
+        inst.error_times.append(now)
+        self.breaker(inst.cluster.name).failure(now)
+
+    def mark_unreachable(self, inst: Instance, error: str) -> None:
+        """The server stopped answering (scaled down, crashed): re-check before the next request."""
+        inst.set("unknown", error=error)
+
+    # ---- cold starts ----
+
     async def ensure_warm(self, inst: Instance, wait_s: float | None = None) -> bool:
         """Return once the instance is hot. True if this request had to wait for a warm-up.
 
-        ``wait_s`` (a caller's ``X-First-Warm-Wait``) can shorten the configured bound, not extend it."""
+        ``wait_s`` (a caller's ``X-First-Warm-Wait``) can shorten the configured bound, not extend it. Waiters
+        resume in arrival order: they wait on one future, whose callbacks run in the order they were added."""
         if inst.state == "hot":
             return False
         if inst.warm is None or inst.warm.done():
@@ -92,9 +215,9 @@ class LiveState:
             raise APIError(
                 503,
                 f"Model '{inst.model.name}' is warming up on cluster '{inst.cluster.name}' "
-                f"(for {waited:.0f} s so far). Retry shortly.",
+                f"({inst.state} for {waited:.0f} s so far). Retry shortly.",
                 code="model_warming_up",
-                headers={"Retry-After": "10"},
+                headers={"Retry-After": str(max(5, round(self._remaining(inst))))},
             ) from None
         except APIError:
             raise
@@ -106,6 +229,10 @@ class LiveState:
                 headers={"Retry-After": "30"},
             ) from exc
         return inst.state == "hot" and inst.warm_started is not None
+
+    def _remaining(self, inst: Instance) -> float:
+        expected = self.estimates.get(inst.cluster.name, inst.cluster.expected_start_s)
+        return expected - (time.monotonic() - (inst.warm_started or time.monotonic()))
 
     async def _warm(self, inst: Instance) -> None:
         backend = self.backends.get(inst.cluster)
@@ -123,14 +250,45 @@ class LiveState:
                 headers={"Retry-After": "30"},
             )
         inst.warm_started = time.monotonic()
-        inst.set("starting")
+        inst.warm_ups += 1
+        queued = inst.cluster.scheduler != "none" and status["state"] != "starting"
+        inst.set("queued" if queued else "starting")
         try:
             status = await self.warm_runner(inst.model, inst.cluster)
         except BaseException as exc:
             inst.set("failed", error=str(exc))
             raise
+        took = time.monotonic() - inst.warm_started
+        old = self.estimates.get(inst.cluster.name)
+        self.estimates[inst.cluster.name] = took if old is None else 0.5 * old + 0.5 * took
         inst.set("hot", status.get("base_url"))
 
-    def mark_unreachable(self, inst: Instance, error: str) -> None:
-        """The server stopped answering (scaled down, crashed): re-check before the next request."""
-        inst.set("unknown", error=error)
+    # ---- what lifecycle runs saw, and what this gateway reports ----
+
+    def adopt(self, obs: Observation, registry_clusters: dict[str, ClusterSpec], models: dict[str, ModelSpec]) -> bool:
+        """Take a lifecycle run's observation if it is newer than what this gateway knows. True if adopted."""
+        cluster, model = registry_clusters.get(obs.cluster), models.get(obs.model)
+        if cluster is None or model is None:
+            return False
+        inst = self.instance(cluster, model)
+        if inst.last_status is not None and obs.ts <= inst.last_status:
+            return False
+        if inst.warm is not None and not inst.warm.done() and obs.state not in ("queued", "starting", "hot"):
+            return False  # our own warm-up is under way; it will say how it ended
+        if obs.state == inst.state and obs.base_url in (None, inst.base_url):
+            inst.last_status = obs.ts
+            return False
+        inst.set(obs.state, obs.base_url, obs.detail, at=obs.ts)
+        return True
+
+    def report(self, gateway: str, maintenance: list[str]) -> GatewayReport:
+        return GatewayReport(
+            gateway=gateway,
+            instances={
+                i.key: InstanceUse(
+                    state=i.shown_state, inflight=i.inflight, last_used=i.last_used, hot_since=i.hot_since
+                )
+                for i in self._instances.values()
+            },
+            maintenance=maintenance,
+        )

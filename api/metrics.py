@@ -1,0 +1,62 @@
+"""Prometheus metrics of the fleet, read from the gateway's live state when scraped (no cost per request)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from flows.state import STATES, LiveState
+
+
+class FleetCollector:
+    """One sample per model instance (model, cluster) and per cluster, made at scrape time."""
+
+    def __init__(self, live: LiveState) -> None:
+        self.live = live
+
+    def collect(self) -> Iterator[Metric]:
+        now = time.time()
+        labels = ["model", "cluster"]
+        state = GaugeMetricFamily(
+            "first_instance_state", "1 for the state a model instance is in", labels=[*labels, "state"]
+        )
+        inflight = GaugeMetricFamily("first_instance_inflight", "Requests running on the instance", labels=labels)
+        p50 = GaugeMetricFamily("first_instance_latency_p50_ms", "Median latency, last 5 minutes", labels=labels)
+        requests = CounterMetricFamily("first_instance_requests", "Requests that ran on the instance", labels=labels)
+        errors = CounterMetricFamily("first_instance_errors", "Requests the cluster failed", labels=labels)
+        warm_ups = CounterMetricFamily("first_instance_warm_ups", "Warm-ups this gateway started", labels=labels)
+        for inst in self.live.all():
+            key = [inst.model.name, inst.cluster.name]
+            shown = inst.shown_state
+            for s in STATES:
+                state.add_metric([*key, s], 1.0 if shown == s else 0.0)
+            inflight.add_metric(key, inst.inflight)
+            recent = inst.recent(now)
+            if recent["latency_ms_p50"] is not None:
+                p50.add_metric(key, recent["latency_ms_p50"])
+            requests.add_metric(key, inst.requests)
+            errors.add_metric(key, inst.errors)
+            warm_ups.add_metric(key, inst.warm_ups)
+        breaker = GaugeMetricFamily("first_cluster_breaker_open", "1 while the cluster's circuit breaker is open",
+                                    labels=["cluster"])  # fmt: skip
+        opened = CounterMetricFamily("first_cluster_breaker_opened", "Times the breaker opened", labels=["cluster"])
+        for name, b in self.live.breakers.items():
+            breaker.add_metric([name], 1.0 if b.state(now) == "open" else 0.0)
+            opened.add_metric([name], b.opened)
+        failovers = CounterMetricFamily("first_failovers", "Requests moved to another cluster before their first byte")
+        failovers.add_metric([], self.live.failovers)
+        yield from (state, inflight, p50, requests, errors, warm_ups, breaker, opened, failovers)
+
+
+def metrics_registry(live: LiveState) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FleetCollector(live))  # type: ignore[arg-type]
+    return registry
+
+
+def render(registry: CollectorRegistry) -> Any:
+    return generate_latest(registry)
