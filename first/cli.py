@@ -241,7 +241,8 @@ def apply(
     """Declare the whole registry (clusters and models) from a file, for a reproducible setup.
 
     Saves a FIRST Cluster / FIRST Model block for each entry, shows what was created, updated or left as it
-    was, and with --prune deletes blocks the file does not name. Gateways read the registry when they start."""
+    was, and with --prune deletes blocks the file does not name. Running gateways follow within
+    FIRST_REGISTRY_REFRESH_S (5 s)."""
     from blocks.registry import ClusterBlock, ModelBlock, Registry
 
     try:

@@ -165,14 +165,14 @@ class LiveState:
         inst.inflight += 1
         self.breaker(inst.cluster.name).attempt(time.time())
 
-    def end(self, inst: Instance, ok: bool, latency_ms: float, error: str | None = None) -> None:
-        """``ok``: the cluster did its part (a caller's 4xx counts as ok). Failures feed the breaker."""
+    def end(self, inst: Instance, fault: bool, latency_ms: float, error: str | None = None) -> None:
+        """``fault``: the cluster failed the request (a caller's 4xx is not its fault). Faults feed the breaker."""
         now = time.time()
         inst.inflight -= 1
         inst.requests += 1
         inst.last_used = now
         breaker = self.breaker(inst.cluster.name)
-        if ok:
+        if not fault:
             inst.latencies_ms.append((now, latency_ms))
             breaker.success()
             return
