@@ -1,0 +1,551 @@
+"""Federation: does a model served by two backends get twice the throughput of one, through the gateway?
+
+Two OpenAISimulatorDouble backends (tests/fakes/openai_simulator.py: OpenAI-compatible, each with a bounded
+throughput: --capacity requests at a time, --latency-s each, the rest wait in line; by default 4 x 0.1 s, i.e.
+~40 req/s) are declared as direct-HTTP clusters `sim-a` and `sim-b`. Model `sim` is served on both, model
+`sim-one` on `sim-a` only, so ONE gateway process measures one backend against two side by side, in the same
+run. Non-streaming chat completions (max_tokens --max-tokens) go, at each concurrency (16 and 64), in rounds of
+alternating blocks (the order rotates every round) to:
+
+  - direct: the `sim-a` double itself (the ceiling of one backend),
+  - 1 backend: the gateway, model `sim-one`,
+  - 2 backends: the gateway, model `sim`;
+
+throughput (req/s, median over blocks), latency p50/p95, the ratio 2 backends / 1 backend (target >= 1.8x), how
+the gateway split model `sim`'s calls between sim-a and sim-b (the doubles' counters), and the gateway's CPU.
+
+The gateway runs as its own process (`first.runner.gateway_command`, uvicorn with this script's `gateway_app`
+factory, which builds the app from the registry file: `api.asgi:app` reads its registry from Prefect or uses the
+embedded default), with FIRST_FLOW_TRACKING=off and no Prefect, so the load generator's CPU does not share its
+GIL. The doubles run in threads of this process, beside the load generator: they only sleep and write JSON.
+
+It prints a table and writes (or replaces) its own section of docs/benchmarks.md.
+
+    make bench-federation                             # = .venv/bin/python bench/federation.py (about 3 minutes)
+    .venv/bin/python bench/federation.py --quick      # a smoke run; leaves docs/ alone unless --out is given
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.* and tests.* are not installed
+
+import httpx
+import yaml
+from rich.table import Table
+
+from bench.overhead import (
+    REPO,
+    BenchError,
+    console,
+    cpu_model,
+    fmt,
+    git,
+    log,
+    median,
+    p95,
+    port_free,
+    stop_group,
+    tail,
+    tree_cpu_s,
+    write_section,
+)
+from first.runner import gateway_command
+from first.settings import Settings
+from tests.fakes.openai_simulator import OpenAISimulatorDouble
+
+BEGIN = "<!-- bench/federation.py: begin (generated; rerun the script to replace this section) -->"
+END = "<!-- bench/federation.py: end -->"
+TARGETS = ("direct", "one", "two")
+LABEL = {"direct": "sim-a directly", "one": "gateway, 1 backend", "two": "gateway, 2 backends"}
+MODEL = {"direct": "sim", "one": "sim-one", "two": "sim"}
+SIMS = ("sim-a", "sim-b")
+REGISTRY_ENV = "FIRST_BENCH_REGISTRY"
+CLIENT_TIMEOUT_S = 120.0
+
+
+@functools.cache
+def routing_cost_section() -> str:
+    """The routing decision per request, in process: ``select_cluster`` (access and maintenance checks, the live
+    instances, ``flows.routing.rank``) for a model on 1, 3 and 8 hot clusters with some load, and ``rank``
+    alone. Median of 7 repeats of 20,000 decisions; the target is under 50 µs. Markdown, also printed."""
+    from api.auth import Principal
+    from api.limits import RateLimiter
+    from api.protocol import ChatCompletionRequest
+    from blocks.registry import ClusterSpec, ModelSpec, Registry
+    from first.settings import Settings
+    from flows.inference import InferenceRequest, Outcome, Services, select_cluster
+    from flows.state import LiveState
+
+    def measure(n_clusters: int) -> tuple[float, float]:
+        names = [f"c{i}" for i in range(n_clusters)]
+        clusters = {c: ClusterSpec(name=c, transport="http", base_url="http://-") for c in names}
+        model = ModelSpec(name="m", path="-", clusters=list(clusters))
+        reg = Registry(clusters=clusters, models={"m": model})
+        settings = Settings(home=Path(tempfile.gettempdir()) / "first-bench-routing")
+        live = LiveState(None, settings)  # type: ignore[arg-type]  # no backend is called: every instance is hot
+        for i, c in enumerate(clusters.values()):
+            inst = live.instance(c, model)
+            inst.state, inst.inflight, inst.last_used = "hot", i % 4, time.time() - i
+        svc = Services(settings=settings, registry=reg, live=live, backends=None, spool=None, limiter=RateLimiter())  # type: ignore[arg-type]
+        body = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}]})
+        req = InferenceRequest("r", "chat.completions", "/v1/chat/completions", body, Principal("u"))
+        out = Outcome(model="m")
+        insts = live.all()
+        n = 20_000
+
+        async def decide() -> float:
+            t = time.perf_counter()
+            for _ in range(n):
+                await select_cluster.fn(req, model, svc, out)
+            return (time.perf_counter() - t) / n * 1e6
+
+        def rank_only() -> float:
+            t = time.perf_counter()
+            for _ in range(n):
+                live.route(insts)
+            return (time.perf_counter() - t) / n * 1e6
+
+        full = statistics.median([asyncio.run(decide()) for _ in range(7)])
+        alone = statistics.median([rank_only() for _ in range(7)])
+        return full, alone
+
+    rows = [(k, *measure(k)) for k in (1, 3, 8)]
+    lines = [
+        "### The routing decision",
+        "",
+        "In process, per request (median of 7 × 20,000 decisions; every instance hot, with unequal load). Target:",
+        "under 50 µs.",
+        "",
+        "| clusters serving the model | `select_cluster` (checks + rank) | `rank` alone |",
+        "|---|---|---|",
+        *(f"| {k} | {full:.1f} µs | {alone:.1f} µs |" for k, full, alone in rows),
+    ]
+    return "\n".join(lines)
+
+
+# ---- the gateway (its own process) ----
+
+
+def gateway_app() -> Any:
+    """`uvicorn --factory bench.federation:gateway_app`: the gateway, with the registry from $FIRST_BENCH_REGISTRY."""
+    from api.app import create_app
+    from blocks.registry import Registry
+
+    return create_app(Settings(), Registry.from_yaml(Path(os.environ[REGISTRY_ENV]).read_text()))
+
+
+def registry_yaml(urls: dict[str, str]) -> str:
+    clusters = [{"name": name, "transport": "http", "base_url": url} for name, url in urls.items()]
+    models = [
+        {"name": "sim", "path": "-", "clusters": list(urls)},
+        {"name": "sim-one", "path": "-", "clusters": [SIMS[0]]},
+    ]
+    return yaml.safe_dump({"clusters": clusters, "models": models}, sort_keys=False)
+
+
+class Gateway:
+    def __init__(self, home: Path, port: int) -> None:
+        self.home, self.port = home, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = home / "gateway.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, registry_path: Path) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("FIRST_", "PREFECT_"))}
+        env.update({
+            "FIRST_HOME": str(self.home), "FIRST_HOST": "127.0.0.1", "FIRST_PORT": str(self.port),
+            "FIRST_FLOW_TRACKING": "off", "PREFECT_HOME": str(self.home / "prefect"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONUNBUFFERED": "1", REGISTRY_ENV: str(registry_path),
+        })  # fmt: skip
+        cmd = gateway_command("127.0.0.1", self.port)
+        cmd[cmd.index("api.asgi:app")] = "bench.federation:gateway_app"
+        self.proc = subprocess.Popen(
+            [*cmd, "--factory"], stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, env=env, cwd=REPO, start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BenchError(f"the gateway exited with code {self.proc.returncode}:\n{tail(self.log_path)}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.3)
+        raise BenchError(f"the gateway did not answer /health within 60 s:\n{tail(self.log_path)}")
+
+    def cpu_s(self) -> float:
+        return tree_cpu_s(self.proc.pid) if self.proc else float("nan")
+
+    def close(self) -> None:
+        if self.proc is not None:
+            stop_group(self.proc, "gateway")
+
+
+# ---- load ----
+
+
+@dataclass
+class Block:
+    target: str
+    concurrency: int
+    ok: int
+    seconds: float
+    latencies_ms: list[float]
+    errors: list[str]
+    served: dict[str, int]  # calls each double completed during the block
+    gateway_cpu_s: float
+    own_cpu_s: float  # this process: the load generator and the doubles
+
+    @property
+    def rps(self) -> float:
+        return self.ok / self.seconds if self.seconds else float("nan")
+
+
+@dataclass
+class Client:
+    target: str
+    http: httpx.AsyncClient
+    body: dict[str, Any]
+    misrouted: int = 0  # answers from a double the target must not reach
+    short: int = 0  # answers with fewer completion tokens than asked for
+    errors: list[str] = field(default_factory=list)
+
+
+async def call(c: Client, max_tokens: int) -> float:
+    t0 = time.perf_counter()
+    r = await c.http.post("/chat/completions", json=c.body)
+    ms = (time.perf_counter() - t0) * 1000
+    if r.status_code != 200:
+        raise BenchError(f"HTTP {r.status_code}: {r.text[:200]}")
+    doc = r.json()
+    if c.target != "two" and doc.get("system_fingerprint") != SIMS[0]:
+        c.misrouted += 1
+    if (doc.get("usage") or {}).get("completion_tokens") != max_tokens:
+        c.short += 1
+    return ms
+
+
+async def burst(c: Client, n: int, concurrency: int, max_tokens: int) -> tuple[float, list[float], list[str]]:
+    """``n`` calls, ``concurrency`` at a time; returns (seconds, latencies of the successes, errors)."""
+    left = n
+    latencies: list[float] = []
+    errors: list[str] = []
+
+    async def worker() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            try:
+                latencies.append(await call(c, max_tokens))
+            except (BenchError, httpx.HTTPError, ValueError) as exc:
+                errors.append((f"{type(exc).__name__}: {exc}" if str(exc) else repr(exc))[:300])
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.perf_counter() - t0, latencies, errors
+
+
+async def measure(args: argparse.Namespace, sims: dict[str, OpenAISimulatorDouble], gw: Gateway, key: str) -> list:
+    limits = httpx.Limits(max_connections=max(args.concurrency), max_keepalive_connections=max(args.concurrency))
+    timeout = httpx.Timeout(CLIENT_TIMEOUT_S, connect=10.0)
+    clients = {}
+    for t in TARGETS:
+        base = sims[SIMS[0]].base_url if t == "direct" else gw.url
+        headers = {} if t == "direct" else {"Authorization": f"Bearer {key}"}
+        http = httpx.AsyncClient(base_url=base + "/v1", headers=headers, timeout=timeout, limits=limits)
+        body = {"model": MODEL[t], "max_tokens": args.max_tokens,
+                "messages": [{"role": "user", "content": "Which cluster answers this?"}]}  # fmt: skip
+        clients[t] = Client(t, http, body)
+    blocks: list[Block] = []
+    try:
+        for c in clients.values():  # connections, and the gateway's first /health of each backend
+            _, _, errors = await burst(c, args.warmup, min(args.warmup, 8), args.max_tokens)
+            if errors:
+                raise BenchError(f"warm-up calls to {LABEL[c.target]} failed: {errors[0]}")
+            c.misrouted = c.short = 0
+        for conc in args.concurrency:
+            n = args.block_factor * conc
+            for r in range(args.rounds):
+                order = TARGETS[r % 3 :] + TARGETS[: r % 3]
+                for t in order:
+                    served0 = {name: s.served for name, s in sims.items()}
+                    cpu0, own0 = gw.cpu_s(), time.process_time()
+                    seconds, lat, errors = await burst(clients[t], n, conc, args.max_tokens)
+                    cpu = gw.cpu_s() - cpu0 if t != "direct" else float("nan")
+                    own = time.process_time() - own0
+                    served = {name: s.served - served0[name] for name, s in sims.items()}
+                    blocks.append(Block(t, conc, len(lat), seconds, lat, errors, served, cpu, own))
+                rps = {b.target: b.rps for b in blocks[-3:]}
+                log(f"  c={conc} round {r + 1}/{args.rounds}: " + ", ".join(f"{LABEL[t]} {rps[t]:.1f}" for t in TARGETS)
+                    + " req/s")  # fmt: skip
+    finally:
+        for c in clients.values():
+            await c.http.aclose()
+    args.client_checks = {t: (c.misrouted, c.short) for t, c in clients.items()}
+    return blocks
+
+
+# ---- results ----
+
+
+@dataclass
+class Point:
+    target: str
+    concurrency: int
+    blocks: list[Block]
+
+    @property
+    def rps(self) -> float:
+        return median([b.rps for b in self.blocks])
+
+    @property
+    def latencies(self) -> list[float]:
+        return [x for b in self.blocks for x in b.latencies_ms]
+
+    @property
+    def errors(self) -> list[str]:
+        return [e for b in self.blocks for e in b.errors]
+
+    def served(self, name: str) -> int:
+        return sum(b.served[name] for b in self.blocks)
+
+    @property
+    def split(self) -> str:
+        total = sum(self.served(n) for n in SIMS) or 1
+        return " / ".join(f"{100 * self.served(n) / total:.0f}%" for n in SIMS)
+
+    @property
+    def gw_cpu(self) -> tuple[float, float]:
+        """The gateway's CPU: ms per call, and % of one core over the blocks."""
+        cpu, ok, secs = (sum(getattr(b, a) for b in self.blocks) for a in ("gateway_cpu_s", "ok", "seconds"))
+        return (1000 * cpu / ok if ok else float("nan")), (100 * cpu / secs if secs else float("nan"))
+
+
+def points(blocks: list[Block], args: argparse.Namespace) -> dict[tuple[int, str], Point]:
+    return {(c, t): Point(t, c, [b for b in blocks if b.target == t and b.concurrency == c])
+            for c in args.concurrency for t in TARGETS}  # fmt: skip
+
+
+def ratio(pts: dict[tuple[int, str], Point], c: int) -> float:
+    return pts[c, "two"].rps / pts[c, "one"].rps if pts[c, "one"].rps else float("nan")
+
+
+def rows(pts: dict[tuple[int, str], Point], args: argparse.Namespace) -> list[list[str]]:
+    out = []
+    for c in args.concurrency:
+        for t in TARGETS:
+            p = pts[c, t]
+            ms, pct = p.gw_cpu
+            out.append([
+                str(c), LABEL[t], fmt(p.rps), f"{fmt(median(p.latencies), '.0f')} / {fmt(p95(p.latencies), '.0f')}",
+                f"{fmt(ratio(pts, c), '.2f')}x" if t == "two" else "", p.split,
+                "–" if t == "direct" else f"{fmt(ms, '.2f')} / {fmt(pct, '.0f')}%", str(len(p.errors)),
+            ])  # fmt: skip
+    return out
+
+
+COLUMNS = ("c", "target", "req/s (median)", "latency p50 / p95 (ms)", "2 / 1 backend", "served sim-a / sim-b",
+           "gateway CPU ms/call / % core", "failed")  # fmt: skip
+
+
+def print_table(pts: dict[tuple[int, str], Point], args: argparse.Namespace) -> None:
+    table = Table(title=f"Federation: 2 backends vs 1 ({args.capacity} x {args.latency_s * 1000:g} ms each)")
+    for col in COLUMNS:
+        table.add_column(col, justify="left" if col == "target" else "right")
+    for row in rows(pts, args):
+        if row[4]:
+            ok = ratio(pts, int(row[0])) >= args.target_ratio
+            row[4] = f"[{'green' if ok else 'red'}]{row[4]}[/]"
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"Target: 2 backends ≥ {args.target_ratio:g}x the throughput of 1 at every concurrency.")
+
+
+def notes(pts: dict[tuple[int, str], Point], args: argparse.Namespace) -> list[str]:
+    out = []
+    for (c, t), p in pts.items():
+        if p.errors:
+            out.append(f"c={c} {LABEL[t]}: {len(p.errors)} failed calls; first: {p.errors[0]}")
+        if t != "two" and p.served(SIMS[1]):
+            out.append(f"c={c} {LABEL[t]}: sim-b served {p.served(SIMS[1])} calls during these blocks (expected 0)")
+        if t == "two" and min(p.served(n) for n in SIMS) < 0.25 * sum(p.served(n) for n in SIMS):
+            out.append(f"c={c}: the gateway did not spread model `sim` over its two clusters (sim-a / sim-b {p.split})")
+        rps = [b.rps for b in p.blocks]
+        if len(rps) > 1 and max(rps) > 1.25 * min(rps):
+            out.append(f"c={c} {LABEL[t]}: req/s per block ranged {min(rps):.1f}-{max(rps):.1f}")
+    own = [b for p in pts.values() for b in p.blocks]
+    share = 100 * sum(b.own_cpu_s for b in own) / sum(b.seconds for b in own)
+    out.append(f"this process (the load generator and the doubles) used {share:.0f}% of a core over the blocks")
+    for t, (misrouted, short) in args.client_checks.items():
+        if misrouted:
+            out.append(f"{LABEL[t]}: {misrouted} answers came from a double other than sim-a")
+        if short:
+            out.append(f"{LABEL[t]}: {short} answers had fewer than max_tokens completion tokens")
+    return out
+
+
+def markdown(pts: dict[tuple[int, str], Point], args: argparse.Namespace, started: datetime, wall_s: float) -> str:
+    dirty = " (with uncommitted changes)" if git("status", "--porcelain") else ""
+    nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip() or str(os.cpu_count())
+    checks = [
+        f"- c={c}: 2 backends {fmt(ratio(pts, c), '.2f')}x the throughput of 1 "
+        f"({'met' if ratio(pts, c) >= args.target_ratio else 'not met'}; target ≥ {args.target_ratio:g}x)"
+        for c in args.concurrency
+    ]
+    extra = notes(pts, args)
+    lines = [
+        BEGIN,
+        "## Federation: two backends against one (`bench/federation.py`)",
+        "",
+        f"Measured {started:%Y-%m-%d %H:%M} UTC on {nproc} cores ({cpu_model()}), Python {platform.python_version()}, "
+        f"commit `{git('rev-parse', '--short', 'HEAD')}`{dirty}; the run took {wall_s / 60:.1f} min"
+        f"{' (--quick)' if args.quick else ''}. Rerun with `make bench-federation` or `.venv/bin/python "
+        "bench/federation.py` (`--help` for options).",
+        "",
+        "Method: two `OpenAISimulatorDouble` backends (`tests/fakes/openai_simulator.py`), each processing at most "
+        f"{args.capacity} requests at a time for {args.latency_s * 1000:g} ms each (the rest wait in line; about "
+        f"{args.capacity / args.latency_s:.0f} req/s per backend), are direct-HTTP clusters `sim-a` and `sim-b`. "
+        "One gateway process (uvicorn, `FIRST_FLOW_TRACKING=off`) serves model `sim` on both and `sim-one` on "
+        f"`sim-a` only. Non-streaming chat completions (max_tokens={args.max_tokens}) go in {args.rounds} round(s) "
+        f"of blocks of {args.block_factor} x c calls at concurrency c, to `sim-a` directly, to `sim-one` and to "
+        "`sim` through the gateway (the order rotates every round); req/s is the median over blocks, latencies are "
+        "over all calls. The served split counts what each double completed during the blocks. The gateway's CPU "
+        "is its process's (`/proc`) over the blocks. The load generator (asyncio, one `httpx.AsyncClient` per "
+        "target) and the doubles share this script's process; the gateway has its own.",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+        *("| " + " | ".join(r) + " |" for r in rows(pts, args)),
+        "",
+        *checks,
+    ]
+    if extra:
+        lines += ["", "Notes from this run:", "", *(f"- {n}" for n in extra)]
+    routing = routing_cost_section().strip("\n")
+    if routing:
+        lines += ["", routing]
+    lines.append(END)
+    return "\n".join(lines) + "\n"
+
+
+# ---- main ----
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    ap.add_argument("--quick", action="store_true", help="fewer calls (a smoke run); writes --out only when given")
+    ap.add_argument("--out", type=Path, help="markdown file whose section is replaced (default docs/benchmarks.md)")
+    ap.add_argument("--latency-s", type=float, default=0.1, help="each double's service time (default 0.1)")
+    ap.add_argument("--capacity", type=int, default=4, help="each double's concurrent requests (default 4)")
+    ap.add_argument("--concurrency", default="16,64", help="comma-separated client concurrencies (default 16,64)")
+    ap.add_argument("--rounds", type=int, help="rounds of blocks per concurrency (default 5; quick 1)")
+    # Shorter blocks understate 2 backends: the last calls of a block leave slots idle, a larger share of a short block.
+    ap.add_argument("--block-factor", type=int, help="calls per block = this x concurrency (default 6; quick 5)")
+    ap.add_argument("--max-tokens", type=int, default=16, help="completion tokens per call (default 16)")
+    ap.add_argument("--warmup", type=int, default=8, help="warm-up calls per target (default 8)")
+    ap.add_argument("--port", type=int, help="the gateway's port (default: a free one)")
+    ap.add_argument("--target-ratio", type=float, default=1.8, help="target for 2 / 1 backend req/s (default 1.8)")
+    args = ap.parse_args(argv)
+    args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 5
+    if args.block_factor is None:
+        args.block_factor = 5 if args.quick else 6
+    if min(args.capacity, args.rounds, args.block_factor, args.max_tokens, args.warmup, *args.concurrency) < 1:
+        ap.error("counts must be at least 1")
+    args.write = args.out is not None or not args.quick
+    if args.out is None:
+        args.out = REPO / "docs" / "benchmarks.md"
+    return args
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    port = args.port or free_port()
+    if not port_free(port):
+        console.print(f"[red]port {port} is in use[/red] (choose another with --port)")
+        return 2
+    home = Path(tempfile.mkdtemp(prefix="first-bench-federation-"))
+    started, t0 = datetime.now(UTC), time.monotonic()
+    sims = {name: OpenAISimulatorDouble(args.latency_s, args.capacity, name=name) for name in SIMS}
+    gw = Gateway(home, port)
+    blocks: list[Block] = []
+    code = 0
+    try:
+        for s in sims.values():
+            s.start()
+        registry = home / "registry.yaml"
+        registry.write_text(registry_yaml({name: s.base_url for name, s in sims.items()}))
+        from api.auth import KeyStore
+
+        key = KeyStore(Settings(home=home).keys_db).create("bench")[0]
+        log(f"doubles {', '.join(f'{n} {s.base_url}' for n, s in sims.items())}; starting the gateway on :{port}")
+        gw.start(registry)
+        blocks = asyncio.run(measure(args, sims, gw, key))
+    except KeyboardInterrupt:
+        console.print("\n[yellow]interrupted[/yellow]")
+        code = 130
+    except BenchError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        code = 1
+    except Exception:
+        console.print_exception()
+        code = 1
+    finally:
+        gw.close()
+        for s in sims.values():
+            s.stop()
+    wall_s = time.monotonic() - t0
+    if blocks:
+        pts = points(blocks, args)
+        print_table(pts, args)
+        for n in notes(pts, args):
+            console.print(f"[yellow]note:[/yellow] {n}")
+        routing = routing_cost_section()
+        if routing:
+            console.print(routing)
+        if args.write and code == 0:
+            write_section(args.out, markdown(pts, args, started, wall_s), BEGIN, END)
+            log(f"wrote the section in {args.out}")
+        elif not args.write:
+            log(f"--quick: {args.out} left alone (give --out to write it)")
+        if any(p.errors for p in pts.values()):
+            code = code or 1
+    log(f"total run time {wall_s / 60:.1f} min")
+    if code == 0:
+        shutil.rmtree(home, ignore_errors=True)
+    else:
+        log(f"the state folder and the gateway's log are kept: {home}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

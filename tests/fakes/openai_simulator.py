@@ -1,0 +1,210 @@
+"""OpenAISimulatorDouble: a test double for a vLLM (OpenAI-compatible) server, cheap enough to run many of.
+
+Federation tests and benchmarks need several model servers with a known, bounded throughput, that can be made
+slow, unhealthy or broken on demand; vLLM CPU can do none of that (one instance takes a core and a minute to
+start, and its speed is whatever the machine gives). This double answers like vLLM without a model:
+
+- ``GET /health`` (200; 503 while ``healthy`` is False), ``GET /v1/models``;
+- ``POST /v1/chat/completions`` and ``POST /v1/completions``, non-streaming or SSE streaming (vLLM's chunk shapes,
+  a final usage chunk with ``stream_options.include_usage``, then ``data: [DONE]``). Completion tokens are
+  ``max_tokens`` (or 16), deterministic words; the model id is the request's; ``system_fingerprint`` is ``name``,
+  so a caller can tell which double served it.
+
+Service model: each request takes ``latency_s`` once admitted; at most ``capacity`` are admitted at a time and
+the rest wait in arrival order (an asyncio.Semaphore on the server's loop), like a server with a bounded batch.
+``fail_mode``: None, "500" (an OpenAI error body), "close" (the connection is dropped with no answer) or "hang"
+(never answers). Attributes can be changed while it runs; a new ``capacity`` applies to requests arriving after.
+Counters: ``requests`` (completion requests received), ``served`` (answered OK), ``active`` (admitted now),
+``max_active_seen``.
+
+It runs a raw ASGI app under uvicorn in a thread on 127.0.0.1 (a free port): ``with OpenAISimulatorDouble() as
+sim: sim.base_url``, or ``start()`` / ``stop()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+import uvicorn
+
+WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "small", "birds")
+DEFAULT_MAX_TOKENS = 16
+_DROP = "drop"  # an ASGI app that returns a value makes uvicorn close the connection, having sent nothing
+
+
+def text_tokens(n: int) -> list[str]:
+    """The deterministic completion: ``n`` words, each one token (with its leading space)."""
+    return [" " + w for w in itertools.islice(itertools.cycle(WORDS), n)]
+
+
+class OpenAISimulatorDouble:
+    def __init__(self, latency_s: float = 0.05, capacity: int = 4, name: str = "sim") -> None:
+        self.latency_s, self.capacity, self.name = latency_s, capacity, name
+        self.healthy = True
+        self.fail_mode: str | None = None  # None | "500" | "close" | "hang"
+        self.requests = self.served = self.active = self.max_active_seen = 0
+        self._sem: asyncio.Semaphore | None = None
+        self._sem_capacity = 0
+        self._sock: socket.socket | None = None
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._sock is not None, "not started"
+        return self._sock.getsockname()[1]
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    # ---- lifecycle ----
+
+    def start(self) -> OpenAISimulatorDouble:
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        config = uvicorn.Config(
+            self._app, interface="asgi3", lifespan="off", log_level="critical", access_log=False,
+            backlog=2048, timeout_keep_alive=75,  # hundreds of connections at once, reused as vLLM's are
+            timeout_graceful_shutdown=0.2,  # "hang" requests must not hold up stop()
+        )  # fmt: skip
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("OpenAISimulatorDouble did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None and self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(10)
+        if self._sock is not None:
+            self._sock.close()
+
+    def __enter__(self) -> OpenAISimulatorDouble:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---- the ASGI app ----
+
+    async def _app(self, scope: dict, receive: Any, send: Any) -> str | None:
+        if scope["type"] != "http":
+            return None
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        method, path = scope["method"], scope["path"]
+        if method == "GET" and path == "/health":
+            return await self._json(send, 200 if self.healthy else 503, {} if self.healthy else {"status": "down"})
+        if method == "GET" and path == "/v1/models":
+            return await self._json(send, 200, {"object": "list", "data": [{"id": self.name, "object": "model"}]})
+        if method != "POST" or path not in ("/v1/chat/completions", "/v1/completions"):
+            return await self._json(send, 404, _error(f"no route {method} {path}", "NotFoundError", 404))
+        self.requests += 1
+        mode = self.fail_mode
+        if mode == "500":
+            return await self._json(send, 500, _error("simulated failure", "InternalServerError", 500))
+        if mode == "close":
+            return _DROP
+        if mode == "hang":
+            await asyncio.Event().wait()  # cancelled by stop()
+        try:
+            req = json.loads(body or b"{}")
+        except ValueError:
+            return await self._json(send, 400, _error("the body is not JSON", "BadRequestError", 400))
+        chat = path == "/v1/chat/completions"
+        if self._sem is None or self._sem_capacity != self.capacity:
+            self._sem, self._sem_capacity = asyncio.Semaphore(self.capacity), self.capacity
+        async with self._sem:
+            self.active += 1
+            self.max_active_seen = max(self.max_active_seen, self.active)
+            try:
+                if req.get("stream"):
+                    await self._stream(send, req, chat)
+                else:
+                    await asyncio.sleep(self.latency_s)
+                    await self._json(send, 200, self._completion(req, chat))
+                self.served += 1
+            finally:
+                self.active -= 1
+        return None
+
+    @staticmethod
+    async def _json(send: Any, status: int, doc: dict) -> None:
+        data = json.dumps(doc).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": data})
+
+    def _head(self, req: dict, chat: bool, chunk: bool = False) -> dict:
+        kind = ("chat.completion" + ".chunk" * chunk) if chat else "text_completion"
+        prefix = "chatcmpl-" if chat else "cmpl-"
+        return {"id": prefix + uuid.uuid4().hex[:16], "object": kind, "created": int(time.time()),
+                "model": req.get("model", ""), "system_fingerprint": self.name}  # fmt: skip
+
+    @staticmethod
+    def _usage(req: dict, chat: bool) -> dict[str, int]:
+        if chat:
+            texts = [m.get("content") for m in req.get("messages") or []]
+            words = sum(len(str(t).split()) + 4 for t in texts)  # ~ a chat template's tokens per message
+        else:
+            words = len(str(req.get("prompt", "")).split())
+        prompt = max(words, 1)
+        completion = int(req.get("max_tokens") or req.get("max_completion_tokens") or DEFAULT_MAX_TOKENS)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _completion(self, req: dict, chat: bool) -> dict:
+        usage = self._usage(req, chat)
+        text = "".join(text_tokens(usage["completion_tokens"]))
+        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": "length"}
+        choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+        return {**self._head(req, chat), "choices": [choice], "usage": usage}
+
+    async def _stream(self, send: Any, req: dict, chat: bool) -> None:
+        usage = self._usage(req, chat)
+        tokens = text_tokens(usage["completion_tokens"])
+        with_usage = bool((req.get("stream_options") or {}).get("include_usage"))
+        head = self._head(req, chat, chunk=True)
+        headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+
+        async def event(doc: dict | str) -> None:
+            data = doc if isinstance(doc, str) else json.dumps(doc)
+            await send({"type": "http.response.body", "body": f"data: {data}\n\n".encode(), "more_body": True})
+
+        def chunk(i: int, piece: str, finish: str | None) -> dict:
+            if chat:
+                delta = {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": piece, "logprobs": None, "finish_reason": finish}
+            return {**head, "choices": [choice], **({"usage": None} if with_usage else {})}
+
+        pause = self.latency_s / max(len(tokens), 1)  # the service time, spread over the tokens
+        for i, piece in enumerate(tokens):
+            await asyncio.sleep(pause)
+            await event(chunk(i, piece, "length" if i == len(tokens) - 1 else None))
+        if with_usage:
+            await event({**head, "choices": [], "usage": usage})
+        await event("[DONE]")
+        await send({"type": "http.response.body", "body": b""})
+
+
+def _error(message: str, kind: str, code: int) -> dict:
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}  # OpenAI's (and vLLM's) shape
