@@ -10,7 +10,14 @@ from pathlib import Path
 from first.settings import REPO_ROOT
 
 WORK_POOL = "first-local"
-DEPLOYMENTS = ("warm-up/warm-up-model", "scale-down/scale-down-model", "model-status/model-status")
+DEPLOYMENTS = (
+    "warm-up/warm-up",
+    "scale-down/scale-down",
+    "refresh-status/refresh-status",
+    "scale-down-idle/scale-down-idle",
+    "drain-cluster/drain-cluster",
+    "model-status/model-status",
+)
 _PREFECT = str(Path(sys.executable).parent / "prefect")
 
 

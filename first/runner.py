@@ -203,7 +203,9 @@ class Runner:
 [bold]FIRST is running.[/bold] Ctrl-C stops everything.
 
   OpenAI API     {base}/v1          (API docs: {base}/docs)
-  Prefect UI     http://127.0.0.1:{self.prefect_port}   (deployments: warm-up-model, scale-down-model, model-status)
+  Prefect UI     http://127.0.0.1:{self.prefect_port}
+                 deployments: warm-up, scale-down, drain-cluster, model-status;
+                 refresh-status (every 60 s), scale-down-idle (every 300 s)
   Demo API key   {key}
   Logs           {self.s.logs_dir}/
 

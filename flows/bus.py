@@ -72,13 +72,19 @@ class GatewayReport(BaseModel):
 async def _filter(prefix: str) -> list[dict[str, Any]]:
     from prefect.client.orchestration import get_client
 
+    docs: list[dict[str, Any]] = []
     async with get_client() as client:
-        response = await client.request(
-            "POST",
-            "/variables/filter",  # type: ignore[arg-type]
-            json={"variables": {"name": {"like_": prefix + "%"}}, "limit": 1000},  # "_" matches any character
-        )
-    return [v for v in response.json() if v["name"].startswith(prefix)]
+        while True:  # the server answers at most 200 per request (PREFECT_API_DEFAULT_LIMIT)
+            response = await client.request(
+                "POST",
+                "/variables/filter",  # type: ignore[arg-type]
+                json={"variables": {"name": {"like_": prefix + "%"}}, "limit": 200, "offset": len(docs)},
+            )  # "_" in like_ matches any character: the prefix is checked below
+            page = response.json()
+            docs += page
+            if len(page) < 200:
+                break
+    return [v for v in docs if v["name"].startswith(prefix)]
 
 
 async def publish(obs: Observation) -> None:

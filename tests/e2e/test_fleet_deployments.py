@@ -1,0 +1,366 @@
+"""The fleet deployments (prefect.yaml) run by a real worker against a real Prefect server, triggered the way the
+UI does: refresh-status, scale-down, scale-down-idle and drain-cluster on two local clusters, "alpha" and "beta",
+whose model server is a stand-in (an OpenAI simulator for /health, a ``sleep`` process as vLLM's pid), so no
+vLLM starts. Gateways are played by the test: it publishes their reports through ``flows.bus``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from blocks.registry import ClusterSpec, ModelSpec
+from compute.backends import ExecutorBackend
+from deployments import local
+from first.settings import Settings, prefect_env
+from flows import bus
+from flows.bus import GatewayReport, InstanceUse
+from tests.e2e.conftest import BIN, REPO_ROOT, dump, free_port, stop
+from tests.fakes.openai_simulator import OpenAISimulatorDouble
+
+pytestmark = pytest.mark.e2e
+
+CLUSTERS = ("alpha", "beta")
+GATEWAY = "test-gateway"
+
+
+def api(method: str, url: str, **kw: Any) -> httpx.Response:
+    """One Prefect API call, retried while the server answers 503 (its SQLite database is busy), as Prefect's own
+    client does."""
+    for _ in range(20):
+        r = httpx.request(method, url, timeout=10, **kw)
+        if r.status_code != 503:
+            return r
+        time.sleep(0.5)
+    return r
+
+
+@dataclass
+class Fleet:
+    home: Path
+    env: dict[str, str]
+    api: str
+    settings: Settings
+    sims: dict[str, OpenAISimulatorDouble]
+    stand_ins: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    # ---- the model servers' stand-ins ----
+
+    def serve(self, cluster: str) -> subprocess.Popen:
+        """Write the state file start_vllm would have written on ``cluster``, with a ``sleep`` as vLLM."""
+        previous = self.stand_ins.get(cluster)
+        if previous is not None:
+            previous.kill()
+            previous.wait()
+        proc = subprocess.Popen(
+            ["sleep", "600"], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        self.stand_ins[cluster] = proc
+        spec = ExecutorBackend._spec_for(
+            ModelSpec(name="sim", path="-"), ClusterSpec(name=cluster, transport="local"), self.settings
+        )
+        state_dir = Path(spec["state_dir"])
+        state_dir.mkdir(parents=True, exist_ok=True)
+        base_url = self.sims[cluster].base_url
+        state = {"pid": proc.pid, "pgid": proc.pid, "base_url": base_url, "log": str(state_dir / "sim.log"),
+                 "model": "sim", "port": self.sims[cluster].port, "started": time.time()}  # fmt: skip
+        (state_dir / "sim.json").write_text(json.dumps(state))
+        return proc
+
+    def running(self, cluster: str) -> bool:
+        return self.stand_ins[cluster].poll() is None
+
+    # ---- Prefect, as the UI and the gateways use it ----
+
+    def bus(self, fn: Callable[..., Any], *args: Any) -> Any:
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings(updates={PREFECT_API_URL: self.api}):
+            return asyncio.run(fn(*args))
+
+    def run(self, deployment: str, parameters: dict[str, Any], timeout_s: float = 90) -> dict[str, Any]:
+        """Create a flow run of ``flow/deployment`` as the UI's Run button does, and wait until it ends."""
+        run = self.start(deployment, parameters)
+        return self.wait(run, timeout_s)
+
+    def start(self, deployment: str, parameters: dict[str, Any]) -> dict[str, Any]:
+        d = api("GET", f"{self.api}/deployments/name/{deployment}")
+        assert d.status_code == 200, d.text
+        r = api("POST", f"{self.api}/deployments/{d.json()['id']}/create_flow_run", json={"parameters": parameters})
+        assert r.status_code == 201, r.text
+        return r.json()
+
+    def wait(self, run: dict[str, Any], timeout_s: float = 90) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            run = api("GET", f"{self.api}/flow_runs/{run['id']}").json()
+            if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                break
+            time.sleep(0.5)
+        assert run["state"]["type"] == "COMPLETED", f"{dump(run['state'])}\n{self.logs(run)}"
+        return run
+
+    def logs(self, run: dict[str, Any]) -> str:
+        """The run's log, once it has all arrived (a run ships its logs in batches, the last after it ends)."""
+        deadline = time.monotonic() + 15
+        while True:
+            r = api(
+                "POST",
+                f"{self.api}/logs/filter",
+                json={"logs": {"flow_run_id": {"any_": [run["id"]]}}, "sort": "TIMESTAMP_ASC", "limit": 200},
+            )
+            text = "\n".join(entry["message"] for entry in r.json())
+            if "Finished in state" in text or time.monotonic() > deadline:
+                return text
+            time.sleep(0.5)
+
+    def artifacts(self, run: dict[str, Any]) -> dict[str, str]:
+        r = api("POST", f"{self.api}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}})
+        return {a["key"]: a["data"] for a in r.json()}
+
+    def observation(self, cluster: str) -> dict[str, Any]:
+        r = api("GET", f"{self.api}/variables/name/{bus.state_variable(cluster, 'sim')}")
+        assert r.status_code == 200, r.text
+        return r.json()["value"]
+
+    def cluster_block(self, cluster: str) -> dict[str, Any]:
+        r = api("GET", f"{self.api}/block_types/slug/first-cluster/block_documents/name/{cluster}")
+        assert r.status_code == 200, r.text
+        return r.json()["data"]["spec"]
+
+    def report(self, maintenance: list[str] | None = None, **uses: InstanceUse) -> None:
+        report = GatewayReport(
+            gateway=GATEWAY, instances={f"{c}/sim": u for c, u in uses.items()}, maintenance=maintenance or []
+        )
+        self.bus(bus.publish_gateway, report)
+
+
+@contextmanager
+def playing_gateway(fleet: Fleet, report: Callable[[], dict[str, Any]]) -> Iterator[None]:
+    """A gateway publishing its report (``fleet.report(**report())``) now and every ~2 s, as real ones do."""
+    done = threading.Event()
+
+    def play() -> None:
+        while not done.wait(2):
+            fleet.report(**report())
+
+    fleet.report(**report())
+    player = threading.Thread(target=play, daemon=True)
+    player.start()
+    try:
+        yield
+    finally:
+        done.set()
+        player.join(10)
+
+
+# What warm-up starts in place of vLLM (FIRST_VLLM_PYTHON): a server on --port whose /health answers 200 after
+# a second of "loading".
+FAKE_VLLM = """
+import http.server, sys, time
+
+port = int(sys.argv[sys.argv.index("--port") + 1])
+time.sleep(1)
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+"""
+
+REGISTRY = """
+clusters:
+  - {{name: alpha, transport: local, expected_start_s: 20}}
+  - {{name: beta, transport: local, expected_start_s: 40}}
+models:
+  - name: sim
+    path: "-"
+    clusters: [alpha, beta]
+    idle_timeout_s: 600
+    per_cluster:
+      alpha: {{port: {alpha}}}
+      beta: {{port: {beta}}}
+"""
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    home = tmp_path_factory.mktemp("fleet-home")
+    prefect_port = free_port()
+    settings = Settings(home=home)
+    fake_vllm = home / "fake-vllm"
+    (home / "fake_vllm.py").write_text(FAKE_VLLM)
+    fake_vllm.write_text(f'#!/bin/sh\nexec {sys.executable} {home / "fake_vllm.py"} "$@"\n')
+    fake_vllm.chmod(0o755)
+    env = {
+        **os.environ,
+        **prefect_env(settings, prefect_port),
+        "FIRST_FLOW_SAMPLE_RATE": "0",
+        "FIRST_VLLM_PYTHON": str(fake_vllm),
+    }
+    logs = home / "logs"
+    logs.mkdir()
+    procs: list[subprocess.Popen] = []
+    sims = {c: OpenAISimulatorDouble(name="sim") for c in CLUSTERS}
+
+    def spawn(name: str, cmd: list[str]) -> subprocess.Popen:
+        p = subprocess.Popen(
+            cmd, env=env, cwd=REPO_ROOT, start_new_session=True, stdin=subprocess.DEVNULL,
+            stdout=open(logs / f"{name}.log", "wb"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        procs.append(p)
+        return p
+
+    from first.runner import stop_local_models, wait_http
+
+    fleet = Fleet(home, env, f"http://127.0.0.1:{prefect_port}/api", settings, sims)
+    try:
+        for sim in sims.values():
+            sim.start()
+        server = spawn("prefect", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                                   "--port", str(prefect_port)])  # fmt: skip
+        wait_http(f"{fleet.api}/health", 120, server, "the Prefect server")
+        registry_file = home / "registry.yaml"
+        registry_file.write_text(REGISTRY.format(alpha=free_port(), beta=free_port()))
+        subprocess.run([str(BIN / "first"), "apply", str(registry_file)], env=env, cwd=REPO_ROOT, check=True,
+                       capture_output=True, timeout=120)  # fmt: skip
+        local.register(env)
+        for name in ("refresh-status/refresh-status", "scale-down-idle/scale-down-idle"):
+            # The schedules would run them in the middle of the tests: the tests trigger them themselves.
+            d = api("GET", f"{fleet.api}/deployments/name/{name}").json()
+            api("POST", f"{fleet.api}/deployments/{d['id']}/pause_deployment").raise_for_status()
+        spawn("worker", local.worker_command())
+        for c in CLUSTERS:
+            fleet.serve(c)
+        yield fleet
+    finally:
+        for p in reversed(procs):
+            stop(p)
+        stop_local_models(settings)  # what warm-up started
+        for p in fleet.stand_ins.values():
+            p.kill()
+            p.wait()
+        for sim in sims.values():
+            sim.stop()
+
+
+def test_the_deployments_are_registered(fleet: Fleet) -> None:
+    found = {}
+    for name in local.DEPLOYMENTS:
+        r = api("GET", f"{fleet.api}/deployments/name/{name}")
+        assert r.status_code == 200, name
+        found[name] = r.json()
+    assert found["drain-cluster/drain-cluster"]["parameter_openapi_schema"]["required"] == ["cluster"]
+    assert found["warm-up/warm-up"]["parameters"] == {"model": "tiny", "cluster": "best"}
+    intervals = {
+        name: [s["schedule"]["interval"] for s in d["schedules"]] for name, d in found.items() if d["schedules"]
+    }
+    assert intervals == {"refresh-status/refresh-status": [60.0], "scale-down-idle/scale-down-idle": [300.0]}
+
+
+def test_refresh_status_publishes_every_cluster(fleet: Fleet) -> None:
+    run = fleet.run("refresh-status/refresh-status", {})
+    for c in CLUSTERS:
+        o = fleet.observation(c)
+        assert (o["state"], o["base_url"], o["source"]) == ("hot", fleet.sims[c].base_url, run["name"]), o
+    table = fleet.artifacts(run)["fleet-status"]
+    assert "| alpha | sim | hot |" in table and "| beta | sim | hot |" in table
+
+
+def test_scale_down_stops_the_model_on_one_cluster(fleet: Fleet) -> None:
+    run = fleet.run("scale-down/scale-down", {"model": "sim", "cluster": "alpha"})
+    assert not fleet.running("alpha") and fleet.running("beta")
+    o = fleet.observation("alpha")
+    assert (o["state"], o["source"]) == ("cold", run["name"]), o
+    assert fleet.observation("beta")["state"] == "hot"
+    assert "| alpha | stopped |" in fleet.artifacts(run)["scale-down-sim"]
+
+
+def test_scale_down_idle_stops_only_the_idle_one(fleet: Fleet) -> None:
+    fleet.serve("alpha")  # hot again (started outside FIRST): the flow's own status check finds it
+    t0 = time.time()
+    uses = {
+        "alpha": InstanceUse(state="hot", last_used=t0 - 3600, hot_since=t0 - 7200),
+        "beta": InstanceUse(state="hot", last_used=t0, hot_since=t0 - 7200),
+    }
+    with playing_gateway(fleet, lambda: uses):
+        run = fleet.run("scale-down-idle/scale-down-idle", {})
+    assert not fleet.running("alpha") and fleet.running("beta")
+    assert fleet.observation("alpha")["state"] == "cold" and fleet.observation("beta")["state"] == "hot"
+    table = fleet.artifacts(run)["scale-down-idle"]
+    assert "| alpha | sim | 36" in table and "| 600 | stopped |" in table
+    assert "| beta | sim |" in table and "keep: idle" in table
+
+
+def test_warm_up_best_goes_where_the_model_is_hot(fleet: Fleet) -> None:
+    run = fleet.run("warm-up/warm-up", {"model": "sim"})  # cluster "best"
+    assert "best cluster for sim: beta (already hot there)" in fleet.logs(run)
+    assert not fleet.running("alpha")  # nothing started
+    o = fleet.observation("beta")
+    assert (o["state"], o["source"]) == ("hot", run["name"]), o
+    assert "Already hot" in fleet.artifacts(run)["warm-up-sim"]
+
+
+def test_drain_cluster_waits_for_the_gateways_then_stops_it(fleet: Fleet) -> None:
+    gateway: dict[str, Any] = {"maintenance": [], "inflight": 2}
+
+    def report() -> dict[str, Any]:
+        return {
+            "maintenance": gateway["maintenance"],
+            "alpha": InstanceUse(state="cold"),
+            "beta": InstanceUse(state="hot", inflight=gateway["inflight"], last_used=time.time()),
+        }
+
+    with playing_gateway(fleet, report):
+        run = fleet.start("drain-cluster/drain-cluster", {"cluster": "beta", "timeout_s": 60})
+        deadline = time.monotonic() + 60
+        while not fleet.cluster_block("beta")["maintenance"]:  # the gateway notices the block's maintenance
+            assert time.monotonic() < deadline, "drain-cluster did not set maintenance"
+            time.sleep(0.5)
+        gateway.update(maintenance=["beta"], inflight=1)
+        time.sleep(3)
+        assert fleet.running("beta"), "stopped while a request was still in flight"
+        gateway["inflight"] = 0
+        run = fleet.wait(run, 60)
+    assert not fleet.running("beta")
+    spec = fleet.cluster_block("beta")
+    assert spec["maintenance"] and spec["maintenance_message"].startswith(f"drained by {run['name']} at ")
+    assert not fleet.cluster_block("alpha")["maintenance"]
+    o = fleet.observation("beta")
+    assert (o["state"], o["source"]) == ("cold", run["name"]), o
+    logs = fleet.logs(run)
+    assert "1 requests still in flight on cluster beta" in logs, logs
+    assert "clear `maintenance`" in logs
+    assert "| sim | stopped |" in fleet.artifacts(run)["drain-beta"]
+
+
+def test_warm_up_best_starts_it_out_of_maintenance(fleet: Fleet) -> None:
+    # beta (drained above) stays in maintenance: "best" is alpha, although both are cold now.
+    run = fleet.run("warm-up/warm-up", {"model": "sim", "timeout_s": 60})
+    assert "best cluster for sim: alpha (smallest expected start" in fleet.logs(run)
+    state = json.loads((fleet.settings.instances_dir / "alpha" / "sim.json").read_text())
+    assert httpx.get(state["base_url"] + "/health", timeout=5).status_code == 200
+    o = fleet.observation("alpha")
+    assert (o["state"], o["base_url"], o["source"]) == ("hot", state["base_url"], run["name"]), o
+    assert fleet.observation("beta")["state"] == "cold"
+    assert "| alpha | sim |" in fleet.artifacts(run)["warm-up-sim"]
