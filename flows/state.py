@@ -211,11 +211,13 @@ class LiveState:
             bound = self.warm_wait_s if wait_s is None else max(0.0, min(wait_s, self.warm_wait_s))
             await asyncio.wait_for(asyncio.shield(inst.warm), timeout=bound)
         except TimeoutError:
-            waited = time.monotonic() - (inst.warm_started or time.monotonic())
+            if inst.warm_started is None:
+                where = "its warm-up is beginning"
+            else:
+                where = f"{inst.state} for {time.monotonic() - inst.warm_started:.0f} s so far"
             raise APIError(
                 503,
-                f"Model '{inst.model.name}' is warming up on cluster '{inst.cluster.name}' "
-                f"({inst.state} for {waited:.0f} s so far). Retry shortly.",
+                f"Model '{inst.model.name}' is warming up on cluster '{inst.cluster.name}' ({where}). Retry shortly.",
                 code="model_warming_up",
                 headers={"Retry-After": str(max(5, round(self._remaining(inst))))},
             ) from None
