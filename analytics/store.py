@@ -16,6 +16,9 @@ harmless for the same reason.
 
 Every call uses a short-lived DuckDB connection (open, work, close) and retries briefly while
 another process holds the database file lock, so analysts and the ingester can take turns.
+:meth:`UsageStore.connect_read_only` is the same for readers (the reports in :mod:`analytics.reports`):
+several may share the file, and a read-only and a read-write connection within one process wait for
+each other too (DuckDB refuses to open one file with both configurations at once).
 """
 
 from __future__ import annotations
@@ -124,8 +127,8 @@ class UsageStore:
             try:
                 con = duckdb.connect(str(self.db_path))
                 break
-            except duckdb.IOException as e:
-                if "lock" not in str(e).lower() or time.monotonic() >= deadline:
+            except (duckdb.IOException, duckdb.ConnectionException) as e:
+                if not _is_busy(e) or time.monotonic() >= deadline:
                     raise
                 time.sleep(delay)
                 delay = min(delay * 2, 0.25)
@@ -134,6 +137,34 @@ class UsageStore:
             if not self._schema_ready:
                 con.execute(_DDL)
                 self._schema_ready = True
+            yield con
+        finally:
+            con.close()
+
+    @contextlib.contextmanager
+    def connect_read_only(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A short-lived connection that cannot write (``read_only=True``), retried like :meth:`connect`.
+
+        Several read-only connections (processes) may share the file; a writer waits for them and they
+        for it.  Creates the database (and the ``usage`` table) first when the file does not exist yet.
+        The session time zone is UTC.
+        """
+        if not self.db_path.exists():
+            with self.connect():
+                pass
+        deadline = time.monotonic() + self.lock_timeout_s
+        delay = 0.01
+        while True:
+            try:
+                con = duckdb.connect(str(self.db_path), read_only=True)
+                break
+            except (duckdb.IOException, duckdb.ConnectionException) as e:
+                if not _is_busy(e) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.25)
+        try:
+            con.execute("SET TimeZone = 'UTC'")
             yield con
         finally:
             con.close()
@@ -271,6 +302,13 @@ class UsageStore:
             """,
             params,
         )
+
+
+def _is_busy(e: duckdb.Error) -> bool:
+    """Another process holds the file lock, or this process has the file open with another configuration
+    (read-write vs read-only): both go away when that short-lived connection closes."""
+    msg = str(e).lower()
+    return "lock" in msg or "different configuration" in msg
 
 
 def _read_all(fd: int) -> bytes:

@@ -9,11 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -186,6 +189,90 @@ async def metrics(request: Request) -> Response:
     return Response(content=body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
+_AGO = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def _when(value: str | None, param: str, now: datetime) -> datetime | None:
+    """A time bound: ISO 8601 (naive = UTC; a date is its UTC midnight) or a span before now (30m, 12h, 1d, 2w)."""
+    if value is None or not value.strip():
+        return None
+    m = _AGO.match(value.strip().lower())
+    if m:
+        return now - timedelta(**{_UNITS[m[2]]: float(m[1])})
+    try:
+        when = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise APIError(400, f"'{param}' must be an ISO 8601 time (2026-01-31T12:00:00Z, 2026-01-31) or a span "
+                       f"before now (30m, 12h, 1d, 2w); got {value!r}", param=param) from None  # fmt: skip
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+def _json_value(v: Any) -> Any:
+    if isinstance(v, datetime | date):
+        return v.isoformat()
+    if isinstance(v, float) and v != v:  # NaN
+        return None
+    return v
+
+
+def _usage_rows(db: Path, report: str, f: Any, limit: int) -> list[dict[str, Any]]:
+    """Run one report against the usage table (blocking: DuckDB; called in a thread)."""
+    import duckdb
+
+    from analytics.reports import REPORTS
+    from analytics.store import UsageStore
+
+    try:
+        df = REPORTS[report](UsageStore(db), f, **({"limit": limit} if report == "top-users" else {}))
+    except duckdb.Error as exc:  # the file is locked past the store's retries, or unreadable
+        log.warning("usage report %s failed: %s", report, exc)
+        raise APIError(503, "The usage database is busy or unavailable; try again shortly.", code="usage_unavailable",
+                       headers={"Retry-After": "5"}) from None  # fmt: skip
+    return [{k: _json_value(v) for k, v in row.items()} for row in df.iter_rows(named=True)]
+
+
+@get("/v1/usage", guards=[_authenticate], summary="Usage reports: yours, or everyone's for admins")
+async def usage_report(
+    request: Request,
+    report: str = "summary",
+    since: str | None = None,
+    until: str | None = None,
+    model: str | None = None,
+    cluster: str | None = None,
+    group: str | None = None,
+    user: str | None = None,
+    limit: int = 10,
+) -> dict[str, Any]:
+    """One usage report (summary, top-users, by-model, by-cluster, latency, errors, daily) over the usage table,
+    filtered by time (since inclusive, until exclusive: ISO 8601 or a span before now such as 12h or 7d), model,
+    cluster, group and user. Callers see only their own usage; admins see everyone's and may pick a user.
+
+    The gateway only reads the table: the ingest-usage deployment moves the usage spool into it every minute, so
+    the last minute or so of requests may be missing."""
+    from analytics.reports import REPORTS, UsageFilter
+
+    principal: Principal = request.state.principal
+    name = report.strip().lower().replace("_", "-")
+    if name not in REPORTS:
+        raise APIError(400, f"Unknown report '{report}'; choose from {', '.join(REPORTS)}.", param="report",
+                       code="unknown_report")  # fmt: skip
+    if not 1 <= limit <= 1000:
+        raise APIError(400, "'limit' must be between 1 and 1000.", param="limit")
+    if not principal.is_admin:
+        if user not in (None, "", principal.user):
+            raise APIError(403, "You may only see your own usage (admins see everyone's).", param="user",
+                           code="usage_forbidden")  # fmt: skip
+        user = principal.user
+    now = datetime.now(UTC)
+    f = UsageFilter(
+        since=_when(since, "since", now), until=_when(until, "until", now), user=user or None, model=model or None,
+        cluster=cluster or None, group=group or None,
+    )  # fmt: skip
+    rows = await asyncio.to_thread(_usage_rows, _services(request).settings.usage_db, name, f, limit)
+    return {"object": "usage.report", "report": name, "data": rows}
+
+
 @get("/health", summary="Liveness, and the state of each model instance")
 async def health(request: Request) -> dict[str, Any]:
     svc = _services(request)
@@ -354,7 +441,16 @@ def create_app(
             await backends.close()
 
     return Litestar(
-        route_handlers=[chat_completions, completions, list_models, fleet_status, metrics, health, relay_post],
+        route_handlers=[
+            chat_completions,
+            completions,
+            list_models,
+            fleet_status,
+            usage_report,
+            metrics,
+            health,
+            relay_post,
+        ],
         lifespan=[lifespan],
         exception_handlers={Exception: handle_exception},
         openapi_config=OpenAPIConfig(

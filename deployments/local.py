@@ -1,4 +1,4 @@
-"""The lifecycle deployments of the embedded default: the `first-local` process work pool, the
+"""The lifecycle and usage deployments of the embedded default: the `first-local` process work pool, the
 deployments declared in prefect.yaml, and the worker that runs them."""
 
 from __future__ import annotations
@@ -17,6 +17,17 @@ DEPLOYMENTS = (
     "scale-down-idle/scale-down-idle",
     "drain-cluster/drain-cluster",
     "model-status/model-status",
+    "ingest-usage/ingest-usage",
+    "usage-report/usage-report",
+    "audit-retention/audit-retention",
+)
+# The ones prefect.yaml schedules (tests pause them, to trigger them when they choose).
+SCHEDULED = (
+    "refresh-status/refresh-status",
+    "scale-down-idle/scale-down-idle",
+    "ingest-usage/ingest-usage",
+    "usage-report/usage-report",
+    "audit-retention/audit-retention",
 )
 _PREFECT = str(Path(sys.executable).parent / "prefect")
 

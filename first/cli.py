@@ -7,8 +7,9 @@ import json
 import re
 import sys
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -148,6 +149,45 @@ def build_tiny(
 
 # ---- usage ----
 
+if TYPE_CHECKING:
+    import polars as pl
+
+    from analytics.reports import UsageFilter
+    from analytics.store import UsageStore
+
+_USAGE_EPILOG = (
+    "Filters: --since/--until take 1d, 12h, 30m (ago) or an ISO date/time (UTC unless it has an offset); "
+    "--since is inclusive, --until exclusive. Each command first ingests the spool (--no-ingest skips that). "
+    "Formats: table (default), csv, json, parquet (needs --output FILE)."
+)
+
+
+class UsageFormat(StrEnum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+    parquet = "parquet"
+
+
+UsageSince = Annotated[
+    str | None, typer.Option("--since", help="Window start, inclusive: 1d, 12h, 30m (ago) or an ISO date/time")
+]
+UsageUntil = Annotated[str | None, typer.Option("--until", help="Window end, exclusive (same forms as --since)")]
+UsageUser = Annotated[str | None, typer.Option("--user", help="Only this user")]
+UsageModel = Annotated[str | None, typer.Option("--model", help="Only this model")]
+UsageCluster = Annotated[str | None, typer.Option("--cluster", help="Only this cluster")]
+UsageGroup = Annotated[str | None, typer.Option("--group", help="Only users in this group (the request's groups)")]
+UsageFmt = Annotated[
+    UsageFormat,
+    typer.Option("--format", "-f", case_sensitive=False, help="table | csv | json | parquet (parquet needs --output)"),
+]
+UsageOutput = Annotated[
+    Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout (required for parquet)")
+]
+UsageIngest = Annotated[
+    bool, typer.Option("--ingest/--no-ingest", help="Ingest the spool first, so the latest requests count")
+]
+
 
 def _since(value: str | None) -> datetime | None:
     """'1d', '12h', '30m', or an ISO date/time."""
@@ -164,6 +204,138 @@ def _since(value: str | None) -> datetime | None:
     return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
+def _when(value: str | None, option: str) -> datetime | None:
+    try:
+        return _since(value)
+    except typer.BadParameter as e:
+        e.param_hint = option
+        raise
+
+
+def _usage_filter(
+    since: str | None, until: str | None, user: str | None, model: str | None, cluster: str | None, group: str | None
+) -> UsageFilter:
+    from analytics.reports import UsageFilter
+
+    return UsageFilter(
+        since=_when(since, "--since"),
+        until=_when(until, "--until"),
+        user=user,
+        model=model,
+        cluster=cluster,
+        group=group,
+    )
+
+
+def _usage_store(ingest: bool) -> UsageStore:
+    from analytics.store import UsageStore
+
+    s = get_settings()
+    store = UsageStore(s.usage_db)
+    if ingest:
+        store.ingest(s.spool_dir)
+    return store
+
+
+def _check_output(fmt: UsageFormat, output: Path | None) -> None:
+    if fmt is UsageFormat.parquet and output is None:
+        raise typer.BadParameter("--format parquet writes a file: add --output FILE", param_hint="--output")
+
+
+def _cell(name: str, v: object) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.1%}" if name.endswith("rate") else f"{v:,.1f}"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}" if "tokens" in name or name in ("requests",) else str(v)
+    if isinstance(v, datetime):
+        return v.strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(v, list):
+        return ",".join(map(str, v))
+    return str(v)
+
+
+def _json_default(v: object) -> object:
+    from datetime import date
+
+    if isinstance(v, datetime | date):
+        return v.isoformat()
+    return str(v)
+
+
+def _emit(df: pl.DataFrame, fmt: UsageFormat, output: Path | None, title: str) -> None:
+    """Print (or write to ``output``) a polars frame as a rich table, CSV, JSON (a list of objects) or Parquet."""
+    import polars as pl
+
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    if fmt is UsageFormat.parquet:
+        df.write_parquet(output)
+        err.print(f"wrote {df.height} row(s) to {output}")
+        return
+    if fmt is UsageFormat.csv:
+        nested = [c for c, t in df.schema.items() if t.is_nested()]
+        flat = df.with_columns(
+            pl.col(c).cast(pl.List(pl.String)).list.join(",")
+            if isinstance(df.schema[c], pl.List)
+            else pl.col(c).map_elements(str, return_dtype=pl.String)
+            for c in nested
+        )
+        text = flat.write_csv()
+    elif fmt is UsageFormat.json:
+        text = json.dumps(df.to_dicts(), default=_json_default) + "\n"
+    else:
+        if df.height == 1 and df.width > 6:  # one wide row (e.g. summary --by none): one line per column
+            t = Table("column", "value", title=title)
+            for c, v in df.row(0, named=True).items():
+                t.add_row(c, _cell(c, v))
+        else:
+            t = Table(*df.columns, title=title)
+            for row in df.iter_rows():
+                t.add_row(*[_cell(c, v) for c, v in zip(df.columns, row, strict=True)])
+        if output is None:
+            Console().print(t)
+            return
+        with output.open("w") as fh:
+            Console(file=fh, width=200).print(t)
+        return
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.write_text(text)
+
+
+def _title(name: str, since: str | None, until: str | None, **filters: str | None) -> str:
+    parts = [f"usage {name}", f"since {since}" if since else "", f"until {until}" if until else ""]
+    parts += [f"{k}={v}" for k, v in filters.items() if v]
+    return " ".join(p for p in parts if p)
+
+
+def _report(
+    name: str,
+    *,
+    since: str | None,
+    until: str | None,
+    user: str | None,
+    model: str | None,
+    cluster: str | None,
+    group: str | None,
+    fmt: UsageFormat,
+    output: Path | None,
+    ingest: bool,
+    **options: object,
+) -> None:
+    from analytics.reports import run_report
+
+    _check_output(fmt, output)
+    f = _usage_filter(since, until, user, model, cluster, group)
+    df = run_report(_usage_store(ingest), name, f, **options)
+    _emit(df, fmt, output, _title(name, since, until, user=user, model=model, cluster=cluster, group=group))
+
+
 @usage_app.command("ingest")
 def usage_ingest() -> None:
     """Move the gateway's usage spool into DuckDB (idempotent by request id)."""
@@ -174,28 +346,200 @@ def usage_ingest() -> None:
     err.print(f"ingested {n} new usage record(s) into {s.usage_db}")
 
 
-@usage_app.command("summary")
+@usage_app.command("summary", epilog=_USAGE_EPILOG)
 def usage_summary(
-    since: Annotated[str | None, typer.Option(help="Window start: 1d, 12h, 30m or an ISO date")] = None,
-    until: Annotated[str | None, typer.Option(help="Window end (same forms)")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="table | csv | json")] = "table",
+    since: UsageSince = None,
+    until: UsageUntil = None,
+    user: UsageUser = None,
+    model: UsageModel = None,
+    cluster: UsageCluster = None,
+    group: UsageGroup = None,
+    by: Annotated[
+        str,
+        typer.Option(
+            help="Group rows by a comma-separated list of user, model, cluster, endpoint, day; 'none' for one row"
+        ),
+    ] = "user,model",
+    fmt: UsageFmt = UsageFormat.table,
+    output: UsageOutput = None,
+    ingest: UsageIngest = True,
 ) -> None:
-    """Requests, errors, tokens and median latency per user and model (ingests the spool first)."""
-    from analytics.store import UsageStore
+    """Requests, users, errors and error rate, tokens, p50/p95 latency, p50 TTFT, cold starts, first/last request.
 
-    s = get_settings()
-    store = UsageStore(s.usage_db)
-    store.ingest(s.spool_dir)
-    df = store.summary(since=_since(since), until=_since(until))
-    if fmt == "csv":
-        sys.stdout.write(df.write_csv())
-    elif fmt == "json":
-        print(json.dumps(df.to_dicts(), default=str))
-    else:
-        t = Table(*df.columns, title=f"usage since {since or 'the beginning'}")
-        for row in df.iter_rows():
-            t.add_row(*[f"{v:.1f}" if isinstance(v, float) else str(v) for v in row])
-        Console().print(t)
+    One row per user and model by default; --by none gives one overall row.
+    Examples: first usage summary --since 1d; first usage summary --by none --since 2026-01-01 --format json;
+    first usage summary --by day,model --model tiny --format csv -o daily.csv
+    """
+    from analytics.reports import SUMMARY_BY
+
+    keys = tuple(b.strip() for b in by.split(",") if b.strip() and b.strip().lower() != "none")
+    bad = [b for b in keys if b not in SUMMARY_BY]
+    if bad:
+        raise typer.BadParameter(
+            f"choose from {', '.join(SUMMARY_BY)} or none, not {', '.join(bad)}", param_hint="--by"
+        )
+    _report(
+        "summary", since=since, until=until, user=user, model=model, cluster=cluster, group=group,
+        fmt=fmt, output=output, ingest=ingest, by=keys,
+    )  # fmt: skip
+
+
+@usage_app.command("top-users", epilog=_USAGE_EPILOG)
+def usage_top_users(
+    since: UsageSince = None,
+    until: UsageUntil = None,
+    user: UsageUser = None,
+    model: UsageModel = None,
+    cluster: UsageCluster = None,
+    group: UsageGroup = None,
+    limit: Annotated[int, typer.Option(min=1, help="How many users")] = 10,
+    fmt: UsageFmt = UsageFormat.table,
+    output: UsageOutput = None,
+    ingest: UsageIngest = True,
+) -> None:
+    """The users with the most tokens: requests, total/prompt/completion tokens, errors.
+
+    Examples: first usage top-users --since 7d --limit 5; first usage top-users --model tiny --format csv
+    """
+    _report(
+        "top-users", since=since, until=until, user=user, model=model, cluster=cluster, group=group,
+        fmt=fmt, output=output, ingest=ingest, limit=limit,
+    )  # fmt: skip
+
+
+def _simple_report(name: str, doc: str) -> None:
+    """Register ``first usage <name>`` for a report that takes only the filters."""
+
+    def command(
+        since: UsageSince = None,
+        until: UsageUntil = None,
+        user: UsageUser = None,
+        model: UsageModel = None,
+        cluster: UsageCluster = None,
+        group: UsageGroup = None,
+        fmt: UsageFmt = UsageFormat.table,
+        output: UsageOutput = None,
+        ingest: UsageIngest = True,
+    ) -> None:
+        _report(
+            name, since=since, until=until, user=user, model=model, cluster=cluster, group=group,
+            fmt=fmt, output=output, ingest=ingest,
+        )  # fmt: skip
+
+    command.__doc__ = doc
+    command.__name__ = f"usage_{name.replace('-', '_')}"
+    usage_app.command(name, epilog=_USAGE_EPILOG)(command)
+
+
+_simple_report(
+    "by-model",
+    """Per model: requests, users, total/prompt/completion tokens, errors, p50 latency.
+
+    Examples: first usage by-model --since 1d; first usage by-model --group staff --format json
+    """,
+)
+_simple_report(
+    "by-cluster",
+    """Per cluster: requests, models, tokens, errors, p50 latency, cold starts (an empty cluster: never routed).
+
+    Examples: first usage by-cluster --since 12h; first usage by-cluster --model tiny --format csv
+    """,
+)
+_simple_report(
+    "latency",
+    """Latency per model and cluster, successful requests only: p50/p95/p99 of latency and of TTFT (streams).
+
+    Examples: first usage latency --since 1d; first usage latency --cluster local --format json
+    """,
+)
+_simple_report(
+    "errors",
+    """Failed requests (status >= 400) per status, error type and model: requests, users, last seen, rate
+    (share of all the requests the filters match).
+
+    Examples: first usage errors --since 1d; first usage errors --user alice --format csv
+    """,
+)
+_simple_report(
+    "daily",
+    """Per UTC day and model: requests, users, tokens, errors, p50 latency.
+
+    Examples: first usage daily --since 30d; first usage daily --format parquet --output daily.parquet
+    """,
+)
+
+
+@usage_app.command("sql", epilog=_USAGE_EPILOG)
+def usage_sql(
+    query: Annotated[str, typer.Argument(help="SQL over the table `usage` (columns: docs/usage-schema.md)")],
+    fmt: UsageFmt = UsageFormat.table,
+    output: UsageOutput = None,
+    ingest: UsageIngest = True,
+) -> None:
+    """Run your own read-only SQL (DuckDB) over the usage table; writes and file access are refused.
+
+    Examples: first usage sql "SELECT model, count(*) FROM usage GROUP BY model";
+    first usage sql "SELECT * FROM usage WHERE status >= 400 ORDER BY ts DESC LIMIT 20" --format json
+    """
+    from analytics.reports import UsageQueryError, sql
+
+    _check_output(fmt, output)
+    store = _usage_store(ingest)
+    try:
+        df = sql(store, query)
+    except UsageQueryError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    _emit(df, fmt, output, "usage sql")
+
+
+@usage_app.command("export", epilog=_USAGE_EPILOG)
+def usage_export(
+    to: Annotated[Path, typer.Option("--to", help="Directory to write day=YYYY-MM-DD/*.parquet into")],
+    since: UsageSince = None,
+    until: UsageUntil = None,
+    user: UsageUser = None,
+    model: UsageModel = None,
+    cluster: UsageCluster = None,
+    group: UsageGroup = None,
+    ingest: UsageIngest = True,
+) -> None:
+    """Export usage rows as Parquet partitioned by UTC day (Hive layout); rerunning replaces the days it writes.
+
+    Prints the files written. Read them back with duckdb (read_parquet('DIR/**/*.parquet')) or polars
+    (pl.scan_parquet('DIR/**/*.parquet')). Examples: first usage export --to usage-parquet;
+    first usage export --to /data/first --since 2026-01-01 --until 2026-02-01
+    """
+    from analytics.reports import export_parquet
+
+    f = _usage_filter(since, until, user, model, cluster, group)
+    files = export_parquet(_usage_store(ingest), to, f)
+    for p in files:
+        print(p)
+    err.print(f"exported {len(files)} file(s) under {to}")
+
+
+@usage_app.command("chart", epilog=_USAGE_EPILOG)
+def usage_chart(
+    out: Annotated[Path, typer.Option("--out", help="Directory for the PNG files")] = Path("usage-charts"),
+    since: UsageSince = None,
+    until: UsageUntil = None,
+    user: UsageUser = None,
+    model: UsageModel = None,
+    cluster: UsageCluster = None,
+    group: UsageGroup = None,
+    ingest: UsageIngest = True,
+) -> None:
+    """Write PNG charts (1000x500): tokens per day per model, latency percentiles per cluster, top users, and
+    the error rate per day. Prints the files written. Example: first usage chart --since 30d --out charts/
+    """
+    from analytics.charts import write_charts
+
+    f = _usage_filter(since, until, user, model, cluster, group)
+    files = write_charts(_usage_store(ingest), out, f)
+    for p in files:
+        print(p)
+    err.print(f"wrote {len(files)} chart(s) under {out}")
 
 
 # ---- registry ----

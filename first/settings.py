@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     vllm_port_base: int = 8100
     local_workers: int = Field(default=64, description="Threads in the local compute endpoint")
     default_rpm: int = Field(default=0, description="Requests per minute per API key when the key sets none (0 = none)")
+    audit_mode: bool = Field(
+        default=False,
+        description="Keep each request's prompt and completion text in FIRST_HOME/audit/<day>.jsonl (never in usage)",
+    )
+    audit_retention_days: int = Field(default=30, ge=0, description="Days of audit files audit-retention keeps")
 
     @property
     def gateway_url(self) -> str:
@@ -77,6 +82,14 @@ class Settings(BaseSettings):
     @property
     def usage_db(self) -> Path:
         return self.home / "usage.duckdb"
+
+    @property
+    def audit_dir(self) -> Path:
+        return self.home / "audit"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.home / "reports"
 
     @property
     def models_dir(self) -> Path:

@@ -27,6 +27,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from analytics import audit
 from analytics.records import UsageRecord
 from analytics.spool import UsageSpool
 from api.auth import Principal
@@ -84,6 +85,7 @@ class Outcome:
     reservation: Reservation = field(default_factory=Reservation)
     streamed: bool = False  # stream chunks reached the caller (so tokens were spent, usage or not)
     tried: list[str] = field(default_factory=list)  # clusters tried, in order (more than one: a failover)
+    completion: dict[int, list[str]] | None = None  # audit mode only: generated text per choice index
 
 
 class Sink:
@@ -235,6 +237,7 @@ async def execute(req: InferenceRequest, inst: Instance, svc: Services, sink: Si
     sink.cluster = inst.cluster.name
     svc.live.begin(inst)
     t0, fault, error = time.perf_counter(), False, None
+    out.completion = {} if svc.settings.audit_mode else None
     try:
         if req.stream:
             await _stream(req, backend.stream(inst.base_url or "", req.path, body, req.request_id), sink, out)
@@ -242,6 +245,8 @@ async def execute(req: InferenceRequest, inst: Instance, svc: Services, sink: Si
             response = await backend.complete(inst.base_url or "", req.path, body)
             response["model"] = req.body.model
             out.usage = dict(response.get("usage") or {})
+            if out.completion is not None:
+                out.completion = audit.response_texts(response)
             sink.put("response", response)  # held by the handler until usage is recorded
     except APIError as exc:
         fault, error = exc.status >= 500, exc.message  # a 4xx is the caller's to fix, not the cluster's fault
@@ -260,6 +265,8 @@ async def _stream(req: InferenceRequest, chunks: Any, sink: Sink, out: Outcome) 
             if not req.include_usage:
                 continue  # we asked for usage for metering; the caller did not
         chunk["model"] = req.body.model
+        if out.completion is not None:
+            audit.chunk_texts(chunk, out.completion)
         if out.ttft_ms is None and any(
             (c.get("delta") or {}).get("content") or c.get("text") for c in chunk.get("choices") or []
         ):
@@ -341,6 +348,15 @@ async def record_usage(req: InferenceRequest, out: Outcome, svc: Services) -> Us
         cold_start=out.cold_start,
     )
     svc.spool.append(record)
+    if svc.settings.audit_mode:  # the text goes to the audit log, never to the usage record
+        try:
+            audit.audit_log(svc.settings.audit_dir).append(audit.AuditEntry(
+                request_id=req.request_id, ts=req.started, user=req.principal.user, model=out.model,
+                cluster=out.cluster, endpoint=req.endpoint, status=out.status, prompt=audit.prompt_of(req.body),
+                completion=audit.completion_of(out.completion),
+            ))  # fmt: skip
+        except Exception:  # the answer is metered: losing its audit line must not fail it
+            log.exception("could not write the audit entry of request %s", req.request_id)
     return record
 
 

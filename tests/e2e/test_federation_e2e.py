@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +94,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     env = {
         **os.environ, **prefect_env(settings, prefect_port), "FIRST_PORT": str(gateway_port),
         "FIRST_VLLM_PORT_BASE": str(vllm_port), "FIRST_FLOW_SAMPLE_RATE": "0", "FIRST_WARM_WAIT_S": "300",
-        "FIRST_REQUEST_TIMEOUT_S": "120",
+        "FIRST_REQUEST_TIMEOUT_S": "120", "FIRST_BREAKER_COOLDOWN_S": "5",
     }  # fmt: skip
     procs: list[subprocess.Popen] = []
     (home / "logs").mkdir()
@@ -131,7 +132,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         first("apply", str(home / "fleet.yaml"), "--prune")
         deployments.register(env)
         api = f"http://127.0.0.1:{prefect_port}/api"
-        for name in ("refresh-status/refresh-status", "scale-down-idle/scale-down-idle"):
+        for name in deployments.SCHEDULED:
             # Their schedules would land at random points of the tests (test_fleet_deployments.py runs them).
             dep = httpx.get(f"{api}/deployments/name/{name}", timeout=10).json()
             httpx.post(f"{api}/deployments/{dep['id']}/pause_deployment", timeout=10).raise_for_status()
@@ -194,8 +195,10 @@ def test_killing_one_clusters_vllm_mid_run_loses_no_request(fleet: Fleet) -> Non
 
 
 def test_drain_finishes_in_flight_streams_then_scales_down(fleet: Fleet) -> None:
-    def stream() -> tuple[int, str | None]:
-        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200,
+    streams_n, max_tokens = 24, 400  # long enough to outlast the drain run's start (a worker subprocess, ~5-10 s)
+
+    def stream() -> tuple[int, str | None, float]:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens,
                 "stream": True, "ignore_eos": True}  # fmt: skip
         chunks, finish = 0, None
         headers = {"Authorization": f"Bearer {fleet.key}", "X-First-Cluster": "alpha"}
@@ -207,19 +210,24 @@ def test_drain_finishes_in_flight_streams_then_scales_down(fleet: Fleet) -> None
                     assert "error" not in doc, doc
                     chunks += 1
                     finish = doc["choices"][0].get("finish_reason") or finish if doc.get("choices") else finish
-        return chunks, finish
+        return chunks, finish, time.time()
 
-    with ThreadPoolExecutor(3) as pool:
-        streams = [pool.submit(stream) for _ in range(3)]
-        _wait(lambda: fleet.status()["alpha"]["inflight"] == 3, 60, "three streams on alpha")
+    with ThreadPoolExecutor(streams_n) as pool:
+        streams = [pool.submit(stream) for _ in range(streams_n)]
+        _wait(lambda: fleet.status()["alpha"]["inflight"] >= streams_n // 2, 60, "streams on alpha")
         run = fleet.run_deployment("drain-cluster/drain-cluster", cluster="alpha", timeout_s=240)
         results = [s.result() for s in streams]
     assert run["state"]["type"] == "COMPLETED", run["state"]
-    assert all(n >= 200 and finish == "length" for n, finish in results), results
+    # every stream ran to its end (a scale-down before they finished would have cut them with an error event) ...
+    assert all(n >= max_tokens and finish == "length" for n, finish, _ in results), results
+    # ... and the drain really had requests to wait for: streams were still running when its run began
+    began = datetime.fromisoformat(run["start_time"]).timestamp()
+    assert max(end for _, _, end in results) > began
     assert fleet.vllm_pid("alpha") is None, "drained, then scaled down"
     status = fleet.status()
     assert status["alpha"]["state"] == "cold" and status["alpha"]["inflight"] == 0
-    # alpha is in maintenance now; beta is down: a caller that won't wait hears which cluster is warming up
+    # alpha is in maintenance now and beta's vLLM is dead (its breaker half-open again after the short cool-down):
+    # a caller that won't wait hears which cluster is warming up
     r = fleet.chat(**{"X-First-Warm-Wait": "0"})
-    assert r.status_code == 503 and r.headers["retry-after"]
+    assert r.status_code == 503 and r.headers["retry-after"], r.text
     assert "warming up on cluster 'beta'" in r.json()["error"]["message"]

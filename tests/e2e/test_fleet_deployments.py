@@ -245,7 +245,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         subprocess.run([str(BIN / "first"), "apply", str(registry_file)], env=env, cwd=REPO_ROOT, check=True,
                        capture_output=True, timeout=120)  # fmt: skip
         local.register(env)
-        for name in ("refresh-status/refresh-status", "scale-down-idle/scale-down-idle"):
+        for name in local.SCHEDULED:
             # The schedules would run them in the middle of the tests: the tests trigger them themselves.
             d = api("GET", f"{fleet.api}/deployments/name/{name}").json()
             api("POST", f"{fleet.api}/deployments/{d['id']}/pause_deployment").raise_for_status()
@@ -272,10 +272,16 @@ def test_the_deployments_are_registered(fleet: Fleet) -> None:
         found[name] = r.json()
     assert found["drain-cluster/drain-cluster"]["parameter_openapi_schema"]["required"] == ["cluster"]
     assert found["warm-up/warm-up"]["parameters"] == {"model": "tiny", "cluster": "best"}
-    intervals = {
-        name: [s["schedule"]["interval"] for s in d["schedules"]] for name, d in found.items() if d["schedules"]
+    schedules = {
+        name: [s["schedule"].get("interval") or s["schedule"].get("cron") for s in d["schedules"]]
+        for name, d in found.items()
+        if d["schedules"]
     }
-    assert intervals == {"refresh-status/refresh-status": [60.0], "scale-down-idle/scale-down-idle": [300.0]}
+    assert schedules == {
+        "refresh-status/refresh-status": [60.0], "scale-down-idle/scale-down-idle": [300.0],
+        "ingest-usage/ingest-usage": [60.0], "usage-report/usage-report": ["0 6 * * *"],
+        "audit-retention/audit-retention": ["0 3 * * *"],
+    }  # fmt: skip
 
 
 def test_refresh_status_publishes_every_cluster(fleet: Fleet) -> None:

@@ -7,9 +7,9 @@ import pytest
 import yaml
 
 from blocks.registry import ClusterSpec, ModelSpec, Registry
-from deployments.local import DEPLOYMENTS
+from deployments.local import DEPLOYMENTS, SCHEDULED
 from first.settings import REPO_ROOT
-from flows import lifecycle
+from flows import lifecycle, usage
 from flows.bus import GatewayReport, InstanceUse, Observation
 from flows.lifecycle import (
     QUEUED_FRESH_S,
@@ -165,12 +165,14 @@ def test_artifact_keys_and_table_cells_are_safe() -> None:
 def test_prefect_yaml_declares_the_deployments_the_runner_names() -> None:
     doc = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
     declared = {}
+    modules = {"flows/lifecycle.py": lifecycle, "flows/usage.py": usage}
     for d in doc["deployments"]:
         path, fn = d["entrypoint"].split(":")
-        assert path == "flows/lifecycle.py"
-        declared[f"{getattr(lifecycle, fn).name}/{d['name']}"] = d
+        assert path in modules
+        declared[f"{getattr(modules[path], fn).name}/{d['name']}"] = d
         assert d["work_pool"]["name"] == "first-local" and d["description"].strip()
     assert sorted(declared) == sorted(DEPLOYMENTS)
+    assert sorted(name for name, d in declared.items() if d.get("schedules")) == sorted(SCHEDULED)
     assert declared["refresh-status/refresh-status"]["schedules"] == [{"interval": 60}]
     assert declared["scale-down-idle/scale-down-idle"]["schedules"] == [{"interval": 300}]
     assert declared["scale-down/scale-down"]["parameters"] == {"model": "tiny", "cluster": "all"}
