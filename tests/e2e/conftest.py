@@ -9,9 +9,11 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -122,6 +124,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         stop_local_models(settings)
         for p in procs[:1]:
             stop(p)
+
+
+def prefect_api(method: str, url: str, **kw: Any) -> httpx.Response:
+    """One Prefect API call, retried while the server answers 503 (its SQLite database is busy), as Prefect's own
+    client does."""
+    for _ in range(20):
+        r = httpx.request(method, url, timeout=60, **kw)  # a busy SQLite server can take a while
+        if r.status_code != 503:
+            return r
+        time.sleep(0.5)
+    return r
 
 
 def prefect_flow_runs(stack: Stack, flow_name: str) -> list[dict]:

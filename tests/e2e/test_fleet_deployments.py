@@ -29,23 +29,13 @@ from first.settings import Settings, prefect_env
 from flows import bus
 from flows.bus import GatewayReport, InstanceUse
 from tests.e2e.conftest import BIN, REPO_ROOT, dump, free_port, stop
+from tests.e2e.conftest import prefect_api as api
 from tests.fakes.openai_simulator import OpenAISimulatorDouble
 
 pytestmark = pytest.mark.e2e
 
 CLUSTERS = ("alpha", "beta")
 GATEWAY = "test-gateway"
-
-
-def api(method: str, url: str, **kw: Any) -> httpx.Response:
-    """One Prefect API call, retried while the server answers 503 (its SQLite database is busy), as Prefect's own
-    client does."""
-    for _ in range(20):
-        r = httpx.request(method, url, timeout=10, **kw)
-        if r.status_code != 503:
-            return r
-        time.sleep(0.5)
-    return r
 
 
 @dataclass

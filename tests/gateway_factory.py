@@ -1,0 +1,113 @@
+"""A real gateway process for tests: uvicorn (``first.runner.gateway_command``) with the app built by
+``gateway_app`` from the registry file in ``$FIRST_TEST_REGISTRY`` instead of Prefect's, so a test can point the
+gateway at test doubles (e.g. ``tests/fakes/openai_simulator.py``) and still kill, restart and inspect a real
+server process.
+
+    gw = GatewayProcess(home, registry_path).start()   # FIRST_HOME=home, FIRST_FLOW_TRACKING=off, no Prefect
+    gw.url, gw.proc.pid ... gw.stop()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from first.runner import gateway_command
+from first.settings import REPO_ROOT, Settings
+
+REGISTRY_ENV = "FIRST_TEST_REGISTRY"
+
+
+def gateway_app() -> Any:
+    """`uvicorn --factory tests.gateway_factory:gateway_app`: the gateway, registry from $FIRST_TEST_REGISTRY."""
+    from api.app import create_app
+    from blocks.registry import Registry
+
+    return create_app(Settings(), Registry.from_yaml(Path(os.environ[REGISTRY_ENV]).read_text()))
+
+
+def http_registry_yaml(clusters: dict[str, str], models: dict[str, list[str]]) -> str:
+    """A registry of direct-HTTP clusters (name -> base URL) and models (name -> the clusters serving it)."""
+    doc = {
+        "clusters": [{"name": name, "transport": "http", "base_url": url} for name, url in clusters.items()],
+        "models": [{"name": name, "path": "-", "clusters": list(on)} for name, on in models.items()],
+    }
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tail(path: Path, n: int = 40) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    return ""
+
+
+class GatewayProcess:
+    """One uvicorn gateway process on FIRST_HOME ``home``; ``proc.pid`` is the uvicorn process itself."""
+
+    def __init__(self, home: Path, registry_path: Path, port: int | None = None, env: dict[str, str] | None = None):
+        self.home, self.registry_path = Path(home), Path(registry_path)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = self.home / f"gateway-{self.port}.log"
+        self.extra_env = env or {}
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def settings(self) -> Settings:
+        return Settings(home=self.home, port=self.port)
+
+    def start(self, timeout_s: float = 60.0) -> GatewayProcess:
+        self.home.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("FIRST_", "PREFECT_"))}
+        env.update({
+            "FIRST_HOME": str(self.home), "FIRST_HOST": "127.0.0.1", "FIRST_PORT": str(self.port),
+            "FIRST_FLOW_TRACKING": "off", "PREFECT_HOME": str(self.home / "prefect"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONUNBUFFERED": "1",
+            REGISTRY_ENV: str(self.registry_path), **self.extra_env,
+        })  # fmt: skip
+        cmd = gateway_command("127.0.0.1", self.port)
+        cmd[cmd.index("api.asgi:app")] = "tests.gateway_factory:gateway_app"
+        self.proc = subprocess.Popen(
+            [*cmd, "--factory"], stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, env=env, cwd=REPO_ROOT, start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the gateway exited with code {self.proc.returncode}:\n{tail(self.log_path)}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            time.sleep(0.2)
+        self.kill()
+        raise RuntimeError(f"the gateway did not answer /health within {timeout_s:g} s:\n{tail(self.log_path)}")
+
+    def kill(self) -> None:
+        """SIGKILL the uvicorn process (no shutdown: the spool's open segment is left behind as it is)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM (uvicorn's graceful shutdown: the lifespan closes the spool), then SIGKILL."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
