@@ -22,14 +22,14 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import polars as pl
 
-from analytics.store import UsageStore
+from analytics.store import DAY_SQL, HIST_BASE, HIST_SELECT, ROLLUP_SELECT, UsageStore, rollup_sql, rollups_match
 
 __all__ = [
     "REPORTS",
@@ -126,21 +126,211 @@ def _query(store: UsageStore, query: str, params: dict[str, Any] | None = None) 
 
 
 _ERR = "count(*) FILTER (WHERE status >= 400)::BIGINT"
-_TOKENS = (
-    "coalesce(sum(total_tokens), 0)::BIGINT AS total_tokens, "
-    "coalesce(sum(prompt_tokens), 0)::BIGINT AS prompt_tokens, "
-    "coalesce(sum(completion_tokens), 0)::BIGINT AS completion_tokens"
-)
-_DAY = "CAST(timezone('UTC', ts) AS DATE)"
 
-# What summary(by=...) may group by: name -> SQL expression.
+# What summary(by=...) may group by: name -> SQL expression over `usage` rows.  The rollup rows carry
+# the same names as columns.
 SUMMARY_BY: dict[str, str] = {
     "user": '"user"',
     "model": "model",
     "cluster": "cluster",
     "endpoint": "endpoint",
-    "day": _DAY,
+    "day": DAY_SQL,
 }
+_HIST_KEYS = frozenset({"day", "model", "cluster"})  # what usage_latency_hist is kept per
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _sum(col: str) -> str:
+    return f"coalesce(sum({col}), 0)::BIGINT"
+
+
+# --- the plan of a report: rollup rows where they cover the window, raw rows at its edges ---------
+
+
+@dataclass(frozen=True)
+class _Window:
+    """``f``'s time window split into whole UTC days (read from the rollups) and the partial days at its
+    edges (aggregated from the raw rows, with the same SQL the ingester uses for the rollups)."""
+
+    days: tuple[date | None, date | None] | None  # [first, end) whole days; None bound = open; None = no day
+    edges: tuple[tuple[datetime | None, datetime | None], ...]  # [since, until) ranges of raw rows
+
+    @classmethod
+    def of(cls, f: UsageFilter) -> _Window:
+        def midnight(d: date) -> datetime:
+            return datetime.combine(d, time(), UTC)
+
+        first = None if f.since is None else f.since.date() + timedelta(days=f.since.time() != time())
+        end = None if f.until is None else f.until.date()
+        if first is not None and end is not None and first >= end:  # within one day: raw rows only
+            return cls(None, ((f.since, f.until),))
+        edges = []
+        if f.since is not None and first is not None and midnight(first) != f.since:
+            edges.append((f.since, midnight(first)))
+        if f.until is not None and end is not None and midnight(end) != f.until:
+            edges.append((midnight(end), f.until))
+        return cls((first, end), tuple(edges))
+
+
+def _dims(f: UsageFilter, *, hist: bool = False) -> tuple[list[str], dict[str, Any]]:
+    """The filter's non-time conditions, valid on `usage`, `usage_daily` and (model, cluster) the histograms."""
+    clauses: list[str] = []
+    params: dict[str, Any] = {}
+    for name, value, clause in (
+        ("user", f.user, '"user" = $user'),
+        ("model", f.model, "model = $model"),
+        ("cluster", f.cluster, "cluster = $cluster"),
+        ("group", f.group, 'list_contains("groups", $group)'),
+    ):
+        if value is not None and not (hist and name in ("user", "group")):
+            clauses.append(clause)
+            params[name] = value
+    return clauses, params
+
+
+def _source(f: UsageFilter, rollups: bool, *, hist: bool = False) -> tuple[str, dict[str, Any]]:
+    """SQL for rollup-shaped rows (``usage_daily``'s columns, or ``usage_latency_hist``'s with ``hist``)
+    covering exactly the rows ``f`` matches."""
+    template, table = (HIST_SELECT, "usage_latency_hist") if hist else (ROLLUP_SELECT, "usage_daily")
+    dims, params = _dims(f, hist=hist)
+    if not rollups:  # every row from `usage` (rollups missing or stale)
+        where, params = f.where()
+        return rollup_sql(template, where), params
+    w = _Window.of(f)
+    parts = []
+    if w.days is not None:
+        conds = list(dims)
+        if w.days[0] is not None:
+            conds.append("day >= $day_first")
+            params["day_first"] = w.days[0]
+        if w.days[1] is not None:
+            conds.append("day < $day_end")
+            params["day_end"] = w.days[1]
+        cols = "day, model, cluster, ok, metric, bucket, n" if hist else "*"
+        parts.append(f"SELECT {cols} FROM {table}" + (" WHERE " + " AND ".join(conds) if conds else ""))
+    if w.edges:
+        ranges = []
+        for i, (lo, hi) in enumerate(w.edges):
+            bounds = []
+            if lo is not None:
+                bounds.append(f"ts >= $edge{i}_lo")
+                params[f"edge{i}_lo"] = lo
+            if hi is not None:
+                bounds.append(f"ts < $edge{i}_hi")
+                params[f"edge{i}_hi"] = hi
+            ranges.append("(" + " AND ".join(bounds) + ")")
+        where = "WHERE (" + " OR ".join(ranges) + ")" + "".join(f" AND {c}" for c in dims)
+        parts.append(rollup_sql(template, where))
+    return "\n UNION ALL \n".join(f"({p})" for p in parts), params
+
+
+def _percentiles(
+    store: UsageStore,
+    con: duckdb.DuckDBPyConnection,
+    f: UsageFilter,
+    keys: Sequence[str],
+    wanted: dict[str, tuple[str, float]],
+    *,
+    rollups: bool,
+    matched: int,
+    ok_only: bool,
+) -> tuple[str, dict[str, Any]]:
+    """SQL for one row per ``keys`` with the ``wanted`` percentiles (name -> (metric, q)).
+
+    Exact (``quantile_cont`` over the raw rows) while the filter matches at most
+    ``store.exact_percentile_rows`` rows, or when the histograms cannot answer (a user or group
+    filter, a key other than day/model/cluster); otherwise from ``usage_latency_hist``: within 1%.
+    """
+    exact = (
+        not rollups
+        or matched <= store.exact_percentile_rows
+        or f.user is not None
+        or f.group is not None
+        or not set(keys) <= _HIST_KEYS
+    )
+    key_cols = [f"{SUMMARY_BY[k]} AS {_ident(k)}" for k in keys]
+    if exact:
+        where, params = f.and_("status < 400") if ok_only else f.where()
+        by_metric: dict[str, list[float]] = {}
+        for metric, q in wanted.values():
+            by_metric.setdefault(metric, []).append(q)
+        lists = [f"quantile_cont({m}, {qs!r}) AS _{m}" for m, qs in by_metric.items()]
+        picks = [f"_{m}[{by_metric[m].index(q) + 1}] AS {_ident(name)}" for name, (m, q) in wanted.items()]
+        group = f"GROUP BY {', '.join(_ident(k) for k in keys)}" if keys else ""
+        inner = f"SELECT {', '.join(key_cols + lists)} FROM usage {where} {group}"
+        return f"SELECT {', '.join([*map(_ident, keys), *picks])} FROM ({inner})", params
+    src, params = _source(f, rollups, hist=True)
+    part = ", ".join(["metric", *map(_ident, keys)])
+    picks = [
+        f"pow({HIST_BASE!r}, min(bucket) FILTER (WHERE metric = '{m}' AND cum > {q!r} * (tot - 1))) AS {_ident(name)}"
+        for name, (m, q) in wanted.items()
+    ]
+    group = f"GROUP BY {', '.join(_ident(k) for k in keys)}" if keys else ""
+    return (
+        f"""
+        SELECT {", ".join([*map(_ident, keys), *picks])}
+        FROM (
+            SELECT *, sum(n) OVER (PARTITION BY {part} ORDER BY bucket ROWS UNBOUNDED PRECEDING) AS cum,
+                   sum(n) OVER (PARTITION BY {part}) AS tot
+            FROM (SELECT {", ".join(map(_ident, keys))}{", " if keys else ""}metric, bucket, sum(n) AS n
+                  FROM ({src}) h {"WHERE ok" if ok_only else ""} GROUP BY ALL)
+        )
+        {group}
+        """,
+        params,
+    )
+
+
+def _report(
+    store: UsageStore,
+    f: UsageFilter,
+    keys: Sequence[str],
+    aggregates: dict[str, str],
+    percentiles: dict[str, tuple[str, float]],
+    columns: Sequence[str],
+    *,
+    ok_only: bool = False,
+    order: str = "",
+    limit: int | None = None,
+) -> pl.DataFrame:
+    """One report: ``aggregates`` (name -> SQL over rollup rows) per ``keys``, joined with ``percentiles``,
+    as ``keys`` + ``columns``.  With ``ok_only``, groups without a successful request are left out."""
+    with store.connect_read_only() as con:
+        rollups = rollups_match(con)
+        src, params = _source(f, rollups)
+        key_list = ", ".join(map(_ident, keys))
+        aggs = ", ".join(f"{sql} AS {_ident(name)}" for name, sql in aggregates.items())
+        having = "HAVING sum(requests - errors) > 0" if ok_only else ""
+        group = f"GROUP BY {key_list}" if keys else ""
+        agg = f"SELECT {key_list}{', ' if keys else ''}{aggs} FROM ({src}) s {group} {having}"
+        if percentiles:
+            (matched,) = con.execute(
+                f"SELECT coalesce(sum(requests{' - errors' if ok_only else ''}), 0) FROM ({src}) s", params or None
+            ).fetchall()[0]
+            pct, pct_params = _percentiles(
+                store, con, f, keys, percentiles, rollups=rollups, matched=matched, ok_only=ok_only
+            )
+            on = " AND ".join(f"a.{_ident(k)} IS NOT DISTINCT FROM p.{_ident(k)}" for k in keys) or "true"
+            query = f"""
+                SELECT {", ".join([*(f"a.{_ident(k)}" for k in keys), *map(_ident, columns)])}
+                FROM ({agg}) a LEFT JOIN ({pct}) p ON {on}
+                {order} {f"LIMIT {int(limit)}" if limit is not None else ""}
+            """
+            params = {**params, **pct_params}
+        else:
+            query = f"""
+                SELECT {", ".join([*map(_ident, keys), *map(_ident, columns)])} FROM ({agg}) a
+                {order} {f"LIMIT {int(limit)}" if limit is not None else ""}
+            """
+        return con.sql(query, params=params or None).pl()
+
+
+_REQ, _ERRS, _USERS = _sum("requests"), _sum("errors"), 'count(DISTINCT "user")::BIGINT'
+_TOKEN_SUMS = {c: _sum(c) for c in ("total_tokens", "prompt_tokens", "completion_tokens")}
+_P50_LATENCY = {"p50_latency_ms": ("latency_ms", 0.5)}
 
 
 def summary(store: UsageStore, f: UsageFilter = _ALL, *, by: Sequence[str] = ()) -> pl.DataFrame:
@@ -154,69 +344,45 @@ def summary(store: UsageStore, f: UsageFilter = _ALL, *, by: Sequence[str] = ())
     unknown = [b for b in by if b not in SUMMARY_BY]
     if unknown:
         raise ValueError(f"cannot summarise by {unknown}; choose from {sorted(SUMMARY_BY)}")
-    keys = [f"{SUMMARY_BY[b]} AS {_ident(b)}" for b in by]
-    where, params = f.where()
-    group = (
-        ("GROUP BY " + ", ".join(_ident(b) for b in by) + " ORDER BY " + ", ".join(_ident(b) for b in by)) if by else ""
-    )
-    return _query(
-        store,
-        f"""
-        SELECT {"".join(k + ", " for k in keys)}
-               count(*)::BIGINT AS requests,
-               count(DISTINCT "user")::BIGINT AS users,
-               {_ERR} AS errors,
-               ({_ERR})::DOUBLE / nullif(count(*), 0) AS error_rate,
-               coalesce(sum(prompt_tokens), 0)::BIGINT AS prompt_tokens,
-               coalesce(sum(completion_tokens), 0)::BIGINT AS completion_tokens,
-               coalesce(sum(total_tokens), 0)::BIGINT AS total_tokens,
-               quantile_cont(latency_ms, 0.5) AS p50_latency_ms,
-               quantile_cont(latency_ms, 0.95) AS p95_latency_ms,
-               quantile_cont(ttft_ms, 0.5) AS p50_ttft_ms,
-               count(*) FILTER (WHERE cold_start)::BIGINT AS cold_starts,
-               min(ts) AS first_ts,
-               max(ts) AS last_ts
-        FROM usage {where}
-        {group}
-        """,
-        params,
-    )
-
-
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
+    aggregates = {
+        "requests": _REQ,
+        "users": _USERS,
+        "errors": _ERRS,
+        "error_rate": "sum(errors)::DOUBLE / nullif(sum(requests), 0)",
+        "prompt_tokens": _sum("prompt_tokens"),
+        "completion_tokens": _sum("completion_tokens"),
+        "total_tokens": _sum("total_tokens"),
+        "cold_starts": _sum("cold_starts"),
+        "first_ts": "min(first_ts)",
+        "last_ts": "max(last_ts)",
+    }
+    percentiles = {
+        "p50_latency_ms": ("latency_ms", 0.5),
+        "p95_latency_ms": ("latency_ms", 0.95),
+        "p50_ttft_ms": ("ttft_ms", 0.5),
+    }
+    columns = [
+        "requests", "users", "errors", "error_rate", "prompt_tokens", "completion_tokens", "total_tokens",
+        "p50_latency_ms", "p95_latency_ms", "p50_ttft_ms", "cold_starts", "first_ts", "last_ts",
+    ]  # fmt: skip
+    order = "ORDER BY " + ", ".join(f"a.{_ident(b)}" for b in by) if by else ""
+    return _report(store, f, by, aggregates, percentiles, columns, order=order)
 
 
 def top_users(store: UsageStore, f: UsageFilter = _ALL, limit: int = 10) -> pl.DataFrame:
     """The ``limit`` users with the most tokens: user, requests, total/prompt/completion tokens, errors;
     ordered by total_tokens descending, then user."""
-    where, params = f.where()
-    return _query(
-        store,
-        f"""
-        SELECT "user", count(*)::BIGINT AS requests, {_TOKENS}, {_ERR} AS errors
-        FROM usage {where}
-        GROUP BY "user"
-        ORDER BY total_tokens DESC, "user"
-        LIMIT {int(limit)}
-        """,
-        params,
+    aggregates = {"requests": _REQ, **_TOKEN_SUMS, "errors": _ERRS}
+    return _report(
+        store, f, ["user"], aggregates, {}, list(aggregates), order='ORDER BY total_tokens DESC, "user"', limit=limit
     )
 
 
 def by_model(store: UsageStore, f: UsageFilter = _ALL) -> pl.DataFrame:
     """Per model: requests, users, total/prompt/completion tokens, errors, p50_latency_ms; ordered by model."""
-    where, params = f.where()
-    return _query(
-        store,
-        f"""
-        SELECT model, count(*)::BIGINT AS requests, count(DISTINCT "user")::BIGINT AS users, {_TOKENS},
-               {_ERR} AS errors, quantile_cont(latency_ms, 0.5) AS p50_latency_ms
-        FROM usage {where}
-        GROUP BY model
-        ORDER BY model
-        """,
-        params,
+    aggregates = {"requests": _REQ, "users": _USERS, **_TOKEN_SUMS, "errors": _ERRS}
+    return _report(
+        store, f, ["model"], aggregates, _P50_LATENCY, [*aggregates, "p50_latency_ms"], order="ORDER BY a.model"
     )
 
 
@@ -226,51 +392,35 @@ def by_cluster(store: UsageStore, f: UsageFilter = _ALL) -> pl.DataFrame:
     A null cluster collects the requests that never reached one (refused or failed before routing);
     it comes last.
     """
-    where, params = f.where()
-    return _query(
-        store,
-        f"""
-        SELECT cluster, count(*)::BIGINT AS requests, count(DISTINCT model)::BIGINT AS models,
-               coalesce(sum(total_tokens), 0)::BIGINT AS total_tokens, {_ERR} AS errors,
-               quantile_cont(latency_ms, 0.5) AS p50_latency_ms,
-               count(*) FILTER (WHERE cold_start)::BIGINT AS cold_starts
-        FROM usage {where}
-        GROUP BY cluster
-        ORDER BY cluster NULLS LAST
-        """,
-        params,
-    )
+    aggregates = {
+        "requests": _REQ,
+        "models": "count(DISTINCT model)::BIGINT",
+        "total_tokens": _sum("total_tokens"),
+        "errors": _ERRS,
+        "cold_starts": _sum("cold_starts"),
+    }
+    columns = ["requests", "models", "total_tokens", "errors", "p50_latency_ms", "cold_starts"]
+    return _report(store, f, ["cluster"], aggregates, _P50_LATENCY, columns, order="ORDER BY a.cluster NULLS LAST")
 
 
 def latency(store: UsageStore, f: UsageFilter = _ALL) -> pl.DataFrame:
     """Per model and cluster, successful requests only (status < 400): requests, streams,
     p50/p95/p99 latency_ms and p50/p95/p99 ttft_ms (streams only; null without streams);
     ordered by model, cluster (null last)."""
-    where, params = f.and_("status < 400")
-    return _query(
-        store,
-        f"""
-        SELECT model, cluster, count(*)::BIGINT AS requests,
-               count(*) FILTER (WHERE stream)::BIGINT AS streams,
-               quantile_cont(latency_ms, 0.5) AS p50_latency_ms,
-               quantile_cont(latency_ms, 0.95) AS p95_latency_ms,
-               quantile_cont(latency_ms, 0.99) AS p99_latency_ms,
-               quantile_cont(ttft_ms, 0.5) AS p50_ttft_ms,
-               quantile_cont(ttft_ms, 0.95) AS p95_ttft_ms,
-               quantile_cont(ttft_ms, 0.99) AS p99_ttft_ms
-        FROM usage {where}
-        GROUP BY model, cluster
-        ORDER BY model, cluster NULLS LAST
-        """,
-        params,
-    )
+    percentiles = {f"p{round(q * 100)}_{m}": (m, q) for m in ("latency_ms", "ttft_ms") for q in (0.5, 0.95, 0.99)}
+    aggregates = {"requests": "sum(requests - errors)::BIGINT", "streams": _sum("ok_streams")}
+    return _report(
+        store, f, ["model", "cluster"], aggregates, percentiles, [*aggregates, *percentiles], ok_only=True,
+        order="ORDER BY a.model, a.cluster NULLS LAST",
+    )  # fmt: skip
 
 
 def errors(store: UsageStore, f: UsageFilter = _ALL) -> pl.DataFrame:
     """Failed requests (status >= 400) per status, error_type and model: requests, users, last_ts, and
     ``rate`` = those requests / all requests the filter matches (successful ones included).
 
-    Ordered by requests descending, then status, error_type, model.
+    Ordered by requests descending, then status, error_type, model.  (Read from the raw rows: failures
+    are few.)
     """
     where, params = f.where()
     err_where, _ = f.and_("status >= 400")
@@ -293,19 +443,11 @@ def daily(store: UsageStore, f: UsageFilter = _ALL) -> pl.DataFrame:
 
     ``day`` is a DATE; days without requests are absent (not zero rows).
     """
-    where, params = f.where()
-    return _query(
-        store,
-        f"""
-        SELECT {_DAY} AS day, model, count(*)::BIGINT AS requests, count(DISTINCT "user")::BIGINT AS users,
-               coalesce(sum(total_tokens), 0)::BIGINT AS total_tokens, {_ERR} AS errors,
-               quantile_cont(latency_ms, 0.5) AS p50_latency_ms
-        FROM usage {where}
-        GROUP BY day, model
-        ORDER BY day, model
-        """,
-        params,
-    )
+    aggregates = {"requests": _REQ, "users": _USERS, "total_tokens": _sum("total_tokens"), "errors": _ERRS}
+    return _report(
+        store, f, ["day", "model"], aggregates, _P50_LATENCY, [*aggregates, "p50_latency_ms"],
+        order="ORDER BY a.day, a.model",
+    )  # fmt: skip
 
 
 REPORTS: dict[str, Callable[..., pl.DataFrame]] = {
@@ -374,7 +516,9 @@ def export_parquet(store: UsageStore, to: Path, f: UsageFilter = _ALL) -> list[P
     with store.connect_read_only() as con:
         days = [
             d
-            for (d,) in con.execute(f"SELECT DISTINCT {_DAY} FROM usage {where} ORDER BY 1", params or None).fetchall()
+            for (d,) in con.execute(
+                f"SELECT DISTINCT {DAY_SQL} FROM usage {where} ORDER BY 1", params or None
+            ).fetchall()
         ]
         if not days:
             return []
@@ -384,7 +528,7 @@ def export_parquet(store: UsageStore, to: Path, f: UsageFilter = _ALL) -> list[P
         target = str(to).replace("'", "''")
         con.execute(
             f"""
-            COPY (SELECT *, {_DAY} AS day FROM usage {where} ORDER BY ts, request_id)
+            COPY (SELECT *, {DAY_SQL} AS day FROM usage {where} ORDER BY ts, request_id)
             TO '{target}' (FORMAT parquet, PARTITION_BY (day), OVERWRITE_OR_IGNORE true, FILENAME_PATTERN 'usage_{{i}}')
             """,
             params or None,
