@@ -22,7 +22,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from analytics.reports import UsageFilter, daily, top_users
+from analytics.reports import UsageFilter, cluster_latency, daily, top_users
 from analytics.store import UsageStore
 
 __all__ = ["CHARTS", "DPI", "HEIGHT", "WIDTH", "cluster_latency", "write_charts"]
@@ -32,25 +32,8 @@ DPI = 100
 WIDTH, HEIGHT = int(FIGSIZE[0] * DPI), int(FIGSIZE[1] * DPI)  # pixels of every chart
 TOP_USERS = 15
 NO_CLUSTER = "(none)"  # requests that never reached a cluster
-
-
-def cluster_latency(store: UsageStore, f: UsageFilter = UsageFilter()) -> pl.DataFrame:
-    """Per cluster, successful requests only (status < 400): requests and p50/p95/p99 latency_ms; ordered by
-    cluster (null last)."""
-    where, params = f.and_("status < 400")
-    with store.connect_read_only() as con:
-        return con.sql(
-            f"""
-            SELECT cluster, count(*)::BIGINT AS requests,
-                   quantile_cont(latency_ms, 0.5) AS p50_latency_ms,
-                   quantile_cont(latency_ms, 0.95) AS p95_latency_ms,
-                   quantile_cont(latency_ms, 0.99) AS p99_latency_ms
-            FROM usage {where}
-            GROUP BY cluster
-            ORDER BY cluster NULLS LAST
-            """,
-            params=params or None,
-        ).pl()
+MAX_MODELS = 8  # models drawn on their own in the tokens chart; the rest are stacked as OTHER
+OTHER = "other models"
 
 
 def _figure(title: str) -> tuple[Figure, Axes]:
@@ -72,19 +55,30 @@ def _day_labels(days: list) -> list[str]:
 
 
 def _tokens_per_day(ax: Axes, d: pl.DataFrame) -> None:
+    """Stacked bars: the MAX_MODELS models with the most tokens, the rest as "other"; legend beside the plot."""
     if d.is_empty():
         return _no_data(ax)
     days = sorted(d["day"].unique().to_list())
     labels = _day_labels(days)
+    ranked = (
+        d.group_by("model").agg(pl.col("total_tokens").sum()).sort("total_tokens", "model", descending=[True, False])
+    )
+    top = ranked["model"].head(MAX_MODELS).to_list()
+    d = d.with_columns(
+        pl.when(pl.col("model").is_in(top)).then(pl.col("model")).otherwise(pl.lit(OTHER)).alias("model")
+    )
     bottom = [0] * len(days)
-    for model in sorted(d["model"].unique().to_list()):
-        per_day = dict(d.filter(pl.col("model") == model).select("day", "total_tokens").iter_rows())
+    for model in top + ([OTHER] if ranked.height > MAX_MODELS else []):
+        per_day = dict(d.filter(pl.col("model") == model).group_by("day").agg(pl.col("total_tokens").sum()).iter_rows())
         heights = [int(per_day.get(day) or 0) for day in days]
         ax.bar(labels, heights, bottom=bottom, label=model)
         bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
     ax.set_ylabel("total tokens")
-    ax.legend(loc="upper left", fontsize="small")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
     ax.tick_params(axis="x", labelrotation=45 if len(days) > 7 else 0)
+    if len(days) > 15:  # every other label, so they stay readable
+        for i, tick in enumerate(ax.get_xticklabels()):
+            tick.set_visible(i % 2 == 0)
 
 
 def _latency_by_cluster(ax: Axes, d: pl.DataFrame) -> None:

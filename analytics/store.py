@@ -55,6 +55,11 @@ import pyarrow as pa
 from analytics.records import UsageRecord
 from analytics.spool import SEGMENT_RE, segment_owner_alive, try_lock_segment
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no hand-over between batches
+    fcntl = None  # type: ignore[assignment]
+
 __all__ = [
     "DAY_SQL",
     "HIST_BASE",
@@ -220,16 +225,49 @@ class UsageStore:
     # --- connections ------------------------------------------------------------------------
 
     def _open(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+        """Connect, retrying while another process holds the file; while it waits, this process holds a
+        shared ``flock`` on ``<db>.wait``, which tells the ingester to let it in between two batches."""
         deadline = time.monotonic() + self.lock_timeout_s
-        delay = 0.01
-        while True:
-            try:
-                return duckdb.connect(str(self.db_path), read_only=read_only)
-            except (duckdb.IOException, duckdb.ConnectionException) as e:
-                if not _is_busy(e) or time.monotonic() >= deadline:
-                    raise
+        delay = 0.005
+        waiting: int | None = None
+        try:
+            while True:
+                try:
+                    return duckdb.connect(str(self.db_path), read_only=read_only)
+                except (duckdb.IOException, duckdb.ConnectionException) as e:
+                    if not _is_busy(e) or time.monotonic() >= deadline:
+                        raise
+                if waiting is None:
+                    waiting = _flock(self._wait_path, fcntl.LOCK_SH if fcntl else 0)
                 time.sleep(delay)
-                delay = min(delay * 2, 0.25)
+                delay = min(delay * 2, 0.05)
+        finally:
+            if waiting is not None:
+                os.close(waiting)
+
+    @property
+    def _wait_path(self) -> Path:
+        return self.db_path.with_name(self.db_path.name + ".wait")
+
+    def _let_waiters_in(self, max_wait_s: float = 2.0) -> None:
+        """Between two batches: if readers (or another ingester) are waiting for the file, wait until they
+        have opened it (up to ``max_wait_s``), so a long ingest never starves them.  Without this the
+        ingester, reconnecting within milliseconds, would win almost every race for the file lock."""
+        if fcntl is None or not self._wait_path.exists():
+            return
+        fd = os.open(self._wait_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            deadline = time.monotonic() + max_wait_s
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody waiting (any more)
+                    return
+                except OSError:
+                    if time.monotonic() >= deadline:
+                        return
+                    time.sleep(0.002)
+        finally:
+            os.close(fd)  # drops the lock
 
     @contextlib.contextmanager
     def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -293,6 +331,7 @@ class UsageStore:
                 if batch.bytes >= batch_bytes:
                     inserted += self._flush(batch)
                     batch = _Batch()
+                    self._let_waiters_in()
             inserted += self._flush(batch)
         finally:
             for seg in batch.segments:  # only on error: _flush releases what it handled
@@ -559,6 +598,19 @@ def _is_busy(e: duckdb.Error) -> bool:
     (read-write vs read-only): both go away when that short-lived connection closes."""
     msg = str(e).lower()
     return "lock" in msg or "different configuration" in msg
+
+
+def _flock(path: Path, how: int) -> int | None:
+    """An open fd of ``path`` holding ``flock(how)`` (blocking), or None where flock is unsupported."""
+    if fcntl is None:
+        return None
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        fcntl.flock(fd, how)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _ts_literal(dt: datetime) -> str:

@@ -480,6 +480,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dir", type=Path, help="where the temporary data goes (default: the system's temp folder "
                     "if it is on this repository's disk, else .first/ here)")  # fmt: skip
     ap.add_argument("--keep", action="store_true", help="keep the data folder (spool, DuckDB file, Parquet)")
+    ap.add_argument("--charts", type=Path, help="also write `first usage chart`'s PNGs of the synthetic month here "
+                    "(the README's chart: --quick --charts docs/images)")  # fmt: skip
     ap.add_argument("--seed", type=int, default=7)
     args = ap.parse_args(argv)
     if args.rows is None:
@@ -539,6 +541,13 @@ def run(args: argparse.Namespace, home: Path, r: Results) -> None:
     for name, fn in DUCKDB.items():
         r.duckdb[name], duck[name] = timed(lambda fn=fn: fn(store), args.runs)
         log(f"  {name}: {ms(med(r.duckdb[name]))}")
+
+    if args.charts is not None:
+        from analytics.charts import write_charts
+
+        t = time.perf_counter()
+        paths = write_charts(store, args.charts)
+        log(f"  {len(paths)} charts in {args.charts} ({time.perf_counter() - t:.1f} s)")
 
     log("exporting Parquet...")
     t = time.perf_counter()
