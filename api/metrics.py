@@ -49,7 +49,9 @@ class FleetCollector:
             opened.add_metric([name], b.opened)
         failovers = CounterMetricFamily("first_failovers", "Requests moved to another cluster before their first byte")
         failovers.add_metric([], self.live.failovers)
-        yield from (state, inflight, p50, requests, errors, warm_ups, breaker, opened, failovers)
+        audit = CounterMetricFamily("first_audit_write_failures", "Audit-mode entries that could not be written")
+        audit.add_metric([], self.live.audit_failures)
+        yield from (state, inflight, p50, requests, errors, warm_ups, breaker, opened, failovers, audit)
 
 
 def metrics_registry(live: LiveState) -> CollectorRegistry:

@@ -355,7 +355,8 @@ async def record_usage(req: InferenceRequest, out: Outcome, svc: Services) -> Us
                 cluster=out.cluster, endpoint=req.endpoint, status=out.status, prompt=audit.prompt_of(req.body),
                 completion=audit.completion_of(out.completion),
             ))  # fmt: skip
-        except Exception:  # the answer is metered: losing its audit line must not fail it
+        except Exception:  # fail open: the answer exists and is metered; /metrics counts what was lost
+            svc.live.audit_failures += 1
             log.exception("could not write the audit entry of request %s", req.request_id)
     return record
 

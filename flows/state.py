@@ -119,6 +119,7 @@ class LiveState:
         self.breakers: dict[str, Breaker] = {}
         self.estimates: dict[str, float] = {}  # learned cold-to-hot seconds per cluster
         self.failovers = 0
+        self.audit_failures = 0  # audit-mode entries that could not be written (the answers were still served)
 
     # ---- instances ----
 

@@ -324,3 +324,24 @@ async def test_without_audit_mode_no_text_is_kept(settings: Settings, sim) -> No
     await _requests(settings, sim)
     assert not settings.audit_dir.exists()
     assert b"periwinkle" not in b"".join(p.read_bytes() for p in settings.spool_dir.iterdir())
+
+
+async def test_an_audit_write_failure_fails_open_and_is_counted(settings: Settings, sim) -> None:
+    """Audit mode with an audit folder that cannot be created: the answers are still served and metered, and
+    /metrics counts the entries lost, for operators to alert on."""
+    settings = settings.model_copy(update={"audit_mode": True})
+    settings.audit_dir.parent.mkdir(parents=True, exist_ok=True)
+    settings.audit_dir.write_text("a file where the audit folder should be")
+    keys = KeyStore(settings.keys_db)
+    alice, root = keys.create("alice")[0], keys.create("root", ["admin"])[0]
+    body = {"model": "m", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4}
+    async with AsyncTestClient(app=create_app(settings, _registry(sim))) as client:
+        for stream in (False, True):
+            r = await client.post(
+                "/v1/chat/completions", json={**body, "stream": stream}, headers={"Authorization": f"Bearer {alice}"}
+            )
+            assert r.status_code == 200, r.text
+        metrics = (await client.get("/metrics", headers={"Authorization": f"Bearer {root}"})).text
+    assert "first_audit_write_failures_total 2.0" in metrics
+    assert settings.audit_dir.is_file()
+    assert UsageStore(settings.usage_db).ingest(settings.spool_dir) == 2
