@@ -203,14 +203,29 @@ async def select_cluster(req: InferenceRequest, model: ModelSpec, svc: Services,
         await svc.live.probe(unknown)
     plan = svc.live.route(candidates)
     if not plan:
-        now = time.time()
-        wait = min(svc.live.breaker(i.cluster.name).open_until for i in candidates) - now
-        raise APIError(
-            503, f"Every cluster that serves '{model.name}' is failing ({', '.join(i.cluster.name for i in candidates)}"
-            f": circuit breaker open); retry in {max(1, round(wait))} s.", code="clusters_failing",
-            headers={"Retry-After": str(max(1, round(wait)))},
-        )  # fmt: skip
+        raise _nothing_routable(model.name, candidates, svc)
     return plan
+
+
+def _nothing_routable(model: str, candidates: list[Instance], svc: Services) -> APIError:
+    """The 503 when routing left every candidate out: each cluster's reason (an open breaker, or cold with
+    the cluster already running its ``max_instances`` models), and a Retry-After from the breakers."""
+    now = time.time()
+    reasons, waits = [], []
+    for inst in candidates:
+        breaker = svc.live.breaker(inst.cluster.name)
+        if breaker.state(now) == "open":
+            waits.append(breaker.open_until - now)
+            reasons.append(f"{inst.cluster.name}: failing, circuit breaker open")
+        else:
+            reasons.append(f"{inst.cluster.name}: cold, and already running its max_instances "
+                           f"({inst.cluster.max_instances}) models")  # fmt: skip
+    wait = max(1, round(min(waits))) if waits else 30
+    failing = len(waits) == len(candidates)
+    return APIError(
+        503, f"No cluster can serve '{model}' now ({'; '.join(reasons)}); retry in {wait} s.",
+        code="clusters_failing" if failing else "no_capacity", headers={"Retry-After": str(wait)},
+    )  # fmt: skip
 
 
 def _reserve_cluster(req: InferenceRequest, inst: Instance, svc: Services, out: Outcome) -> None:

@@ -68,12 +68,25 @@ class Breaker:
             self.open_until = now + self.cooldown_s
 
 
+def count_running(instances: Iterable[Instance]) -> dict[str, int]:
+    """Instances in a RUNNING state per cluster."""
+    running: dict[str, int] = {}
+    for inst in instances:
+        if inst.state in RUNNING:
+            running[inst.cluster.name] = running.get(inst.cluster.name, 0) + 1
+    return running
+
+
 def rank(
-    instances: Iterable[Instance], breakers: dict[str, Breaker], estimates: dict[str, float], now: float
+    instances: Iterable[Instance],
+    breakers: dict[str, Breaker],
+    estimates: dict[str, float],
+    now: float,
+    running: dict[str, int] | None = None,
 ) -> list[Instance]:
     """The usable instances, best first (see the module docstring). ``estimates``: expected cold-to-hot
-    seconds per cluster."""
-    running: dict[str, int] = {}
+    seconds per cluster; ``running``: models running (hot, starting, queued) per cluster, of every model,
+    for ``max_instances`` (default: counted among ``instances``)."""
     pool = []
     for inst in instances:
         name = inst.cluster.name
@@ -81,9 +94,8 @@ def rank(
         if inst.cluster.maintenance or (breaker is not None and not breaker.allows(now)):
             continue
         pool.append(inst)
-    for inst in pool:  # instances running per cluster (of any model would be better; this gateway sees these)
-        if inst.state in RUNNING:
-            running[inst.cluster.name] = running.get(inst.cluster.name, 0) + 1
+    if running is None:
+        running = count_running(pool)
 
     def key(inst: Instance) -> tuple[int, float, float]:
         state, cluster = inst.state, inst.cluster

@@ -30,7 +30,7 @@ from blocks.registry import ClusterSpec, ModelSpec
 from compute.backends import Backends
 from first.settings import Settings
 from flows.bus import GatewayReport, InstanceUse, Observation
-from flows.routing import RUNNING, Breaker, rank
+from flows.routing import RUNNING, Breaker, count_running, rank
 
 log = logging.getLogger("first.state")
 
@@ -145,7 +145,7 @@ class LiveState:
 
     def route(self, candidates: list[Instance]) -> list[Instance]:
         """``candidates`` best first; clusters in maintenance or with an open breaker left out."""
-        return rank(candidates, self.breakers, self.estimates, time.time())
+        return rank(candidates, self.breakers, self.estimates, time.time(), count_running(self._instances.values()))
 
     async def probe(self, instances: list[Instance], timeout_s: float = 10.0) -> None:
         """Ask the clusters what state these instances are in (the first time the gateway routes to them)."""

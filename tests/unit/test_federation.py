@@ -295,3 +295,25 @@ async def test_past_the_bound_a_cold_request_gets_503_naming_the_cluster(setting
     assert "warming up on cluster 'polaris'" in err.value.message and int(err.value.headers["Retry-After"]) >= 5
     assert inst.state == "starting"
     inst.warm.cancel()  # type: ignore[union-attr]
+
+
+def test_max_instances_counts_every_model_the_cluster_runs(settings) -> None:
+    """A cold model on a cluster already running its max_instances models (of other models) is not routed to,
+    and the 503 says why instead of blaming a breaker."""
+    from types import SimpleNamespace
+
+    from flows.inference import _nothing_routable
+
+    live = LiveState(BackendsDouble(), settings)  # type: ignore[arg-type]
+    busy = ClusterSpec(name="busy", transport="local", max_instances=1)
+    free = ClusterSpec(name="free", transport="local", max_instances=2)
+    live.instance(busy, ModelSpec(name="other", path="-")).state = "hot"
+    model = ModelSpec(name="m", path="-")
+    on_busy, on_free = live.instance(busy, model), live.instance(free, model)
+    on_busy.state = on_free.state = "cold"
+    assert live.route([on_busy, on_free]) == [on_free]
+    assert live.route([on_busy]) == []
+    err = _nothing_routable("m", [on_busy], SimpleNamespace(live=live))  # type: ignore[arg-type]
+    assert err.status == 503 and err.code == "no_capacity" and int(err.headers["Retry-After"]) == 30
+    assert "busy: cold, and already running its max_instances (1) models" in err.message
+    assert "breaker" not in err.message
