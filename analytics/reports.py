@@ -230,7 +230,6 @@ def _source(f: UsageFilter, rollups: bool, *, hist: bool = False) -> tuple[str, 
 
 def _percentiles(
     store: UsageStore,
-    con: duckdb.DuckDBPyConnection,
     f: UsageFilter,
     keys: Sequence[str],
     wanted: dict[str, tuple[str, float]],
@@ -312,7 +311,7 @@ def _report(
                 f"SELECT coalesce(sum(requests{' - errors' if ok_only else ''}), 0) FROM ({src}) s", params or None
             ).fetchall()[0]
             pct, pct_params = _percentiles(
-                store, con, f, keys, percentiles, rollups=rollups, matched=matched, ok_only=ok_only
+                store, f, keys, percentiles, rollups=rollups, matched=matched, ok_only=ok_only
             )
             on = " AND ".join(f"a.{_ident(k)} IS NOT DISTINCT FROM p.{_ident(k)}" for k in keys) or "true"
             query = f"""

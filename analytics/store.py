@@ -237,8 +237,8 @@ class UsageStore:
                 except (duckdb.IOException, duckdb.ConnectionException) as e:
                     if not _is_busy(e) or time.monotonic() >= deadline:
                         raise
-                if waiting is None:
-                    waiting = _flock(self._wait_path, fcntl.LOCK_SH if fcntl else 0)
+                if waiting is None and fcntl is not None:
+                    waiting = _flock(self._wait_path, fcntl.LOCK_SH)
                 time.sleep(delay)
                 delay = min(delay * 2, 0.05)
         finally:
@@ -253,9 +253,12 @@ class UsageStore:
         """Between two batches: if readers (or another ingester) are waiting for the file, wait until they
         have opened it (up to ``max_wait_s``), so a long ingest never starves them.  Without this the
         ingester, reconnecting within milliseconds, would win almost every race for the file lock."""
-        if fcntl is None or not self._wait_path.exists():
+        if fcntl is None:
             return
-        fd = os.open(self._wait_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            fd = os.open(self._wait_path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+        except OSError:  # no marker: nobody has waited yet
+            return
         try:
             deadline = time.monotonic() + max_wait_s
             while True:
@@ -601,10 +604,14 @@ def _is_busy(e: duckdb.Error) -> bool:
 
 
 def _flock(path: Path, how: int) -> int | None:
-    """An open fd of ``path`` holding ``flock(how)`` (blocking), or None where flock is unsupported."""
+    """An open fd of ``path`` holding ``flock(how)`` (blocking), or None where flock is unsupported or the
+    file cannot be created (a reader without write access to the folder just waits without the marker)."""
     if fcntl is None:
         return None
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError:
+        return None
     try:
         fcntl.flock(fd, how)
     except OSError:

@@ -29,7 +29,7 @@ from prefect.context import FlowRunContext
 from analytics import reports
 from analytics.audit import AuditLog
 from analytics.reports import UsageFilter
-from analytics.store import UsageStore
+from analytics.store import IngestTimings, UsageStore
 from first.settings import Settings, get_settings
 
 log = logging.getLogger("first.usage")
@@ -88,6 +88,7 @@ class IngestResult:
     seconds: float
     skipped_lines: int  # malformed spool lines skipped
     total_rows: int  # rows in the table afterwards
+    timings: IngestTimings  # where the time went
 
 
 def ingest(settings: Settings) -> IngestResult:
@@ -96,7 +97,7 @@ def ingest(settings: Settings) -> IngestResult:
     t0 = time.perf_counter()
     rows = store.ingest(settings.spool_dir)
     seconds = time.perf_counter() - t0
-    return IngestResult(rows, seconds, store.last_skipped_lines, store.count())
+    return IngestResult(rows, seconds, store.last_skipped_lines, store.count(), store.timings)
 
 
 # The report's sections: (title, report function).
@@ -165,14 +166,16 @@ def build_report(
 def ingest_usage() -> int:
     """Move the gateways' usage spool (FIRST_HOME/spool) into the DuckDB usage table (FIRST_HOME/usage.duckdb).
 
-    Idempotent: a request's row is keyed by its request_id, and spool files are deleted only after their rows
-    are committed, so a run that crashes midway loses nothing and the next run finishes its work. Returns the
-    number of new rows.
+    Idempotent: a row is inserted only if its request_id is not in the table yet, and spool files are deleted
+    only after their rows (and the day rollups the reports read) are committed, so a run that crashes midway
+    loses nothing and the next run finishes its work. Returns the number of new rows.
     """
     logger = _logger()
     result = ingest(get_settings())
-    logger.info("ingested %d new usage row(s) in %.3f s; %d row(s) in the table", result.rows, result.seconds,
-                result.total_rows)  # fmt: skip
+    t = result.timings
+    logger.info("ingested %d new usage row(s) in %.3f s (%d batch(es): stage %.2f s, insert %.2f s, rollups %.2f s,"
+                " commit %.2f s); %d row(s) in the table", result.rows, result.seconds, len(t.batches), t.stage_s,
+                t.insert_s, t.rollup_s, t.commit_s, result.total_rows)  # fmt: skip
     if result.skipped_lines:
         logger.warning("skipped %d malformed spool line(s) (see the worker's log)", result.skipped_lines)
     return result.rows
