@@ -234,8 +234,9 @@ def test_drain_finishes_in_flight_streams_then_scales_down(fleet: Fleet) -> None
     assert [(n, finish) for n, finish, _ in admitted] == [(max_tokens, "length")] * len(admitted)
     assert max(end for _, _, end in admitted) < datetime.fromisoformat(run["end_time"]).timestamp()
     assert fleet.vllm_pid("alpha") is None, "drained, then scaled down"
-    status = fleet.status()
-    assert status["alpha"]["state"] == "cold" and status["alpha"]["inflight"] == 0
+    # the gateway adopts the run's published observation on its next state sync (every 2 s; longer under load)
+    _wait(lambda: fleet.status()["alpha"]["state"] == "cold", 20, "the gateway to see alpha cold")
+    assert fleet.status()["alpha"]["inflight"] == 0
     # alpha is in maintenance now and beta's vLLM is dead (its breaker half-open again after the short cool-down):
     # a caller that won't wait hears which cluster is warming up
     r = fleet.chat(**{"X-First-Warm-Wait": "0"})
