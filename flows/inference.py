@@ -217,6 +217,9 @@ def _nothing_routable(model: str, candidates: list[Instance], svc: Services) -> 
         if breaker.state(now) == "open":
             waits.append(breaker.open_until - now)
             reasons.append(f"{inst.cluster.name}: failing, circuit breaker open")
+        elif not breaker.allows(now):  # half-open, its one probe request still running
+            waits.append(min(breaker.cooldown_s, 5.0))
+            reasons.append(f"{inst.cluster.name}: failing, one probe request under way")
         else:
             reasons.append(f"{inst.cluster.name}: cold, and already running its max_instances "
                            f"({inst.cluster.max_instances}) models")  # fmt: skip

@@ -317,3 +317,11 @@ def test_max_instances_counts_every_model_the_cluster_runs(settings) -> None:
     assert err.status == 503 and err.code == "no_capacity" and int(err.headers["Retry-After"]) == 30
     assert "busy: cold, and already running its max_instances (1) models" in err.message
     assert "breaker" not in err.message
+    # a half-open breaker whose one probe is still running: failing, not full
+    probing = live.breaker("free")
+    for _ in range(probing.threshold):
+        probing.failure(time.time() - probing.cooldown_s - 1)
+    probing.attempt(time.time())
+    assert probing.state(time.time()) == "half-open" and not probing.allows(time.time())
+    err = _nothing_routable("m", [on_free], SimpleNamespace(live=live))  # type: ignore[arg-type]
+    assert err.code == "clusters_failing" and "free: failing, one probe request under way" in err.message
