@@ -14,10 +14,10 @@ alternating blocks (the order rotates every round) to:
 throughput (req/s, median over blocks), latency p50/p95, the ratio 2 backends / 1 backend (target >= 1.8x), how
 the gateway split model `sim`'s calls between sim-a and sim-b (the doubles' counters), and the gateway's CPU.
 
-The gateway runs as its own process (`first.runner.gateway_command`, uvicorn with this script's `gateway_app`
-factory, which builds the app from the registry file: `api.asgi:app` reads its registry from Prefect or uses the
-embedded default), with FIRST_FLOW_TRACKING=off and no Prefect, so the load generator's CPU does not share its
-GIL. The doubles run in threads of this process, beside the load generator: they only sleep and write JSON.
+The gateway runs as its own process (`tests.gateway_factory.GatewayProcess`: uvicorn with a factory that builds
+the app from a registry file, where `api.asgi:app` reads its registry from Prefect or uses the embedded default),
+with FIRST_FLOW_TRACKING=off and no Prefect, so the load generator's CPU does not share its GIL. The doubles run
+in threads of this process, beside the load generator: they only sleep and write JSON.
 
 It prints a table and writes (or replaces) its own section of docs/benchmarks.md.
 
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import functools
 import os
 import platform
@@ -47,7 +46,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.* and tests.* are not installed
 
 import httpx
-import yaml
 from rich.table import Table
 
 from bench.overhead import (
@@ -62,13 +60,12 @@ from bench.overhead import (
     p95,
     port_free,
     stop_group,
-    tail,
     tree_cpu_s,
     write_section,
 )
-from first.runner import gateway_command
 from first.settings import Settings
 from tests.fakes.openai_simulator import OpenAISimulatorDouble
+from tests.gateway_factory import GatewayProcess, http_registry_yaml
 
 BEGIN = "<!-- bench/federation.py: begin (generated; rerun the script to replace this section) -->"
 END = "<!-- bench/federation.py: end -->"
@@ -76,7 +73,6 @@ TARGETS = ("direct", "one", "two")
 LABEL = {"direct": "sim-a directly", "one": "gateway, 1 backend", "two": "gateway, 2 backends"}
 MODEL = {"direct": "sim", "one": "sim-one", "two": "sim"}
 SIMS = ("sim-a", "sim-b")
-REGISTRY_ENV = "FIRST_BENCH_REGISTRY"
 CLIENT_TIMEOUT_S = 120.0
 
 
@@ -143,59 +139,8 @@ def routing_cost_section() -> str:
 # ---- the gateway (its own process) ----
 
 
-def gateway_app() -> Any:
-    """`uvicorn --factory bench.federation:gateway_app`: the gateway, with the registry from $FIRST_BENCH_REGISTRY."""
-    from api.app import create_app
-    from blocks.registry import Registry
-
-    return create_app(Settings(), Registry.from_yaml(Path(os.environ[REGISTRY_ENV]).read_text()))
-
-
-def registry_yaml(urls: dict[str, str]) -> str:
-    clusters = [{"name": name, "transport": "http", "base_url": url} for name, url in urls.items()]
-    models = [
-        {"name": "sim", "path": "-", "clusters": list(urls)},
-        {"name": "sim-one", "path": "-", "clusters": [SIMS[0]]},
-    ]
-    return yaml.safe_dump({"clusters": clusters, "models": models}, sort_keys=False)
-
-
-class Gateway:
-    def __init__(self, home: Path, port: int) -> None:
-        self.home, self.port = home, port
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = home / "gateway.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, registry_path: Path) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("FIRST_", "PREFECT_"))}
-        env.update({
-            "FIRST_HOME": str(self.home), "FIRST_HOST": "127.0.0.1", "FIRST_PORT": str(self.port),
-            "FIRST_FLOW_TRACKING": "off", "PREFECT_HOME": str(self.home / "prefect"),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONUNBUFFERED": "1", REGISTRY_ENV: str(registry_path),
-        })  # fmt: skip
-        cmd = gateway_command("127.0.0.1", self.port)
-        cmd[cmd.index("api.asgi:app")] = "bench.federation:gateway_app"
-        self.proc = subprocess.Popen(
-            [*cmd, "--factory"], stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, env=env, cwd=REPO, start_new_session=True,
-        )  # fmt: skip
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise BenchError(f"the gateway exited with code {self.proc.returncode}:\n{tail(self.log_path)}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.3)
-        raise BenchError(f"the gateway did not answer /health within 60 s:\n{tail(self.log_path)}")
-
-    def cpu_s(self) -> float:
-        return tree_cpu_s(self.proc.pid) if self.proc else float("nan")
-
-    def close(self) -> None:
-        if self.proc is not None:
-            stop_group(self.proc, "gateway")
+def gateway_cpu_s(gw: GatewayProcess) -> float:
+    return tree_cpu_s(gw.proc.pid) if gw.proc else float("nan")
 
 
 # ---- load ----
@@ -262,7 +207,9 @@ async def burst(c: Client, n: int, concurrency: int, max_tokens: int) -> tuple[f
     return time.perf_counter() - t0, latencies, errors
 
 
-async def measure(args: argparse.Namespace, sims: dict[str, OpenAISimulatorDouble], gw: Gateway, key: str) -> list:
+async def measure(
+    args: argparse.Namespace, sims: dict[str, OpenAISimulatorDouble], gw: GatewayProcess, key: str
+) -> list:
     limits = httpx.Limits(max_connections=max(args.concurrency), max_keepalive_connections=max(args.concurrency))
     timeout = httpx.Timeout(CLIENT_TIMEOUT_S, connect=10.0)
     clients = {}
@@ -286,9 +233,9 @@ async def measure(args: argparse.Namespace, sims: dict[str, OpenAISimulatorDoubl
                 order = TARGETS[r % 3 :] + TARGETS[: r % 3]
                 for t in order:
                     served0 = {name: s.served for name, s in sims.items()}
-                    cpu0, own0 = gw.cpu_s(), time.process_time()
+                    cpu0, own0 = gateway_cpu_s(gw), time.process_time()
                     seconds, lat, errors = await burst(clients[t], n, conc, args.max_tokens)
-                    cpu = gw.cpu_s() - cpu0 if t != "direct" else float("nan")
+                    cpu = gateway_cpu_s(gw) - cpu0 if t != "direct" else float("nan")
                     own = time.process_time() - own0
                     served = {name: s.served - served0[name] for name, s in sims.items()}
                     blocks.append(Block(t, conc, len(lat), seconds, lat, errors, served, cpu, own))
@@ -496,19 +443,23 @@ def main(argv: list[str] | None = None) -> int:
     home = Path(tempfile.mkdtemp(prefix="first-bench-federation-"))
     started, t0 = datetime.now(UTC), time.monotonic()
     sims = {name: OpenAISimulatorDouble(args.latency_s, args.capacity, name=name) for name in SIMS}
-    gw = Gateway(home, port)
+    registry = home / "registry.yaml"
+    gw = GatewayProcess(home, registry, port)
     blocks: list[Block] = []
     code = 0
     try:
         for s in sims.values():
             s.start()
-        registry = home / "registry.yaml"
-        registry.write_text(registry_yaml({name: s.base_url for name, s in sims.items()}))
+        urls = {name: s.base_url for name, s in sims.items()}
+        registry.write_text(http_registry_yaml(urls, {"sim": list(SIMS), "sim-one": [SIMS[0]]}))
         from api.auth import KeyStore
 
         key = KeyStore(Settings(home=home).keys_db).create("bench")[0]
         log(f"doubles {', '.join(f'{n} {s.base_url}' for n, s in sims.items())}; starting the gateway on :{port}")
-        gw.start(registry)
+        try:
+            gw.start()
+        except RuntimeError as exc:
+            raise BenchError(str(exc)) from exc
         blocks = asyncio.run(measure(args, sims, gw, key))
     except KeyboardInterrupt:
         console.print("\n[yellow]interrupted[/yellow]")
@@ -520,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
         console.print_exception()
         code = 1
     finally:
-        gw.close()
+        if gw.proc is not None:
+            stop_group(gw.proc, "gateway")
         for s in sims.values():
             s.stop()
     wall_s = time.monotonic() - t0
