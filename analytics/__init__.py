@@ -6,7 +6,7 @@ For notebooks::
     df = analytics.usage(since="2026-01-01", model="tiny")        # the rows, as a polars DataFrame
     analytics.report("top-users", since="2026-01-01", limit=5)    # any report of analytics.reports.REPORTS
 
-Both read ``first.settings.get_settings().usage_db`` unless ``db=`` says otherwise, and ingest
+Both read ``core.settings.get_settings().usage_db`` unless ``db=`` says otherwise, and ingest
 nothing (``first usage ingest`` or ``UsageStore.ingest`` does).  The gateway imports
 :mod:`analytics.records` and :mod:`analytics.spool` on its hot path, so this package imports DuckDB
 and polars only when these functions (or the report functions re-exported here) are used.
@@ -69,7 +69,7 @@ def _store(db: Path | None) -> UsageStore:
     from analytics.store import UsageStore
 
     if db is None:
-        from first.settings import get_settings
+        from core.settings import get_settings
 
         db = get_settings().usage_db
     return UsageStore(Path(db))

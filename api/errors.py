@@ -1,4 +1,5 @@
-"""OpenAI-shaped errors: every failure the caller sees is `{"error": {message, type, param, code}}`."""
+"""The HTTP edge of errors: any exception becomes an OpenAI-shaped response (``core.errors.APIError``), never a
+stack trace."""
 
 from __future__ import annotations
 
@@ -9,48 +10,12 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, NotFoundException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
-# OpenAI's error types by status.
-_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    415: "invalid_request_error",
-    429: "rate_limit_error",
-    502: "bad_gateway",
-    503: "service_unavailable",
-    504: "timeout",
-}
+from core.errors import APIError
 
 
-class APIError(Exception):
-    """An error the gateway answers with on purpose. Raised anywhere on the request path."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str | None = None,
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type or _TYPES.get(status, "api_error")
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> Response:
-        return Response(content=self.body(), status_code=self.status, headers=self.headers)
+def error_response(error: APIError, headers: dict[str, str] | None = None) -> Response:
+    """The response for an error: its status, OpenAI's body, and its headers (plus ``headers``)."""
+    return Response(content=error.body(), status_code=error.status, headers={**error.headers, **(headers or {})})
 
 
 def _validation_param(detail: Any) -> tuple[str | None, str]:
@@ -72,7 +37,7 @@ def handle_exception(request: Request, exc: Exception) -> Response:
     hook = getattr(request.app.state, "on_rejected", None)
     if hook is not None:
         hook(request, error)
-    return error.response()
+    return error_response(error)
 
 
 def to_api_error(request: Request, exc: Exception) -> APIError:

@@ -9,7 +9,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from flows.state import STATES, LiveState
+from serving.live_state import STATES, LiveState
 
 
 class FleetCollector:

@@ -48,8 +48,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.* and t
 import httpx
 from rich.table import Table
 
-from api.auth import KeyStore, LocalKeyAuthenticator
-from api.globus_auth import GlobusAuthenticator
 from bench.overhead import (
     BIN,
     REPO,
@@ -75,6 +73,8 @@ from bench.overhead import (
     write_section,
 )  # fmt: skip
 from blocks.globus import GlobusAuthBlock
+from serving.auth import KeyStore, LocalKeyAuthenticator
+from serving.globus_auth import GlobusAuthenticator
 from tests.fakes.globus_server import FakeGlobusServer
 
 BEGIN = "<!-- bench/auth.py: begin (generated; rerun the script to replace this section) -->"
@@ -187,9 +187,9 @@ async def whole_requests(
     a loaded machine's network and model server."""
     from litestar.testing import AsyncTestClient
 
-    from api.app import create_app
     from blocks.registry import Registry
-    from first.settings import FlowTracking, Settings
+    from core.settings import FlowTracking, Settings
+    from first.gateway import create_gateway
 
     local = Settings(home=tmp / "app-local", flow_tracking=FlowTracking.off)
     globus = Settings(home=tmp / "app-globus", flow_tracking=FlowTracking.off, auth_mode="globus")
@@ -198,8 +198,8 @@ async def whole_requests(
     registry = Registry.embedded_default(local)
     out: dict[str, list[float]] = {"app_local": [], "app_globus": []}
     async with (
-        AsyncTestClient(app=create_app(local, registry)) as c_local,
-        AsyncTestClient(app=create_app(globus, registry, globus=block)) as c_globus,
+        AsyncTestClient(app=create_gateway(local, registry)) as c_local,
+        AsyncTestClient(app=create_gateway(globus, registry, globus=block)) as c_globus,
     ):
         clients = {
             "app_local": (c_local, {"Authorization": f"Bearer {key}"}),

@@ -15,7 +15,7 @@ throughput (req/s, median over blocks), latency p50/p95, the ratio 2 backends / 
 the gateway split model `sim`'s calls between sim-a and sim-b (the doubles' counters), and the gateway's CPU.
 
 The gateway runs as its own process (`tests.gateway_factory.GatewayProcess`: uvicorn with a factory that builds
-the app from a registry file, where `api.asgi:app` reads its registry from Prefect or uses the embedded default),
+the app from a registry file, where `first.asgi:app` reads its registry from Prefect or uses the embedded default),
 with FIRST_FLOW_TRACKING=off and no Prefect, so the load generator's CPU does not share its GIL. The doubles run
 in threads of this process, beside the load generator: they only sleep and write JSON.
 
@@ -63,7 +63,7 @@ from bench.overhead import (
     tree_cpu_s,
     write_section,
 )
-from first.settings import Settings
+from core.settings import Settings
 from tests.fakes.openai_simulator import OpenAISimulatorDouble
 from tests.gateway_factory import GatewayProcess, http_registry_yaml
 
@@ -79,15 +79,15 @@ CLIENT_TIMEOUT_S = 120.0
 @functools.cache
 def routing_cost_section() -> str:
     """The routing decision per request, in process: ``select_cluster`` (access and maintenance checks, the live
-    instances, ``flows.routing.rank``) for a model on 1, 3 and 8 hot clusters with some load, and ``rank``
+    instances, ``serving.routing.rank``) for a model on 1, 3 and 8 hot clusters with some load, and ``rank``
     alone. Median of 7 repeats of 20,000 decisions; the target is under 50 µs. Markdown, also printed."""
-    from api.auth import Principal
-    from api.limits import RateLimiter
-    from api.protocol import ChatCompletionRequest
     from blocks.registry import ClusterSpec, ModelSpec, Registry
-    from first.settings import Settings
-    from flows.inference import InferenceRequest, Outcome, Services, select_cluster
-    from flows.state import LiveState
+    from core.settings import Settings
+    from serving.auth import Principal
+    from serving.limits import RateLimiter
+    from serving.live_state import LiveState
+    from serving.pipeline import InferenceRequest, Outcome, Services, select_cluster
+    from serving.protocol import ChatCompletionRequest
 
     def measure(n_clusters: int) -> tuple[float, float]:
         names = [f"c{i}" for i in range(n_clusters)]
@@ -452,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
             s.start()
         urls = {name: s.base_url for name, s in sims.items()}
         registry.write_text(http_registry_yaml(urls, {"sim": list(SIMS), "sim-one": [SIMS[0]]}))
-        from api.auth import KeyStore
+        from serving.auth import KeyStore
 
         key = KeyStore(Settings(home=home).keys_db).create("bench")[0]
         log(f"doubles {', '.join(f'{n} {s.base_url}' for n, s in sims.items())}; starting the gateway on :{port}")

@@ -45,8 +45,8 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from core.settings import Settings, prefect_env
 from first.runner import gateway_command
-from first.settings import Settings, prefect_env
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

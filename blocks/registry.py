@@ -10,7 +10,7 @@ from typing import Any, Literal
 from prefect.blocks.core import Block
 from pydantic import BaseModel, Field
 
-from first.settings import Settings
+from core.settings import Settings
 
 log = logging.getLogger("first.registry")
 

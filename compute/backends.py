@@ -22,11 +22,11 @@ from typing import Any
 import httpx
 from globus_compute_sdk.errors import TaskExecutionFailed
 
-from api.errors import APIError
 from blocks.registry import ClusterSpec, ModelSpec
 from compute import functions
 from compute.relay import RelayHub
-from first.settings import Settings
+from core.errors import APIError
+from core.settings import Settings
 
 
 def backend_error(result: dict[str, Any], where: str) -> APIError:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from first.settings import REPO_ROOT
+from core.settings import REPO_ROOT
 
 WORK_POOL = "first-local"
 DEPLOYMENTS = (

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from first.settings import get_settings
+from core.settings import get_settings
 
 app = typer.Typer(
     help="FIRST: an OpenAI-compatible inference gateway for HPC clusters, with Prefect as its control plane.",
@@ -54,7 +54,7 @@ def run(
     """Run everything on this machine until Ctrl-C: Prefect server, lifecycle worker, gateway, vLLM CPU."""
     import os
 
-    from first.settings import prefect_env
+    from core.settings import prefect_env
 
     settings = get_settings()
     # Prefect reads its settings when first imported: point this process at the local server first.
@@ -76,7 +76,7 @@ def gateway(
 
     s = get_settings()
     uvicorn.run(
-        "api.asgi:app", host=host or s.host, port=port or s.port, log_level="warning", access_log=False,
+        "first.asgi:app", host=host or s.host, port=port or s.port, log_level="warning", access_log=False,
         timeout_keep_alive=KEEP_ALIVE_S,
     )  # fmt: skip
 
@@ -91,7 +91,7 @@ def keys_create(
     rpm: Annotated[int, typer.Option(help="Requests per minute allowed (0: no limit)")] = 0,
 ) -> None:
     """Create an API key and print it, alone, on stdout (it can't be shown again)."""
-    from api.auth import KeyStore
+    from serving.auth import KeyStore
 
     key, info = KeyStore(get_settings().keys_db).create(user, group or [], rpm)
     err.print(f"created key {info.key_id} for {user} (groups: {', '.join(info.groups) or '-'})")
@@ -101,7 +101,7 @@ def keys_create(
 @keys_app.command("list")
 def keys_list() -> None:
     """List API keys (ids, users, groups; never the keys themselves)."""
-    from api.auth import KeyStore
+    from serving.auth import KeyStore
 
     t = Table("id", "user", "groups", "rpm", "created", "ends with", "status")
     for k in KeyStore(get_settings().keys_db).list():
@@ -123,7 +123,7 @@ def keys_revoke(
     key_id_or_user: Annotated[str, typer.Argument(help="A key id, or a user (revokes all their keys)")],
 ) -> None:
     """Revoke a key (the gateway stops accepting it within a second)."""
-    from api.auth import KeyStore
+    from serving.auth import KeyStore
 
     n = KeyStore(get_settings().keys_db).revoke(key_id_or_user)
     if n == 0:

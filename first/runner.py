@@ -22,10 +22,10 @@ from pathlib import Path
 import httpx
 from rich.console import Console
 
-from api.auth import KeyStore
 from blocks.registry import Registry
 from compute import functions
-from first.settings import REPO_ROOT, Settings, prefect_env
+from core.settings import REPO_ROOT, Settings, prefect_env
+from serving.auth import KeyStore
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 BIN = Path(sys.executable).parent
@@ -38,7 +38,7 @@ KEEP_ALIVE_S = 75
 
 def gateway_command(host: str, port: int) -> list[str]:
     """The gateway as its own process (uvicorn, one worker, no access log: it costs throughput)."""
-    return [str(BIN / "python"), "-m", "uvicorn", "api.asgi:app", "--host", host, "--port", str(port),
+    return [str(BIN / "python"), "-m", "uvicorn", "first.asgi:app", "--host", host, "--port", str(port),
             "--no-access-log", "--log-level", "warning", "--timeout-keep-alive", str(KEEP_ALIVE_S)]  # fmt: skip
 
 
@@ -168,7 +168,7 @@ class Runner:
         store = KeyStore(self.s.keys_db)
         if path.exists():
             key = path.read_text().strip()
-            from api.auth import LocalKeyAuthenticator
+            from serving.auth import LocalKeyAuthenticator
 
             with contextlib.suppress(Exception):
                 LocalKeyAuthenticator(store).check(key)

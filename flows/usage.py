@@ -30,7 +30,7 @@ from analytics import reports
 from analytics.audit import AuditLog
 from analytics.reports import UsageFilter
 from analytics.store import IngestTimings, UsageStore
-from first.settings import Settings, get_settings
+from core.settings import Settings, get_settings
 
 log = logging.getLogger("first.usage")
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from first.settings import FlowTracking, Settings
+from core.settings import FlowTracking, Settings
 
 
 @pytest.fixture

@@ -20,18 +20,18 @@ from typing import Any
 import httpx
 import yaml
 
+from core.settings import REPO_ROOT, Settings
 from first.runner import gateway_command
-from first.settings import REPO_ROOT, Settings
 
 REGISTRY_ENV = "FIRST_TEST_REGISTRY"
 
 
 def gateway_app() -> Any:
     """`uvicorn --factory tests.gateway_factory:gateway_app`: the gateway, registry from $FIRST_TEST_REGISTRY."""
-    from api.app import create_app
     from blocks.registry import Registry
+    from first.gateway import create_gateway
 
-    return create_app(Settings(), Registry.from_yaml(Path(os.environ[REGISTRY_ENV]).read_text()))
+    return create_gateway(Settings(), Registry.from_yaml(Path(os.environ[REGISTRY_ENV]).read_text()))
 
 
 def http_registry_yaml(clusters: dict[str, str], models: dict[str, list[str]]) -> str:
@@ -80,7 +80,7 @@ class GatewayProcess:
             REGISTRY_ENV: str(self.registry_path), **self.extra_env,
         })  # fmt: skip
         cmd = gateway_command("127.0.0.1", self.port)
-        cmd[cmd.index("api.asgi:app")] = "tests.gateway_factory:gateway_app"
+        cmd[cmd.index("first.asgi:app")] = "tests.gateway_factory:gateway_app"
         self.proc = subprocess.Popen(
             [*cmd, "--factory"], stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, env=env, cwd=REPO_ROOT, start_new_session=True,

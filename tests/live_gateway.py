@@ -22,10 +22,10 @@ import httpx
 import uvicorn
 from litestar import Litestar
 
-from api.app import create_app
-from api.auth import KeyStore
 from blocks.registry import ClusterSpec, ModelSpec, Registry
-from first.settings import Settings
+from core.settings import Settings
+from first.gateway import create_gateway
+from serving.auth import KeyStore
 
 
 def free_port() -> int:
@@ -87,7 +87,7 @@ def live_gateway(settings: Settings, model_url: str) -> Iterator[LiveGateway]:
         models={"slow": ModelSpec(name="slow", path="-", clusters=["local"])},
     )
     key = KeyStore(settings.keys_db).create("alice")[0]
-    app = create_app(settings, registry)
+    app = create_gateway(settings, registry)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning"))
     with running_model_server(settings, "slow", model_url):
         thread = threading.Thread(target=server.run, daemon=True)
@@ -104,7 +104,7 @@ def live_gateway(settings: Settings, model_url: str) -> Iterator[LiveGateway]:
 
 
 def gateway_settings(tmp_path: Any, **kw: Any) -> Settings:
-    from first.settings import FlowTracking
+    from core.settings import FlowTracking
 
     port = free_port()
     return Settings(home=tmp_path / "home", port=port, flow_tracking=FlowTracking.off, local_workers=8, **kw)

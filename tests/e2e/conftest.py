@@ -18,8 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
+from core.settings import REPO_ROOT, Settings, prefect_env
 from first.runner import gateway_command, stop_group, wait_http
-from first.settings import REPO_ROOT, Settings, prefect_env
 
 BIN = Path(sys.executable).parent
 

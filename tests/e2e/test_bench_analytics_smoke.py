@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from first.settings import REPO_ROOT
+from core.settings import REPO_ROOT
 
 pytestmark = pytest.mark.e2e
 

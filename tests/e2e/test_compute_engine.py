@@ -20,8 +20,8 @@ import pytest
 
 from blocks.registry import Registry
 from compute.backends import ExecutorBackend
+from core.settings import REPO_ROOT, Settings
 from first.runner import stop_local_models
-from first.settings import REPO_ROOT, Settings
 from tests.e2e.conftest import BIN, free_port
 
 pytestmark = pytest.mark.e2e

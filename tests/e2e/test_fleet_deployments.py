@@ -1,7 +1,7 @@
 """The fleet deployments (prefect.yaml) run by a real worker against a real Prefect server, triggered the way the
 UI does: refresh-status, scale-down, scale-down-idle and drain-cluster on two local clusters, "alpha" and "beta",
 whose model server is a stand-in (an OpenAI simulator for /health, a ``sleep`` process as vLLM's pid), so no
-vLLM starts. Gateways are played by the test: it publishes their reports through ``flows.bus``.
+vLLM starts. Gateways are played by the test: it publishes their reports through ``serving.bus``.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import pytest
 
 from blocks.registry import ClusterSpec, ModelSpec
 from compute.backends import ExecutorBackend
+from core.settings import Settings, prefect_env
 from deployments import local
-from first.settings import Settings, prefect_env
-from flows import bus
-from flows.bus import GatewayReport, InstanceUse
+from serving import bus
+from serving.bus import GatewayReport, InstanceUse
 from tests.e2e.conftest import BIN, REPO_ROOT, dump, free_port, stop
 from tests.e2e.conftest import prefect_api as api
 from tests.fakes.openai_simulator import OpenAISimulatorDouble

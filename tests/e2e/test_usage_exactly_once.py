@@ -25,8 +25,8 @@ import polars as pl
 import pytest
 
 from analytics.store import UsageStore
-from api.auth import KeyStore
-from first.settings import Settings
+from core.settings import Settings
+from serving.auth import KeyStore
 from tests.fakes.openai_simulator import OpenAISimulatorDouble
 from tests.gateway_factory import GatewayProcess, http_registry_yaml
 

@@ -12,11 +12,11 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from analytics.store import UsageStore
-from api.app import create_app
-from api.auth import KeyStore
-from api.protocol import ChatCompletionRequest, backend_body
 from blocks.registry import ClusterSpec, ModelSpec, Registry
 from compute.backends import backend_error
+from first.gateway import create_gateway
+from serving.auth import KeyStore
+from serving.protocol import ChatCompletionRequest, backend_body
 
 CHAT = {"model": "m-down", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -93,7 +93,7 @@ def keys(settings) -> dict[str, str]:
 
 @pytest.fixture
 async def client(settings, registry, keys):
-    app = create_app(settings, registry)
+    app = create_gateway(settings, registry)
     async with AsyncTestClient(app=app) as c:
         yield c
 

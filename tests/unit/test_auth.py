@@ -3,8 +3,8 @@ import time
 
 import pytest
 
-from api.auth import KeyStore, LocalKeyAuthenticator, bearer_token
-from api.errors import APIError
+from core.errors import APIError
+from serving.auth import KeyStore, LocalKeyAuthenticator, bearer_token
 
 
 def test_keys_are_stored_only_as_hashes(tmp_path):

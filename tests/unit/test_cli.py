@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from analytics.records import UsageRecord
 from analytics.spool import UsageSpool
+from core.settings import get_settings
 from first.cli import app
-from first.settings import get_settings
 
 runner = CliRunner()
 

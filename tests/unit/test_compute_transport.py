@@ -10,11 +10,11 @@ import signal
 
 import pytest
 
-from api.errors import APIError
 from blocks.registry import ClusterSpec, ModelSpec
 from compute import functions
 from compute.backends import Backends, ExecutorBackend
 from compute.relay import RelayHub
+from core.errors import APIError
 from tests.unit.test_api import HangingBackendDouble
 
 MODEL = ModelSpec(name="m", path="-")

@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 from litestar.testing import AsyncTestClient
 
-from api.app import create_app
-from api.auth import KeyStore
 from blocks.registry import ClusterSpec, ModelSpec, Registry
-from first.settings import Settings
-from flows.routing import Breaker, rank
-from flows.state import Instance, LiveState
+from core.settings import Settings
+from first.gateway import create_gateway
+from serving.auth import KeyStore
+from serving.live_state import Instance, LiveState
+from serving.routing import Breaker, rank
 from tests.fakes.openai_simulator import OpenAISimulatorDouble
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -66,7 +66,7 @@ async def _chat(client: AsyncTestClient, key: str, body: dict | None = None, **h
 
 
 async def test_routing_spreads_load_over_hot_clusters(fed_settings, sims, keys) -> None:
-    async with AsyncTestClient(app=create_app(fed_settings, _registry(sims))) as client:
+    async with AsyncTestClient(app=create_gateway(fed_settings, _registry(sims))) as client:
         # c=1: equal instances take turns (least loaded, then least recently used)
         served = [(await _chat(client, keys["alice"])).headers["x-first-cluster"] for _ in range(6)]
         assert sorted(served) == ["a", "a", "b", "b", "c", "c"], served
@@ -81,7 +81,7 @@ async def test_routing_spreads_load_over_hot_clusters(fed_settings, sims, keys) 
 
 async def test_a_hot_cluster_is_preferred_over_one_that_is_not(fed_settings, sims, keys) -> None:
     sims["a"].healthy = sims["c"].healthy = False  # /health 503: the server is there but not ready ("starting")
-    async with AsyncTestClient(app=create_app(fed_settings, _registry(sims))) as client:
+    async with AsyncTestClient(app=create_gateway(fed_settings, _registry(sims))) as client:
         served = {(await _chat(client, keys["alice"])).headers["x-first-cluster"] for _ in range(5)}
         assert served == {"b"}
         status = (await client.get("/v1/status", headers=_auth(keys["root"]))).json()
@@ -91,7 +91,7 @@ async def test_a_hot_cluster_is_preferred_over_one_that_is_not(fed_settings, sim
 
 async def test_failover_before_the_first_byte_and_the_breaker(fed_settings, sims, keys) -> None:
     sims["a"].fail_mode = "500"
-    app = create_app(fed_settings, _registry(sims))
+    app = create_gateway(fed_settings, _registry(sims))
     async with AsyncTestClient(app=app) as client:
         rs = [await _chat(client, keys["alice"]) for _ in range(6)]
         assert [r.status_code for r in rs] == [200] * 6, "a failing cluster must cost callers nothing"
@@ -110,7 +110,7 @@ async def test_failover_before_the_first_byte_and_the_breaker(fed_settings, sims
 
 async def test_a_dropped_connection_fails_over_and_breaks_nothing_else(fed_settings, sims, keys) -> None:
     sims["b"].fail_mode = "close"
-    async with AsyncTestClient(app=create_app(fed_settings, _registry(sims))) as client:
+    async with AsyncTestClient(app=create_gateway(fed_settings, _registry(sims))) as client:
         rs = await asyncio.gather(*(_chat(client, keys["alice"]) for _ in range(12)))
         assert [r.status_code for r in rs] == [200] * 12
         assert {r.headers["x-first-cluster"] for r in rs} <= {"a", "c"}
@@ -120,7 +120,7 @@ async def test_a_dropped_connection_fails_over_and_breaks_nothing_else(fed_setti
 async def test_every_cluster_failing_gives_503_with_retry_after(fed_settings, sims, keys) -> None:
     for s in sims.values():
         s.fail_mode = "500"
-    async with AsyncTestClient(app=create_app(fed_settings, _registry(sims))) as client:
+    async with AsyncTestClient(app=create_gateway(fed_settings, _registry(sims))) as client:
         r = await _chat(client, keys["alice"])
         assert r.status_code == 502 and r.json()["error"]["code"] == "backend_error"
         assert sum(s.requests for s in sims.values()) == 3, "max_tries clusters, each once"
@@ -132,7 +132,7 @@ async def test_every_cluster_failing_gives_503_with_retry_after(fed_settings, si
 
 async def test_maintenance_is_skipped(fed_settings, sims, keys) -> None:
     reg = _registry(sims, a={"maintenance": True, "maintenance_message": "PBS upgrade"})
-    async with AsyncTestClient(app=create_app(fed_settings, reg)) as client:
+    async with AsyncTestClient(app=create_gateway(fed_settings, reg)) as client:
         served = {(await _chat(client, keys["alice"])).headers["x-first-cluster"] for _ in range(6)}
         assert served == {"b", "c"} and sims["a"].requests == 0
         r = await _chat(client, keys["alice"], {**CHAT, "model": "staff-model"})
@@ -142,7 +142,7 @@ async def test_maintenance_is_skipped(fed_settings, sims, keys) -> None:
 
 
 async def test_pinning_a_cluster(fed_settings, sims, keys) -> None:
-    async with AsyncTestClient(app=create_app(fed_settings, _registry(sims))) as client:
+    async with AsyncTestClient(app=create_gateway(fed_settings, _registry(sims))) as client:
         for _ in range(3):
             r = await client.post("/v1/chat/completions", json=CHAT, headers={**_auth(keys["alice"]),
                                   "X-First-Cluster": "c"})  # fmt: skip
@@ -164,7 +164,7 @@ async def test_pinning_a_cluster(fed_settings, sims, keys) -> None:
 
 
 async def test_status_and_metrics_show_each_caller_what_they_may_see(fed_settings, sims, keys) -> None:
-    async with AsyncTestClient(app=create_app(fed_settings, _registry(sims))) as client:
+    async with AsyncTestClient(app=create_gateway(fed_settings, _registry(sims))) as client:
         assert (await _chat(client, keys["alice"])).status_code == 200
         mine = (await client.get("/v1/status", headers=_auth(keys["alice"]))).json()
         assert {i["model"] for i in mine["instances"]} == {"m"}, "alice may not use staff-model"
@@ -287,7 +287,7 @@ async def test_past_the_bound_a_cold_request_gets_503_naming_the_cluster(setting
 
     live = LiveState(BackendsDouble(), settings, warm_runner=slow_warm_up_double)  # type: ignore[arg-type]
     inst = live.instance(ClusterSpec(name="polaris", transport="local"), ModelSpec(name="m", path="-"))
-    from api.errors import APIError
+    from core.errors import APIError
 
     with pytest.raises(APIError) as err:
         await live.ensure_warm(inst, wait_s=0.1)
@@ -302,7 +302,7 @@ def test_max_instances_counts_every_model_the_cluster_runs(settings) -> None:
     and the 503 says why instead of blaming a breaker."""
     from types import SimpleNamespace
 
-    from flows.inference import _nothing_routable
+    from serving.steps import nothing_routable
 
     live = LiveState(BackendsDouble(), settings)  # type: ignore[arg-type]
     busy = ClusterSpec(name="busy", transport="local", max_instances=1)
@@ -313,7 +313,7 @@ def test_max_instances_counts_every_model_the_cluster_runs(settings) -> None:
     on_busy.state = on_free.state = "cold"
     assert live.route([on_busy, on_free]) == [on_free]
     assert live.route([on_busy]) == []
-    err = _nothing_routable("m", [on_busy], SimpleNamespace(live=live))  # type: ignore[arg-type]
+    err = nothing_routable("m", [on_busy], SimpleNamespace(live=live))  # type: ignore[arg-type]
     assert err.status == 503 and err.code == "no_capacity" and int(err.headers["Retry-After"]) == 30
     assert "busy: cold, and already running its max_instances (1) models" in err.message
     assert "breaker" not in err.message
@@ -323,5 +323,5 @@ def test_max_instances_counts_every_model_the_cluster_runs(settings) -> None:
         probing.failure(time.time() - probing.cooldown_s - 1)
     probing.attempt(time.time())
     assert probing.state(time.time()) == "half-open" and not probing.allows(time.time())
-    err = _nothing_routable("m", [on_free], SimpleNamespace(live=live))  # type: ignore[arg-type]
+    err = nothing_routable("m", [on_free], SimpleNamespace(live=live))  # type: ignore[arg-type]
     assert err.code == "clusters_failing" and "free: failing, one probe request under way" in err.message

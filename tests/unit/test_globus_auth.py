@@ -10,12 +10,12 @@ from collections.abc import Iterator
 import pytest
 from litestar.testing import AsyncTestClient
 
-from api.app import create_app
-from api.errors import APIError
-from api.globus_auth import GlobusAuthenticator
 from blocks.globus import GlobusAuthBlock
 from blocks.registry import ClusterSpec, ModelSpec, Registry
-from first.settings import FlowTracking, Settings
+from core.errors import APIError
+from core.settings import FlowTracking, Settings
+from first.gateway import create_gateway
+from serving.globus_auth import GlobusAuthenticator
 from tests.fakes.globus_server import FakeGlobusServer
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -212,7 +212,7 @@ def registry() -> Registry:
 @pytest.fixture
 async def gateway(tmp_path, fake, registry):
     s = Settings(home=tmp_path / "home", auth_mode="globus", flow_tracking=FlowTracking.off, request_timeout_s=2)
-    app = create_app(s, registry, globus=block(fake, timeout_s=10))
+    app = create_gateway(s, registry, globus=block(fake, timeout_s=10))
     async with AsyncTestClient(app=app) as c:
         yield c
 

@@ -7,17 +7,17 @@ import pytest
 import yaml
 
 from blocks.registry import ClusterSpec, ModelSpec, Registry
+from core.settings import REPO_ROOT
 from deployments.local import DEPLOYMENTS, SCHEDULED
-from first.settings import REPO_ROOT
-from flows import lifecycle, usage
-from flows.bus import GatewayReport, InstanceUse, Observation
-from flows.lifecycle import (
+from flows import fleet_decisions, lifecycle, usage
+from flows.fleet_decisions import (
     QUEUED_FRESH_S,
     drain_progress,
     idle_decision,
     observed_state,
     pick_best_cluster,
 )
+from serving.bus import GatewayReport, InstanceUse, Observation
 
 NOW = 1_000_000.0
 
@@ -153,10 +153,10 @@ def test_drain_waits_for_every_gateway_and_every_request() -> None:
 
 
 def test_artifact_keys_and_table_cells_are_safe() -> None:
-    assert lifecycle._key("warm-up", "Meta-Llama/Llama_3.1 8B") == "warm-up-meta-llama-llama-3-1-8b"
-    table = lifecycle._table(["a", "b"], [["x|y", "line1\nline2"], [None, 3]])
+    assert fleet_decisions.artifact_key("warm-up", "Meta-Llama/Llama_3.1 8B") == "warm-up-meta-llama-llama-3-1-8b"
+    table = fleet_decisions.md_table(["a", "b"], [["x|y", "line1\nline2"], [None, 3]])
     assert table.splitlines() == ["| a | b |", "|---|---|", "| x\\|y | line1 line2 |", "| - | 3 |"]
-    assert len(lifecycle._cell("x" * 500)) == 80
+    assert len(fleet_decisions.cell("x" * 500)) == 80
 
 
 # ---- deployments ----

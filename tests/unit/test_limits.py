@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from api.errors import APIError
-from api.limits import Limit, RateLimiter, Reservation
-from api.protocol import TEMPLATE_TOKENS_PER_MESSAGE, ChatCompletionRequest, CompletionRequest, token_estimate
 from blocks.registry import ModelSpec, RateLimits
+from core.errors import APIError
+from serving.limits import Limit, RateLimiter, Reservation
+from serving.protocol import TEMPLATE_TOKENS_PER_MESSAGE, ChatCompletionRequest, CompletionRequest, token_estimate
 
 
 def _limit(rpm: int = 0, tpm: int = 0) -> list[Limit]:

@@ -13,9 +13,9 @@ import httpx
 import pytest
 from litestar.testing import TestClient
 
-from api.app import create_app
-from api.auth import KeyStore
 from blocks.registry import ClusterSpec, ModelSpec, Registry
+from first.gateway import create_gateway
+from serving.auth import KeyStore
 from tests.fakes.openai_simulator import OpenAISimulatorDouble, text_tokens
 from tests.live_gateway import gateway_settings
 
@@ -119,7 +119,7 @@ def test_the_gateway_serves_through_it(sim, tmp_path):
         models={"m": ModelSpec(name="m", clusters=["sim"], path="-", served_name="served-m")},
     )
     key = KeyStore(settings.keys_db).create("alice")[0]
-    with TestClient(create_app(settings, registry)) as client:
+    with TestClient(create_gateway(settings, registry)) as client:
         auth = {"Authorization": f"Bearer {key}"}
         r = client.post("/v1/chat/completions", json=CHAT, headers=auth)
         assert r.status_code == 200, r.text

@@ -12,10 +12,10 @@ from litestar.testing import AsyncTestClient
 from analytics.records import UsageRecord
 from analytics.spool import UsageSpool
 from analytics.store import UsageStore
-from api.app import create_app
-from api.auth import KeyStore
 from blocks.registry import ClusterSpec, ModelSpec, Registry
-from first.settings import Settings
+from core.settings import Settings
+from first.gateway import create_gateway
+from serving.auth import KeyStore
 
 T0 = datetime(2026, 1, 1, 10, 0, tzinfo=UTC)
 NOW = datetime.now(UTC)
@@ -62,7 +62,7 @@ async def client(settings: Settings, keys):
     assert UsageStore(settings.usage_db).ingest(settings.spool_dir) == len(RECORDS)
     down = ClusterSpec(name="down", transport="http", base_url=f"http://127.0.0.1:{_free_port()}")
     registry = Registry(clusters={"down": down}, models={"m": ModelSpec(name="m", clusters=["down"], path="-")})
-    async with AsyncTestClient(app=create_app(settings, registry)) as c:
+    async with AsyncTestClient(app=create_gateway(settings, registry)) as c:
         yield c
 
 
@@ -159,7 +159,7 @@ async def test_filters(client, keys) -> None:
 
 async def test_an_empty_table_reports_zero(settings: Settings, keys) -> None:
     registry = Registry(clusters={}, models={})
-    async with AsyncTestClient(app=create_app(settings, registry)) as client:
+    async with AsyncTestClient(app=create_gateway(settings, registry)) as client:
         [s] = await usage(client, keys["alice"])
         assert s["requests"] == 0 and s["first_ts"] is None
         assert await usage(client, keys["root"], report="top-users") == []

@@ -25,7 +25,7 @@ import pytest
 from analytics.records import UsageRecord
 from analytics.spool import UsageSpool
 from analytics.store import UsageStore
-from first.settings import REPO_ROOT
+from core.settings import REPO_ROOT
 
 pytestmark = pytest.mark.e2e  # ~20 s of several processes
 

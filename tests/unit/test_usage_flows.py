@@ -18,13 +18,13 @@ from analytics.records import UsageRecord
 from analytics.reports import UsageFilter
 from analytics.spool import UsageSpool
 from analytics.store import UsageStore
-from api.app import create_app
-from api.auth import KeyStore
 from blocks.registry import ClusterSpec, ModelSpec, Registry
+from core.settings import REPO_ROOT, Settings
 from deployments.local import DEPLOYMENTS
-from first.settings import REPO_ROOT, Settings
+from first.gateway import create_gateway
 from flows import usage
 from flows.usage import build_report, enforce_audit_retention, ingest_usage, markdown_table, usage_report
+from serving.auth import KeyStore
 from tests.fakes.openai_simulator import OpenAISimulatorDouble
 
 T0 = datetime(2026, 1, 1, 10, 0, tzinfo=UTC)
@@ -281,7 +281,7 @@ async def _requests(settings: Settings, sim: OpenAISimulatorDouble) -> tuple[str
     auth = {"Authorization": f"Bearer {key}"}
     chat = {"model": "m", "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": PROMPT}],
             "max_tokens": 5}  # fmt: skip
-    async with AsyncTestClient(app=create_app(settings, _registry(sim))) as client:
+    async with AsyncTestClient(app=create_gateway(settings, _registry(sim))) as client:
         r = await client.post("/v1/chat/completions", json=chat, headers=auth)
         assert r.status_code == 200, r.text
         plain = r.json()["choices"][0]["message"]["content"]
@@ -335,7 +335,7 @@ async def test_an_audit_write_failure_fails_open_and_is_counted(settings: Settin
     keys = KeyStore(settings.keys_db)
     alice, root = keys.create("alice")[0], keys.create("root", ["admin"])[0]
     body = {"model": "m", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4}
-    async with AsyncTestClient(app=create_app(settings, _registry(sim))) as client:
+    async with AsyncTestClient(app=create_gateway(settings, _registry(sim))) as client:
         for stream in (False, True):
             r = await client.post(
                 "/v1/chat/completions", json={**body, "stream": stream}, headers={"Authorization": f"Bearer {alice}"}

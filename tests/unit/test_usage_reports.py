@@ -41,8 +41,8 @@ from analytics.records import UsageRecord
 from analytics.reports import UsageFilter, UsageQueryError
 from analytics.spool import UsageSpool
 from analytics.store import UsageStore
+from core.settings import get_settings
 from first.cli import app
-from first.settings import get_settings
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 H = 3600.0

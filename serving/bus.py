@@ -113,6 +113,17 @@ async def observations() -> list[Observation]:
     return out
 
 
+async def observation(cluster: str, model: str) -> Observation | None:
+    """The latest observation of one model on one cluster (None if none, or unreadable)."""
+    from prefect.variables import Variable
+
+    try:
+        doc = await Variable.aget(state_variable(cluster, model))
+        return Observation.model_validate(doc) if doc else None
+    except Exception:
+        return None
+
+
 async def publish_gateway(report: GatewayReport) -> None:
     from prefect.variables import Variable
 

@@ -25,9 +25,9 @@ from typing import Any
 import globus_sdk
 from globus_sdk.transport import RequestsTransport, RetryConfig
 
-from api.auth import Principal
-from api.errors import APIError
 from blocks.globus import SERVICE_ACCOUNT_DOMAIN, GlobusAuthBlock
+from core.errors import APIError
+from serving.auth import Principal
 
 log = logging.getLogger("first.auth.globus")
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from flows.state import Instance
+    from serving.live_state import Instance
 
 RUNNING = ("hot", "starting", "queued")
 

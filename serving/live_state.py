@@ -6,11 +6,13 @@ when it was last observed. Three things move it:
 
 - requests: each one counts in and out, records its latency, and reports failures to the cluster's breaker;
 - lifecycle runs (warm-up, scale-down, refresh-status, ... from the Prefect UI or the schedule), whose
-  observations the gateway adopts through ``flows.bus`` within ``FIRST_STATE_SYNC_S``;
+  observations the gateway adopts through ``serving.bus`` within ``FIRST_STATE_SYNC_S``;
 - status checks the gateway makes itself when it does not know an instance yet.
 
 ``ensure_warm`` is single-flight: the first request for a cold instance starts one warm-up (the ``warm-up``
-flow, a recorded run); concurrent requests join it and resume in arrival order once it is hot. Past the bound
+flow, a recorded run, through the
+``warm_runner`` the entry point lends); concurrent requests join it and resume in arrival order once it is hot.
+Past the bound
 they get 503 with Retry-After, naming the cluster.
 """
 
@@ -25,12 +27,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from api.errors import APIError
 from blocks.registry import ClusterSpec, ModelSpec
 from compute.backends import Backends
-from first.settings import Settings
-from flows.bus import GatewayReport, InstanceUse, Observation
-from flows.routing import RUNNING, Breaker, count_running, rank
+from core.errors import APIError
+from core.settings import Settings
+from serving.bus import GatewayReport, InstanceUse, Observation
+from serving.routing import RUNNING, Breaker, count_running, rank
 
 log = logging.getLogger("first.state")
 
@@ -102,15 +104,8 @@ class Instance:
         return doc
 
 
-async def run_warm_up_flow(model: ModelSpec, cluster: ClusterSpec) -> dict[str, Any]:
-    """Run the ``warm-up`` Prefect flow (a recorded run) on its own thread and loop, off the serving loop."""
-    from flows.lifecycle import warm_up
-
-    return await asyncio.to_thread(asyncio.run, warm_up(model=model.name, cluster=cluster.name))
-
-
 class LiveState:
-    def __init__(self, backends: Backends, settings: Settings, warm_runner: WarmRunner = run_warm_up_flow) -> None:
+    def __init__(self, backends: Backends, settings: Settings, warm_runner: WarmRunner | None = None) -> None:
         self.backends = backends
         self.settings = settings
         self.warm_wait_s = settings.warm_wait_s
@@ -257,6 +252,10 @@ class LiveState:
         queued = inst.cluster.scheduler != "none" and status["state"] != "starting"
         inst.set("queued" if queued else "starting")
         try:
+            if self.warm_runner is None:  # a gateway built without the Prefect side (create_app alone)
+                raise APIError(503, f"This gateway cannot start '{inst.model.name}' on '{inst.cluster.name}': it "
+                               "runs without a control plane (start it with `first run` or first.gateway).",
+                               code="model_start_failed", headers={"Retry-After": "30"})  # fmt: skip
             status = await self.warm_runner(inst.model, inst.cluster)
         except BaseException as exc:
             inst.set("failed", error=str(exc))

@@ -15,8 +15,8 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from api.errors import APIError
 from blocks.registry import RateLimits
+from core.errors import APIError
 
 
 @dataclass

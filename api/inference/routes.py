@@ -1,0 +1,56 @@
+"""POST /v1/chat/completions and /v1/completions: validate, hand the request to the serving pipeline, answer
+with JSON or SSE. The pipeline is ``serving/pipeline.py``; the request models are ``serving/protocol.py``."""
+
+from __future__ import annotations
+
+from litestar import Controller, Request, Response, post
+
+from api.guards import DEPENDENCIES, authenticate
+from api.inference.sse import to_response
+from api.request_ids import request_id
+from core.errors import APIError
+from core.principal import Principal
+from serving.pipeline import serve
+from serving.protocol import ChatCompletionRequest, CompletionRequest
+from serving.request import InferenceRequest, Services
+
+# Inference routes and their endpoint names (usage rows, flow runs); rejections on them are metered too.
+INFERENCE_PATHS = {"/v1/chat/completions": "chat.completions", "/v1/completions": "completions"}
+
+
+class InferenceController(Controller):
+    guards = [authenticate]
+    dependencies = DEPENDENCIES
+
+    @post("/v1/chat/completions", status_code=200, summary="Create a chat completion")
+    async def chat_completions(
+        self, request: Request, data: ChatCompletionRequest, services: Services, principal: Principal
+    ) -> Response:
+        """OpenAI chat completions, streaming (SSE) or not. Unknown fields pass through to vLLM."""
+        return await _serve(request, data, "chat.completions", services, principal)
+
+    @post("/v1/completions", status_code=200, summary="Create a completion")
+    async def completions(
+        self, request: Request, data: CompletionRequest, services: Services, principal: Principal
+    ) -> Response:
+        """OpenAI (legacy) text completions, streaming (SSE) or not."""
+        return await _serve(request, data, "completions", services, principal)
+
+
+async def _serve(
+    request: Request, body: ChatCompletionRequest | CompletionRequest, endpoint: str, svc: Services, who: Principal
+) -> Response:
+    wait = request.headers.get("x-first-warm-wait")
+    try:
+        warm_wait_s = float(wait) if wait is not None else None
+    except ValueError:
+        raise APIError(400, "X-First-Warm-Wait must be a number of seconds", param="X-First-Warm-Wait") from None
+    req = InferenceRequest(
+        request_id=request_id(request.scope), endpoint=endpoint, path=f"/v1/{endpoint.replace('.', '/')}",
+        body=body, principal=who, warm_wait_s=warm_wait_s, pinned=request.headers.get("x-first-cluster") or None,
+    )  # fmt: skip
+    result, channel = await serve(req, svc)
+    headers = {"X-Request-Id": req.request_id}
+    if channel.cluster:
+        headers["X-First-Cluster"] = channel.cluster
+    return to_response(result, headers)

@@ -1,0 +1,32 @@
+"""POST /internal/relay/{request_id}: cluster functions post batches of stream chunks here (``compute/relay.py``)."""
+
+from __future__ import annotations
+
+import logging
+
+import msgspec
+from litestar import Request, post
+
+from compute.relay import RelayBatch, RelayHub
+from core.errors import APIError
+
+log = logging.getLogger("first.api")
+
+
+@post("/internal/relay/{request_id:str}", status_code=200, include_in_schema=False)
+async def relay_post(request: Request, request_id: str) -> dict[str, str]:
+    """A batch of one stream's chunks, signed with the request's relay token (no caller credential)."""
+    hub: RelayHub = request.app.state.relay
+    if not hub.verify(request_id, request.headers.get("x-relay-token")):
+        log.warning("rejected a relay post for %s with a bad token from %s", request_id, request.client)
+        raise APIError(401, "Invalid relay token", code="invalid_relay_token")
+    doc = msgspec.json.decode(await request.body())
+    result = hub.deliver(request_id, RelayBatch(**doc))
+    if result == "unknown":
+        log.warning("rejected a relay post for %s: no open stream (finished, or never opened)", request_id)
+        raise APIError(404, f"No open stream {request_id}", code="unknown_stream")
+    if result == "duplicate":  # a replay, or the function's repost after a lost answer: delivered once already
+        log.warning("rejected a replayed relay post for %s (batch %s was delivered already)", request_id,
+                    doc.get("seq"))  # fmt: skip
+        raise APIError(409, f"Batch {doc.get('seq')} of {request_id} was delivered already", code="duplicate_batch")
+    return {"status": result}

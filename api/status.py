@@ -1,0 +1,64 @@
+"""The fleet as operators and callers see it: /v1/status, /metrics (admins) and /health (no credential)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from litestar import Controller, Request, Response, get
+
+from api.guards import DEPENDENCIES, authenticate
+from api.metrics import render
+from core.errors import APIError
+from core.principal import Principal
+from serving.request import Services
+from serving.visibility import usable_pairs
+
+
+class StatusController(Controller):
+    guards = [authenticate]
+    dependencies = DEPENDENCIES
+
+    @get("/v1/status", summary="Live state of each model on each cluster")
+    async def fleet_status(self, request: Request, services: Services, principal: Principal) -> dict[str, Any]:
+        """Per model and cluster: state (cold, queued, starting, hot, draining, failed), in-flight requests,
+        recent latency and errors, last status time; per cluster: maintenance and circuit breaker. Admins see
+        everything (with server URLs and error text); callers see what they may use."""
+        live = services.live
+        pairs = usable_pairs(services.registry, principal, admin_sees_all=True)
+        now = time.time()
+        instances = [live.instance(c, m).snapshot(detail=principal.is_admin) for m, c in pairs]
+        clusters = {}
+        for _, c in pairs:
+            b = live.breaker(c.name)
+            clusters[c.name] = {
+                "name": c.name, "maintenance": c.maintenance, "maintenance_message": c.maintenance_message or None,
+                "breaker": b.state(now), "breaker_opened": b.opened,
+                "expected_start_s": round(live.estimates.get(c.name, c.expected_start_s), 1),
+                "max_instances": c.max_instances, "max_concurrency": c.max_concurrency,
+            }  # fmt: skip
+        doc: dict[str, Any] = {"object": "status", "instances": instances, "clusters": list(clusters.values())}
+        if principal.is_admin:
+            doc.update(gateway=request.app.state.gateway_id, failovers=live.failovers)
+        return doc
+
+    @get("/metrics", summary="Prometheus metrics (admins)", include_in_schema=False)
+    async def metrics(self, request: Request, principal: Principal) -> Response:
+        if not principal.is_admin:
+            raise APIError(403, "Metrics are for the gateway's admins (a key in the 'admin' group, or an admin "
+                           "group in Globus mode).", code="admin_only")  # fmt: skip
+        body = render(request.app.state.metrics)
+        return Response(content=body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@get("/health", summary="Liveness, and the state of each model instance")
+async def health(request: Request) -> dict[str, Any]:
+    svc: Services = request.app.state.services
+    return {
+        "status": "ok",
+        "instances": [i.snapshot() for i in svc.live.all()],
+        "flow_tracking": svc.settings.flow_tracking.value,
+        "auth_mode": svc.settings.auth_mode,
+        "auth_checks": getattr(request.app.state.authenticator, "checks", None),  # Globus: cache misses so far
+        "flow_records": svc.control.stats() if svc.control else None,
+    }

@@ -1,0 +1,97 @@
+"""GET /v1/usage: one usage report, the caller's own usage or (admins) everyone's."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+from litestar import Controller, get
+
+from api.guards import DEPENDENCIES, authenticate
+from core.errors import APIError
+from core.principal import Principal
+from core.timewindow import TimeBoundError, parse_time_bound
+from serving.request import Services
+
+log = logging.getLogger("first.api")
+
+
+class UsageController(Controller):
+    guards = [authenticate]
+    dependencies = DEPENDENCIES
+
+    @get("/v1/usage", summary="Usage reports: yours, or everyone's for admins")
+    async def usage_report(
+        self,
+        services: Services,
+        principal: Principal,
+        report: str = "summary",
+        since: str | None = None,
+        until: str | None = None,
+        model: str | None = None,
+        cluster: str | None = None,
+        group: str | None = None,
+        user: str | None = None,
+        limit: int = 10,
+    ) -> dict[str, Any]:
+        """One usage report (summary, top-users, by-model, by-cluster, latency, errors, daily) over the usage
+        table, filtered by time (since inclusive, until exclusive: ISO 8601 or a span before now such as 12h or
+        7d), model, cluster, group and user. Callers see only their own usage; admins see everyone's and may pick
+        a user.
+
+        The gateway only reads the table: the ingest-usage deployment moves the usage spool into it every
+        minute, so the last minute or so of requests may be missing."""
+        from analytics.reports import REPORTS, UsageFilter
+
+        name = report.strip().lower().replace("_", "-")
+        if name not in REPORTS:
+            raise APIError(400, f"Unknown report '{report}'; choose from {', '.join(REPORTS)}.", param="report",
+                           code="unknown_report")  # fmt: skip
+        if not 1 <= limit <= 1000:
+            raise APIError(400, "'limit' must be between 1 and 1000.", param="limit")
+        if not principal.is_admin:
+            if user not in (None, "", principal.user):
+                raise APIError(403, "You may only see your own usage (admins see everyone's).", param="user",
+                               code="usage_forbidden")  # fmt: skip
+            user = principal.user
+        now = datetime.now(UTC)
+        f = UsageFilter(
+            since=_bound(since, "since", now), until=_bound(until, "until", now), user=user or None,
+            model=model or None, cluster=cluster or None, group=group or None,
+        )  # fmt: skip
+        rows = await asyncio.to_thread(_usage_rows, services.settings.usage_db, name, f, limit)
+        return {"object": "usage.report", "report": name, "data": rows}
+
+
+def _bound(value: str | None, param: str, now: datetime) -> datetime | None:
+    try:
+        return parse_time_bound(value, now, param)
+    except TimeBoundError as exc:
+        raise APIError(400, str(exc), param=param) from None
+
+
+def _json_value(v: Any) -> Any:
+    if isinstance(v, datetime | date):
+        return v.isoformat()
+    if isinstance(v, float) and v != v:  # NaN
+        return None
+    return v
+
+
+def _usage_rows(db: Path, report: str, f: Any, limit: int) -> list[dict[str, Any]]:
+    """Run one report against the usage table (blocking: DuckDB; called in a thread)."""
+    import duckdb
+
+    from analytics.reports import REPORTS
+    from analytics.store import UsageStore
+
+    try:
+        df = REPORTS[report](UsageStore(db), f, **({"limit": limit} if report == "top-users" else {}))
+    except duckdb.Error as exc:  # the file is locked past the store's retries, or unreadable
+        log.warning("usage report %s failed: %s", report, exc)
+        raise APIError(503, "The usage database is busy or unavailable; try again shortly.", code="usage_unavailable",
+                       headers={"Retry-After": "5"}) from None  # fmt: skip
+    return [{k: _json_value(v) for k, v in row.items()} for row in df.iter_rows(named=True)]

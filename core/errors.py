@@ -1,0 +1,49 @@
+"""Errors the gateway answers with on purpose, free of any web framework.
+
+Raised anywhere below the HTTP edge (serving, compute, flows); ``api/errors.py`` turns them into responses.
+Every failure a caller sees has OpenAI's shape, `{"error": {message, type, param, code}}`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# OpenAI's error types by status.
+OPENAI_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    502: "bad_gateway",
+    503: "service_unavailable",
+    504: "timeout",
+}
+
+
+class APIError(Exception):
+    """An error the gateway answers with on purpose: an HTTP status, OpenAI's fields, and extra headers."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type or OPENAI_ERROR_TYPES.get(status, "api_error")
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

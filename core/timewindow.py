@@ -1,0 +1,33 @@
+"""Time bounds for usage queries, one parser for the CLI and the API.
+
+A bound is ISO 8601 (a naive time is UTC; a date is its UTC midnight) or a span before now: a number and a
+unit, s, m, h, d or w (``30m``, ``12h``, ``1.5d``, ``2w``).
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+
+_AGO = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+FORMS = "an ISO 8601 time (2026-01-31T12:00:00Z, 2026-01-31) or a span before now (30m, 12h, 1d, 2w)"
+
+
+class TimeBoundError(ValueError):
+    """A bound in none of the accepted forms; the message names the forms."""
+
+
+def parse_time_bound(value: str | None, now: datetime, name: str = "time") -> datetime | None:
+    """The UTC time ``value`` means at ``now``; None for no bound (None or blank)."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    m = _AGO.match(text.lower())
+    if m:
+        return now - timedelta(**{_UNITS[m[2]]: float(m[1])})
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise TimeBoundError(f"'{name}' must be {FORMS}; got {value!r}") from None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)

@@ -1,0 +1,90 @@
+"""The Prefect side a gateway runs with (``serving.request.ControlPlane``): warm-ups as ``warm-up`` flow runs,
+requests as ``infer`` flow runs (tracking ``all``) or ``infer-record`` traces (``sample``).
+
+The entry point (``first/gateway.py``) lends it to the app; the serving side never imports Prefect flows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from blocks.registry import ClusterSpec, ModelSpec
+from core.settings import FlowTracking, Settings
+from flows.lifecycle import warm_up
+from flows.lifecycle_tasks import FleetContext, use_gateway
+from flows.recorder import FlowRecorder
+from serving.request import InferenceRequest, Outcome, Services
+from serving.tracing import step_runner
+
+_tasks: dict[str, Any] = {}
+
+
+async def _as_task_run(name: str, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...]) -> Any:
+    """Inside an ``infer`` run: each pipeline step becomes a task run of that name."""
+    t = _tasks.get(name)
+    if t is None:
+        t = _tasks[name] = task(fn, name=name, cache_policy=NO_CACHE)
+    return await t(*args)
+
+
+_inflight: dict[str, Callable[[], Awaitable[Outcome]]] = {}
+
+
+@flow(name="infer", flow_run_name="{endpoint} {model} for {user}", log_prints=False)
+async def infer(request_id: str, endpoint: str, model: str, user: str) -> dict[str, Any]:
+    """One inference as a recorded Prefect flow run (tracking ``all``), each step a task run."""
+    step_runner.set(_as_task_run)
+    out = await _inflight[request_id]()
+    if out.status >= 400:
+        raise RuntimeError(f"{out.status} {out.error_type}: {out.error_message}")
+    return {"status": out.status, "cluster": out.cluster, "usage": out.usage}
+
+
+class PrefectControlPlane:
+    def __init__(self, settings: Settings) -> None:
+        # Traces of sampled requests go to a Prefect server, never to an ephemeral one started on the hot path.
+        sample = settings.flow_tracking is FlowTracking.sample and bool(os.environ.get("PREFECT_API_URL"))
+        self.recorder = FlowRecorder() if sample else None
+
+    def warm_runner(self, services: Services) -> Callable[[ModelSpec, ClusterSpec], Awaitable[dict[str, Any]]]:
+        async def run_warm_up(model: ModelSpec, cluster: ClusterSpec) -> dict[str, Any]:
+            """The ``warm-up`` flow (a recorded run) on its own thread and loop, off the serving loop, with the
+            gateway's settings, backends and registry."""
+            ctx = FleetContext(services.settings, services.backends, services.registry)
+
+            def in_thread() -> dict[str, Any]:
+                use_gateway(ctx)
+                return asyncio.run(warm_up(model=model.name, cluster=cluster.name))
+
+            return await asyncio.to_thread(in_thread)
+
+        return run_warm_up
+
+    async def run_tracked(
+        self, req: InferenceRequest, services: Services, run: Callable[[], Awaitable[Outcome]]
+    ) -> None:
+        _inflight[req.request_id] = run
+        try:
+            await infer(request_id=req.request_id, endpoint=req.endpoint, model=req.body.model,
+                        user=req.principal.user)  # fmt: skip
+        finally:
+            _inflight.pop(req.request_id, None)
+
+    def record(self, req: InferenceRequest, out: Outcome) -> None:
+        if self.recorder is not None:
+            self.recorder.submit(req, out)
+
+    def stats(self) -> dict[str, int] | None:
+        if self.recorder is None:
+            return None
+        return {"recorded": self.recorder.recorded, "dropped": self.recorder.dropped}
+
+    def close(self) -> None:
+        if self.recorder is not None:
+            self.recorder.close()

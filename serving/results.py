@@ -1,0 +1,105 @@
+"""What the pipeline hands the HTTP handler: a whole response, a stream of chunks, or an error.
+
+The pipeline runs as its own task (a caller who disconnects must not stop its usage record), so the two
+meet through a ``ResultChannel``: the pipeline calls ``respond``, ``chunk``, ``fail`` and ``finish``; the
+handler awaits ``result()`` and, for a stream, reads the following ``Chunk``/``Finished``/``Failed`` items.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from core.errors import APIError
+
+
+@dataclass
+class Completed:
+    """A whole (non-streaming) response body, released once its usage row is written."""
+
+    body: dict[str, Any]
+
+
+@dataclass
+class Chunk:
+    """One stream chunk, as the caller gets it in an SSE ``data:`` line."""
+
+    data: dict[str, Any]
+
+
+@dataclass
+class Finished:
+    """The stream (or the held response) ended and its usage row is written."""
+
+
+@dataclass
+class Failed:
+    """The request failed: before the first byte an HTTP error, after it an error event in the stream."""
+
+    error: APIError
+
+
+@dataclass
+class Streaming:
+    """The handler's view of a stream: its first item, the rest come from ``channel.next()``."""
+
+    first: Chunk | Finished | Failed
+    channel: ResultChannel
+
+
+StreamItem = Chunk | Finished | Failed
+Result = Completed | Streaming | Failed
+
+
+class ResultChannel:
+    """From the pipeline's task to the HTTP handler, in order."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[Completed | StreamItem] = asyncio.Queue()
+        self.started = False  # a stream's first byte went out: failures can no longer become HTTP errors
+        self.cluster: str | None = None  # where it runs (the X-First-Cluster response header)
+        self.finished = False  # the terminal item (Finished or Failed) was sent
+
+    # ---- the pipeline's side ----
+
+    def respond(self, body: dict[str, Any]) -> None:
+        self._queue.put_nowait(Completed(body))
+
+    def chunk(self, data: dict[str, Any]) -> None:
+        self.started = True
+        self._queue.put_nowait(Chunk(data))
+
+    def fail(self, error: APIError) -> None:
+        self.finished = True
+        self._queue.put_nowait(Failed(error))
+
+    def finish(self) -> None:
+        self.finished = True
+        self._queue.put_nowait(Finished())
+
+    # ---- the handler's side ----
+
+    async def result(self) -> Result:
+        """Wait until the request has an answer: a held response comes out only after its usage is recorded."""
+        first = await self._queue.get()
+        if isinstance(first, Completed):
+            end = await self._queue.get()
+            return end if isinstance(end, Failed) else first
+        if isinstance(first, Failed):
+            return first
+        return Streaming(first, self)
+
+    async def next(self) -> StreamItem:
+        item = await self._queue.get()
+        assert not isinstance(item, Completed)
+        return item
+
+    def next_nowait(self) -> StreamItem | None:
+        """The next item if one is already waiting (a relay batch arrives at once), else None."""
+        try:
+            item = self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+        assert not isinstance(item, Completed)
+        return item

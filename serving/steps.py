@@ -1,0 +1,238 @@
+"""The steps of one inference: authorize -> select cluster -> ensure warm -> execute -> record usage.
+
+Each is a plain coroutine the pipeline (``serving/pipeline.py``) calls in turn; ``@step`` times it into the
+request's trace and lets a tracked ``infer`` flow run show it as a task run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from analytics import audit
+from analytics.records import UsageRecord
+from blocks.registry import ModelSpec, RateLimits
+from core.errors import APIError
+from serving.limits import Limit
+from serving.live_state import Instance
+from serving.protocol import backend_body, token_estimate
+from serving.request import InferenceRequest, Outcome, Services
+from serving.results import ResultChannel
+from serving.tracing import step
+from serving.visibility import allowed
+
+log = logging.getLogger("first.inference")
+
+
+def not_found(name: str) -> APIError:
+    """The one answer for an unknown model and a hidden one, so the message can't tell them apart."""
+    return APIError(
+        404, f"The model '{name}' does not exist or you do not have access to it.", param="model",
+        code="model_not_found",
+    )  # fmt: skip
+
+
+@step("authorize")
+async def authorize(req: InferenceRequest, svc: Services, out: Outcome) -> ModelSpec:
+    """The caller may use this model and is within its limits: one request and the request's tokens are
+    reserved from the caller's buckets (settled with the real usage in ``record_usage``)."""
+    p = req.principal
+    model = svc.registry.resolve(req.body.model)
+    if model is None and "/" in req.body.model:  # "cluster/model" pins a cluster, as FIRST's direct mode does
+        cluster, _, name = req.body.model.partition("/")
+        model = svc.registry.resolve(name) if cluster in svc.registry.clusters else None
+        if model is not None:
+            if req.pinned not in (None, cluster):
+                raise APIError(400, f"X-First-Cluster says '{req.pinned}' but the model name says '{cluster}'",
+                               param="model", code="cluster_conflict")  # fmt: skip
+            req.pinned = cluster
+    if model is None:
+        raise not_found(req.body.model)
+    if not allowed(p, model):
+        if model.hidden:
+            raise not_found(req.body.model)
+        raise APIError(
+            403,
+            f"You do not have access to the model '{model.name}'. It is limited to certain groups or "
+            "identity providers; ask the gateway's operators for access.",
+            param="model",
+            code="model_access_denied",
+        )
+    out.tokens_reserved = token_estimate(req.body, model.context_length)
+    limits = [Limit(f"model:{model.name}:{p.user}", model.limits_for(p.groups), f"model {model.name}")]
+    if p.rpm:
+        limits.append(Limit(f"key:{p.key_id or p.user}", RateLimits(rpm=p.rpm), "your API key"))
+    svc.limiter.reserve(p.user, limits, out.tokens_reserved, out.reservation)
+    return model
+
+
+@step("select-cluster")
+async def select_cluster(req: InferenceRequest, model: ModelSpec, svc: Services, out: Outcome) -> list[Instance]:
+    """Where the request may run, best first (``serving.routing``): the model's clusters the caller may use,
+    less those in maintenance or with an open circuit breaker; or only the cluster the caller pinned."""
+    p = req.principal
+    names = model.clusters
+    if req.pinned is not None:
+        if req.pinned not in model.clusters:
+            raise APIError(
+                400, f"Model '{model.name}' is not served on cluster '{req.pinned}'; it runs on "
+                f"{', '.join(model.clusters)}.", param="model", code="cluster_not_serving",
+            )  # fmt: skip
+        names = [req.pinned]
+    candidates, maintenance, denied = [], [], []
+    for name in names:
+        cluster = svc.registry.clusters.get(name)
+        if cluster is None:
+            continue
+        if not allowed(p, cluster):
+            denied.append(name)
+        elif cluster.maintenance:
+            maintenance.append(f"{name}: {cluster.maintenance_message or 'in maintenance'}")
+        else:
+            candidates.append(svc.live.instance(cluster, model))
+    if not candidates:
+        if maintenance:
+            raise APIError(
+                503, f"No cluster can serve '{model.name}' right now ({'; '.join(maintenance)}).", code="no_cluster",
+                headers={"Retry-After": "60"},
+            )  # fmt: skip
+        raise APIError(
+            403, f"None of the clusters that serve '{model.name}' ({', '.join(denied) or 'none configured'}) "
+            "is open to you; ask the gateway's operators for access.", param="model", code="cluster_access_denied",
+        )  # fmt: skip
+    unknown = [i for i in candidates if i.state == "unknown"]
+    if unknown:  # first contact since the gateway started (or since a server vanished): ask the clusters
+        await svc.live.probe(unknown)
+    plan = svc.live.route(candidates)
+    if not plan:
+        raise nothing_routable(model.name, candidates, svc)
+    return plan
+
+
+def nothing_routable(model: str, candidates: list[Instance], svc: Services) -> APIError:
+    """The 503 when routing left every candidate out: each cluster's reason (an open breaker, or cold with
+    the cluster already running its ``max_instances`` models), and a Retry-After from the breakers."""
+    now = time.time()
+    reasons, waits = [], []
+    for inst in candidates:
+        breaker = svc.live.breaker(inst.cluster.name)
+        if breaker.state(now) == "open":
+            waits.append(breaker.open_until - now)
+            reasons.append(f"{inst.cluster.name}: failing, circuit breaker open")
+        elif not breaker.allows(now):  # half-open, its one probe request still running
+            waits.append(min(breaker.cooldown_s, 5.0))
+            reasons.append(f"{inst.cluster.name}: failing, one probe request under way")
+        else:
+            reasons.append(f"{inst.cluster.name}: cold, and already running its max_instances "
+                           f"({inst.cluster.max_instances}) models")  # fmt: skip
+    wait = max(1, round(min(waits))) if waits else 30
+    failing = len(waits) == len(candidates)
+    return APIError(
+        503, f"No cluster can serve '{model}' now ({'; '.join(reasons)}); retry in {wait} s.",
+        code="clusters_failing" if failing else "no_capacity", headers={"Retry-After": str(wait)},
+    )  # fmt: skip
+
+
+def reserve_cluster(req: InferenceRequest, inst: Instance, svc: Services, out: Outcome) -> None:
+    """The caller's share of this cluster's limits (a 429 here sends the request to the next cluster)."""
+    c = inst.cluster
+    limits = c.limits_for(req.principal.groups)
+    if limits.rpm or limits.tpm:
+        svc.limiter.reserve(req.principal.user, [Limit(f"cluster:{c.name}:{req.principal.user}", limits,
+                            f"cluster {c.name}")], out.tokens_reserved, out.reservation)  # fmt: skip
+
+
+@step("ensure-warm")
+async def ensure_warm(req: InferenceRequest, inst: Instance, svc: Services) -> bool:
+    """Wait for the model to be hot on the cluster, starting (or joining) a warm-up if it is cold."""
+    return await svc.live.ensure_warm(inst, req.warm_wait_s)
+
+
+@step("execute")
+async def execute(req: InferenceRequest, inst: Instance, svc: Services, channel: ResultChannel, out: Outcome) -> None:
+    """Run the request on one cluster; fills ``out`` with usage. The instance's load, latency and errors (and
+    its cluster's breaker) follow the outcome."""
+    backend = svc.backends.get(inst.cluster)
+    body = backend_body(req.body, inst.model.served)
+    channel.cluster = inst.cluster.name
+    svc.live.begin(inst)
+    t0, fault, error = time.perf_counter(), False, None
+    out.completion = {} if svc.settings.audit_mode else None
+    try:
+        if req.stream:
+            await _stream(req, backend.stream(inst.base_url or "", req.path, body, req.request_id), channel, out)
+        else:
+            response = await backend.complete(inst.base_url or "", req.path, body)
+            response["model"] = req.body.model
+            out.usage = dict(response.get("usage") or {})
+            if out.completion is not None:
+                out.completion = audit.response_texts(response)
+            channel.respond(response)  # held by the handler until usage is recorded
+    except APIError as exc:
+        fault, error = exc.status >= 500, exc.message  # a 4xx is the caller's to fix, not the cluster's fault
+        raise
+    except Exception as exc:
+        fault, error = True, repr(exc)
+        raise
+    finally:
+        svc.live.end(inst, fault, (time.perf_counter() - t0) * 1000, error)
+
+
+async def _stream(req: InferenceRequest, chunks: Any, channel: ResultChannel, out: Outcome) -> None:
+    async for chunk in chunks:
+        if chunk.get("usage") and not chunk.get("choices"):
+            out.usage = dict(chunk["usage"])
+            if not req.include_usage:
+                continue  # we asked for usage for metering; the caller did not
+        chunk["model"] = req.body.model
+        if out.completion is not None:
+            audit.chunk_texts(chunk, out.completion)
+        if out.ttft_ms is None and any(
+            (c.get("delta") or {}).get("content") or c.get("text") for c in chunk.get("choices") or []
+        ):
+            out.ttft_ms = (time.perf_counter() - req.t0) * 1000
+        if not req.include_usage and chunk.get("usage"):
+            chunk.pop("usage", None)
+        out.streamed = True
+        channel.chunk(chunk)
+
+
+@step("record-usage")
+async def record_usage(req: InferenceRequest, out: Outcome, svc: Services) -> UsageRecord:
+    """Settle the caller's token reservation with the real usage, and append the request's usage record to
+    the spool (durable before the response completes)."""
+    u = out.usage
+    # No usage reported: nothing was spent, unless a stream broke after tokens flowed (then charge it all).
+    used = int(u.get("total_tokens") or 0) if u else (out.tokens_reserved if out.streamed else 0)
+    svc.limiter.settle(out.reservation, used)
+    record = UsageRecord(
+        request_id=req.request_id,
+        ts=req.started,
+        user=req.principal.user,
+        groups=list(req.principal.groups),
+        model=out.model,
+        cluster=out.cluster,
+        endpoint=req.endpoint,
+        stream=req.stream,
+        prompt_tokens=int(u.get("prompt_tokens") or 0),
+        completion_tokens=int(u.get("completion_tokens") or 0),
+        total_tokens=int(u.get("total_tokens") or 0),
+        latency_ms=(time.perf_counter() - req.t0) * 1000,
+        ttft_ms=out.ttft_ms,
+        status=out.status,
+        error_type=out.error_type,
+        cold_start=out.cold_start,
+    )
+    svc.spool.append(record)
+    if svc.settings.audit_mode:  # the text goes to the audit log, never to the usage record
+        try:
+            audit.audit_log(svc.settings.audit_dir).append(audit.AuditEntry(
+                request_id=req.request_id, ts=req.started, user=req.principal.user, model=out.model,
+                cluster=out.cluster, endpoint=req.endpoint, status=out.status, prompt=audit.prompt_of(req.body),
+                completion=audit.completion_of(out.completion),
+            ))  # fmt: skip
+        except Exception:  # fail open: the answer exists and is metered; /metrics counts what was lost
+            svc.live.audit_failures += 1
+            log.exception("could not write the audit entry of request %s", req.request_id)
+    return record
