@@ -49,13 +49,14 @@ LONG_STREAM_S ?= 600
 test: setup $(ENDPOINT_VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
 	FIRST_LONG_STREAM_S=$(LONG_STREAM_S) $(VENV)/bin/pytest -v -rs
 
 test-fast: $(VENV)/.installed
 	$(VENV)/bin/pytest -m "not e2e"
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/lint-imports --no-cache
 
 bench: setup
 	$(VENV)/bin/python bench/overhead.py

@@ -3,6 +3,7 @@ stack trace."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import msgspec
@@ -11,6 +12,8 @@ from litestar.exceptions import HTTPException, NotFoundException, ValidationExce
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from core.errors import APIError
+
+log = logging.getLogger("first.api")
 
 
 def error_response(error: APIError, headers: dict[str, str] | None = None) -> Response:
@@ -36,7 +39,11 @@ def handle_exception(request: Request, exc: Exception) -> Response:
     error = to_api_error(request, exc)
     hook = getattr(request.app.state, "on_rejected", None)
     if hook is not None:
-        hook(request, error)
+        try:
+            hook(request, error)
+        except Exception:  # no usage record, no answer but this one: as the pipeline does (``usage_spool``)
+            log.exception("could not record the usage of a rejected request to %s", request.url.path)
+            error = APIError(503, "The gateway could not record this request's usage; try again.", code="usage_spool")
     return error_response(error)
 
 
@@ -58,5 +65,5 @@ def to_api_error(request: Request, exc: Exception) -> APIError:
         if status >= 500:
             status = HTTP_500_INTERNAL_SERVER_ERROR
         return APIError(status, exc.detail or "Request failed")
-    request.logger.exception("unhandled error on %s", request.url.path)
+    log.exception("unhandled error on %s", request.url.path)
     return APIError(500, "The gateway hit an internal error; it has been logged.", type="server_error")

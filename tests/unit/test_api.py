@@ -213,6 +213,43 @@ async def test_every_answered_inference_request_has_a_usage_row(client, keys, se
     ]
 
 
+async def test_every_response_carries_x_request_id_and_rejections_share_it_with_their_usage_row(client, keys, settings):
+    """Handlers' answers, the guard's and the validator's rejections, unknown paths: each has its own id, and
+    the usage row of a rejected inference request carries the id its response did."""
+    h = _auth(keys["bob"])
+    answers = [
+        await client.post("/v1/chat/completions", json=CHAT),  # the guard: 401
+        await client.post("/v1/chat/completions", json={**CHAT, "temperature": 9}, headers=h),  # validation: 400
+        await client.post("/v1/chat/completions", json={**CHAT, "model": "nope"}, headers=h),  # the pipeline: 404
+        await client.get("/v1/nothing-here", headers=h),  # no route: 404
+        await client.get("/v1/models", headers=h),  # 200
+        await client.get("/health"),  # 200, no credential
+    ]
+    ids = [r.headers.get("x-request-id") for r in answers]
+    assert all(ids) and len(set(ids)) == len(ids), ids
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    store = UsageStore(settings.usage_db)
+    store.ingest(settings.spool_dir)
+    rows = dict(store.query("SELECT status, request_id FROM usage").rows())
+    assert rows == {401: ids[0], 400: ids[1], 404: ids[2]}
+
+
+async def test_a_usage_spool_failure_is_a_503_with_its_request_id(client, keys, settings):
+    """The spool cannot take a record (here its folder became a file): no unmetered answer, but an
+    OpenAI-shaped 503 that still names its request, for an answered request and a rejected one alike."""
+    import shutil
+
+    shutil.rmtree(settings.spool_dir)
+    settings.spool_dir.write_text("not a folder")
+    for r in (
+        await client.post("/v1/chat/completions", json=CHAT, headers=_auth(keys["bob"])),
+        await client.post("/v1/chat/completions", json=CHAT),
+    ):
+        assert r.status_code == 503, r.text
+        _is_openai_error(r.json(), "service_unavailable")
+        assert r.json()["error"]["code"] == "usage_spool" and len(r.headers["x-request-id"]) == 32
+
+
 async def test_health_and_openapi_schema(client):
     r = await client.get("/health")
     assert r.status_code == 200 and r.json()["status"] == "ok"

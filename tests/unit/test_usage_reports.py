@@ -534,11 +534,34 @@ def test_cli_chart_writes_pngs_of_the_documented_size(home: Path, tmp_path: Path
         assert struct.unpack(">II", head[16:24]) == (1000, 500), p
 
 
+@pytest.mark.parametrize("since", ["2w", "1.5d", "90s", "2026-01-02", "2026-01-02T00:00:00+00:00"])
+def test_cli_takes_the_time_forms_the_api_takes(home: Path, since: str) -> None:
+    """`first usage --since` and `GET /v1/usage?since=` share one parser (core/timewindow.py): the CLI used to
+    refuse 2w, 1.5d and seconds."""
+    r = runner.invoke(app, ["usage", "summary", "--by", "none", "--since", since, "--format", "json"])
+    assert r.exit_code == 0, r.output
+    (overall,) = json.loads(r.stdout)
+    assert overall["requests"] == (8 if since.startswith("2026") else 0)  # the records are from January 2026
+
+
+def test_one_time_bound_parser_for_spans_and_iso_times() -> None:
+    from core.timewindow import TimeBoundError, parse_time_bound
+
+    now = datetime(2026, 12, 3, 12, tzinfo=UTC)
+    assert parse_time_bound("2w", now) == now - timedelta(weeks=2)
+    assert parse_time_bound(" 1.5D ", now) == now - timedelta(hours=36)
+    assert parse_time_bound("2026-01-02", now) == datetime(2026, 1, 2, tzinfo=UTC)
+    assert parse_time_bound("2026-01-02T01:00:00+01:00", now) == datetime(2026, 1, 2, tzinfo=UTC)
+    assert parse_time_bound("", now) is None and parse_time_bound(None, now) is None
+    with pytest.raises(TimeBoundError, match=r"'since' must be .* got '5y'"):
+        parse_time_bound("5y", now, "since")
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["summary", "--format", "xml"], "xml"),
-        (["top-users", "--since", "yesterday"], "1d, 12h, 30m"),
+        (["top-users", "--since", "yesterday"], "30m, 12h, 1d, 2w"),
         (["daily", "--until", "soon"], "--until"),
         (["by-model", "--format", "parquet"], "--output"),
         (["summary", "--by", "colour"], "--by"),

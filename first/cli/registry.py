@@ -1,0 +1,74 @@
+"""`first registry` and `first apply`: clusters and models, as Prefect Blocks or a YAML file."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from core.settings import get_settings
+from first.cli.render import err, print_table
+
+app = typer.Typer(help="Clusters and models (Prefect Blocks).", no_args_is_help=True)
+
+
+@app.command("init")
+def registry_init(
+    force: Annotated[bool, typer.Option(help="Overwrite existing blocks of the same names")] = False,
+) -> None:
+    """Save the embedded default (cluster 'local', model 'tiny') as Prefect Blocks, unless blocks exist."""
+    from blocks.registry import ClusterBlock, ModelBlock, Registry
+
+    async def go() -> None:
+        from blocks.globus import GlobusAuthBlock
+
+        for block_type in (ClusterBlock, ModelBlock, GlobusAuthBlock):  # so the UI offers them under "Blocks"
+            await block_type.register_type_and_schema()
+        existing = await Registry.load_blocks()
+        if existing.models and not force:
+            err.print(f"registry already has {len(existing.models)} model(s); left as is (--force to reset)")
+            return
+        await Registry.embedded_default(get_settings()).save_blocks()
+        err.print("saved the embedded default registry as blocks (cluster 'local', model 'tiny')")
+
+    asyncio.run(go())
+
+
+@app.command("show")
+def registry_show() -> None:
+    """Print the clusters and models the gateway would load."""
+    from blocks.registry import Registry
+
+    reg = asyncio.run(Registry.load(get_settings()))
+    print(json.dumps(reg.describe(), indent=2))
+
+
+def apply(
+    file: Annotated[Path, typer.Argument(help="YAML with `clusters:` and `models:` lists (the blocks' fields)")],
+    prune: Annotated[bool, typer.Option(help="Delete cluster and model blocks the file does not declare")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Only show what would change")] = False,
+) -> None:
+    """Declare the whole registry (clusters and models) from a file, for a reproducible setup.
+
+    Saves a FIRST Cluster / FIRST Model block for each entry, shows what was created, updated or left as it
+    was, and with --prune deletes blocks the file does not name. Running gateways follow within
+    FIRST_REGISTRY_REFRESH_S (5 s)."""
+    from blocks.registry import ClusterBlock, ModelBlock, Registry
+
+    try:
+        desired = Registry.from_yaml(file.read_text())
+    except (OSError, ValueError) as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+
+    async def go() -> list[tuple[str, str, str]]:
+        for block_type in (ClusterBlock, ModelBlock):
+            await block_type.register_type_and_schema()
+        current = await Registry.load_blocks()
+        return current.plan(desired, prune) if dry_run else await current.apply(desired, prune)
+
+    steps = asyncio.run(go())
+    print_table(("action", "kind", "name"), steps, f"{'plan for' if dry_run else 'applied'} {file}", stderr=True)

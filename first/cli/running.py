@@ -1,0 +1,42 @@
+"""`first run` (everything on this machine) and `first gateway` (the gateway alone)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from core.settings import get_settings
+
+
+def run(
+    prefect_port: Annotated[int, typer.Option(help="Port of the local Prefect server (UI and API)")] = 4200,
+    warm: Annotated[bool, typer.Option(help="Warm the demo model up at start (through the warm-up deployment)")] = True,
+) -> None:
+    """Run everything on this machine until Ctrl-C: Prefect server, lifecycle worker, gateway, vLLM CPU."""
+    import os
+
+    from core.settings import prefect_env
+
+    settings = get_settings()
+    # Prefect reads its settings when first imported: point this process at the local server first.
+    os.environ.update(prefect_env(settings, prefect_port))
+    from first.runner import Runner
+
+    raise SystemExit(Runner(settings, prefect_port=prefect_port, warm=warm).run())
+
+
+def gateway(
+    host: Annotated[str | None, typer.Option(help="Bind address (default FIRST_HOST)")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default FIRST_PORT)")] = None,
+) -> None:
+    """Run only the gateway (uvicorn), against whatever PREFECT_API_URL points at."""
+    import uvicorn
+
+    from first.runner import KEEP_ALIVE_S
+
+    s = get_settings()
+    uvicorn.run(
+        "first.asgi:app", host=host or s.host, port=port or s.port, log_level="warning", access_log=False,
+        timeout_keep_alive=KEEP_ALIVE_S,
+    )  # fmt: skip
