@@ -93,11 +93,11 @@ def usage(
 ) -> pl.DataFrame:
     """The usage rows with ``since <= ts < until`` (datetimes, naive = UTC; dates; or ISO strings) that
     match the other filters, ordered by ts then request_id, as a polars DataFrame (``ts`` in UTC)."""
-    from analytics.reports import _query
+    from analytics.report_plan import query
 
     f = _filter(since, until, user=user, model=model, cluster=cluster, group=group)
     where, params = f.where()
-    return _query(_store(db), f"SELECT * FROM usage {where} ORDER BY ts, request_id", params)
+    return query(_store(db), f"SELECT * FROM usage {where} ORDER BY ts, request_id", params)
 
 
 def report(

@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import polars as pl
 
-from analytics.store import DAY_SQL, HIST_BASE, HIST_SELECT, ROLLUP_SELECT, UsageStore, rollup_sql, rollups_match
+from analytics.filters import _ALL, UsageFilter, UsageQueryError
+from analytics.report_plan import SUMMARY_BY, ident, planned_report, query, sql_sum
+from analytics.schema import DAY_SQL
+from analytics.store import UsageStore
 
 __all__ = [
     "REPORTS",
@@ -50,286 +51,8 @@ __all__ = [
 ]
 
 
-class UsageQueryError(ValueError):
-    """An analyst's query was refused (it tried to write, or to reach files) or is not valid SQL."""
-
-
-def _as_utc(value: datetime | date | str | None) -> datetime | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    if not isinstance(value, datetime):  # a date: its UTC midnight
-        value = datetime.combine(value, time())
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-@dataclass(frozen=True)
-class UsageFilter:
-    """Which usage rows a report looks at; every field left ``None`` matches everything.
-
-    ``since`` is inclusive and ``until`` exclusive; they may be datetimes (naive = UTC), dates (UTC
-    midnight) or ISO strings, and are stored as aware UTC datetimes.  ``group`` matches rows whose
-    ``groups`` list contains it.
-    """
-
-    since: datetime | None = None
-    until: datetime | None = None
-    user: str | None = None
-    model: str | None = None
-    cluster: str | None = None
-    group: str | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "since", _as_utc(self.since))
-        object.__setattr__(self, "until", _as_utc(self.until))
-
-    def where(self) -> tuple[str, dict[str, Any]]:
-        """``("WHERE ... AND ...", params)`` for DuckDB named parameters, or ``("", {})`` when empty.
-
-        The parameters are named after the fields (``$since``, ``$until``, ``$user``, ``$model``,
-        ``$cluster``, ``$group``); only those in use are returned.
-        """
-        clauses: list[str] = []
-        params: dict[str, Any] = {}
-        if self.since is not None:
-            clauses.append("ts >= $since")
-            params["since"] = self.since
-        if self.until is not None:
-            clauses.append("ts < $until")
-            params["until"] = self.until
-        if self.user is not None:
-            clauses.append('"user" = $user')
-            params["user"] = self.user
-        if self.model is not None:
-            clauses.append("model = $model")
-            params["model"] = self.model
-        if self.cluster is not None:
-            clauses.append("cluster = $cluster")
-            params["cluster"] = self.cluster
-        if self.group is not None:
-            clauses.append('list_contains("groups", $group)')
-            params["group"] = self.group
-        return ("WHERE " + " AND ".join(clauses) if clauses else ""), params
-
-    def and_(self, condition: str) -> tuple[str, dict[str, Any]]:
-        """:meth:`where` with one more SQL condition ANDed in."""
-        where, params = self.where()
-        return (f"{where} AND ({condition})" if where else f"WHERE {condition}"), params
-
-
-_ALL = UsageFilter()
-
-
-def _query(store: UsageStore, query: str, params: dict[str, Any] | None = None) -> pl.DataFrame:
-    with store.connect_read_only() as con:
-        return con.sql(query, params=params or None).pl()
-
-
-_ERR = "count(*) FILTER (WHERE status >= 400)::BIGINT"
-
-# What summary(by=...) may group by: name -> SQL expression over `usage` rows.  The rollup rows carry
-# the same names as columns.
-SUMMARY_BY: dict[str, str] = {
-    "user": '"user"',
-    "model": "model",
-    "cluster": "cluster",
-    "endpoint": "endpoint",
-    "day": DAY_SQL,
-}
-_HIST_KEYS = frozenset({"day", "model", "cluster"})  # what usage_latency_hist is kept per
-
-
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _sum(col: str) -> str:
-    return f"coalesce(sum({col}), 0)::BIGINT"
-
-
-# --- the plan of a report: rollup rows where they cover the window, raw rows at its edges ---------
-
-
-@dataclass(frozen=True)
-class _Window:
-    """``f``'s time window split into whole UTC days (read from the rollups) and the partial days at its
-    edges (aggregated from the raw rows, with the same SQL the ingester uses for the rollups)."""
-
-    days: tuple[date | None, date | None] | None  # [first, end) whole days; None bound = open; None = no day
-    edges: tuple[tuple[datetime | None, datetime | None], ...]  # [since, until) ranges of raw rows
-
-    @classmethod
-    def of(cls, f: UsageFilter) -> _Window:
-        def midnight(d: date) -> datetime:
-            return datetime.combine(d, time(), UTC)
-
-        first = None if f.since is None else f.since.date() + timedelta(days=f.since.time() != time())
-        end = None if f.until is None else f.until.date()
-        if first is not None and end is not None and first >= end:  # within one day: raw rows only
-            return cls(None, ((f.since, f.until),))
-        edges = []
-        if f.since is not None and first is not None and midnight(first) != f.since:
-            edges.append((f.since, midnight(first)))
-        if f.until is not None and end is not None and midnight(end) != f.until:
-            edges.append((midnight(end), f.until))
-        return cls((first, end), tuple(edges))
-
-
-def _dims(f: UsageFilter, *, hist: bool = False) -> tuple[list[str], dict[str, Any]]:
-    """The filter's non-time conditions, valid on `usage`, `usage_daily` and (model, cluster) the histograms."""
-    clauses: list[str] = []
-    params: dict[str, Any] = {}
-    for name, value, clause in (
-        ("user", f.user, '"user" = $user'),
-        ("model", f.model, "model = $model"),
-        ("cluster", f.cluster, "cluster = $cluster"),
-        ("group", f.group, 'list_contains("groups", $group)'),
-    ):
-        if value is not None and not (hist and name in ("user", "group")):
-            clauses.append(clause)
-            params[name] = value
-    return clauses, params
-
-
-def _source(f: UsageFilter, rollups: bool, *, hist: bool = False) -> tuple[str, dict[str, Any]]:
-    """SQL for rollup-shaped rows (``usage_daily``'s columns, or ``usage_latency_hist``'s with ``hist``)
-    covering exactly the rows ``f`` matches."""
-    template, table = (HIST_SELECT, "usage_latency_hist") if hist else (ROLLUP_SELECT, "usage_daily")
-    dims, params = _dims(f, hist=hist)
-    if not rollups:  # every row from `usage` (rollups missing or stale)
-        where, params = f.where()
-        return rollup_sql(template, where), params
-    w = _Window.of(f)
-    parts = []
-    if w.days is not None:
-        conds = list(dims)
-        if w.days[0] is not None:
-            conds.append("day >= $day_first")
-            params["day_first"] = w.days[0]
-        if w.days[1] is not None:
-            conds.append("day < $day_end")
-            params["day_end"] = w.days[1]
-        cols = "day, model, cluster, ok, metric, bucket, n" if hist else "*"
-        parts.append(f"SELECT {cols} FROM {table}" + (" WHERE " + " AND ".join(conds) if conds else ""))
-    if w.edges:
-        ranges = []
-        for i, (lo, hi) in enumerate(w.edges):
-            bounds = []
-            if lo is not None:
-                bounds.append(f"ts >= $edge{i}_lo")
-                params[f"edge{i}_lo"] = lo
-            if hi is not None:
-                bounds.append(f"ts < $edge{i}_hi")
-                params[f"edge{i}_hi"] = hi
-            ranges.append("(" + " AND ".join(bounds) + ")")
-        where = "WHERE (" + " OR ".join(ranges) + ")" + "".join(f" AND {c}" for c in dims)
-        parts.append(rollup_sql(template, where))
-    return "\n UNION ALL \n".join(f"({p})" for p in parts), params
-
-
-def _percentiles(
-    store: UsageStore,
-    f: UsageFilter,
-    keys: Sequence[str],
-    wanted: dict[str, tuple[str, float]],
-    *,
-    rollups: bool,
-    matched: int,
-    ok_only: bool,
-) -> tuple[str, dict[str, Any]]:
-    """SQL for one row per ``keys`` with the ``wanted`` percentiles (name -> (metric, q)).
-
-    Exact (``quantile_cont`` over the raw rows) while the filter matches at most
-    ``store.exact_percentile_rows`` rows, or when the histograms cannot answer (a user or group
-    filter, a key other than day/model/cluster); otherwise from ``usage_latency_hist``: within 1%.
-    """
-    exact = (
-        not rollups
-        or matched <= store.exact_percentile_rows
-        or f.user is not None
-        or f.group is not None
-        or not set(keys) <= _HIST_KEYS
-    )
-    key_cols = [f"{SUMMARY_BY[k]} AS {_ident(k)}" for k in keys]
-    if exact:
-        where, params = f.and_("status < 400") if ok_only else f.where()
-        by_metric: dict[str, list[float]] = {}
-        for metric, q in wanted.values():
-            by_metric.setdefault(metric, []).append(q)
-        lists = [f"quantile_cont({m}, {qs!r}) AS _{m}" for m, qs in by_metric.items()]
-        picks = [f"_{m}[{by_metric[m].index(q) + 1}] AS {_ident(name)}" for name, (m, q) in wanted.items()]
-        group = f"GROUP BY {', '.join(_ident(k) for k in keys)}" if keys else ""
-        inner = f"SELECT {', '.join(key_cols + lists)} FROM usage {where} {group}"
-        return f"SELECT {', '.join([*map(_ident, keys), *picks])} FROM ({inner})", params
-    src, params = _source(f, rollups, hist=True)
-    part = ", ".join(["metric", *map(_ident, keys)])
-    picks = [
-        f"pow({HIST_BASE!r}, min(bucket) FILTER (WHERE metric = '{m}' AND cum > {q!r} * (tot - 1))) AS {_ident(name)}"
-        for name, (m, q) in wanted.items()
-    ]
-    group = f"GROUP BY {', '.join(_ident(k) for k in keys)}" if keys else ""
-    return (
-        f"""
-        SELECT {", ".join([*map(_ident, keys), *picks])}
-        FROM (
-            SELECT *, sum(n) OVER (PARTITION BY {part} ORDER BY bucket ROWS UNBOUNDED PRECEDING) AS cum,
-                   sum(n) OVER (PARTITION BY {part}) AS tot
-            FROM (SELECT {", ".join(map(_ident, keys))}{", " if keys else ""}metric, bucket, sum(n) AS n
-                  FROM ({src}) h {"WHERE ok" if ok_only else ""} GROUP BY ALL)
-        )
-        {group}
-        """,
-        params,
-    )
-
-
-def _report(
-    store: UsageStore,
-    f: UsageFilter,
-    keys: Sequence[str],
-    aggregates: dict[str, str],
-    percentiles: dict[str, tuple[str, float]],
-    columns: Sequence[str],
-    *,
-    ok_only: bool = False,
-    order: str = "",
-    limit: int | None = None,
-) -> pl.DataFrame:
-    """One report: ``aggregates`` (name -> SQL over rollup rows) per ``keys``, joined with ``percentiles``,
-    as ``keys`` + ``columns``.  With ``ok_only``, groups without a successful request are left out."""
-    with store.connect_read_only() as con:
-        rollups = rollups_match(con)
-        src, params = _source(f, rollups)
-        key_list = ", ".join(map(_ident, keys))
-        aggs = ", ".join(f"{sql} AS {_ident(name)}" for name, sql in aggregates.items())
-        having = "HAVING sum(requests - errors) > 0" if ok_only else ""
-        group = f"GROUP BY {key_list}" if keys else ""
-        agg = f"SELECT {key_list}{', ' if keys else ''}{aggs} FROM ({src}) s {group} {having}"
-        if percentiles:
-            (matched,) = con.execute(
-                f"SELECT coalesce(sum(requests{' - errors' if ok_only else ''}), 0) FROM ({src}) s", params or None
-            ).fetchall()[0]
-            pct, pct_params = _percentiles(
-                store, f, keys, percentiles, rollups=rollups, matched=matched, ok_only=ok_only
-            )
-            on = " AND ".join(f"a.{_ident(k)} IS NOT DISTINCT FROM p.{_ident(k)}" for k in keys) or "true"
-            query = f"""
-                SELECT {", ".join([*(f"a.{_ident(k)}" for k in keys), *map(_ident, columns)])}
-                FROM ({agg}) a LEFT JOIN ({pct}) p ON {on}
-                {order} {f"LIMIT {int(limit)}" if limit is not None else ""}
-            """
-            params = {**params, **pct_params}
-        else:
-            query = f"""
-                SELECT {", ".join([*map(_ident, keys), *map(_ident, columns)])} FROM ({agg}) a
-                {order} {f"LIMIT {int(limit)}" if limit is not None else ""}
-            """
-        return con.sql(query, params=params or None).pl()
-
-
-_REQ, _ERRS, _USERS = _sum("requests"), _sum("errors"), 'count(DISTINCT "user")::BIGINT'
-_TOKEN_SUMS = {c: _sum(c) for c in ("total_tokens", "prompt_tokens", "completion_tokens")}
+_REQ, _ERRS, _USERS = sql_sum("requests"), sql_sum("errors"), 'count(DISTINCT "user")::BIGINT'
+_TOKEN_SUMS = {c: sql_sum(c) for c in ("total_tokens", "prompt_tokens", "completion_tokens")}
 _P50_LATENCY = {"p50_latency_ms": ("latency_ms", 0.5)}
 
 
@@ -349,10 +72,10 @@ def summary(store: UsageStore, f: UsageFilter = _ALL, *, by: Sequence[str] = ())
         "users": _USERS,
         "errors": _ERRS,
         "error_rate": "sum(errors)::DOUBLE / nullif(sum(requests), 0)",
-        "prompt_tokens": _sum("prompt_tokens"),
-        "completion_tokens": _sum("completion_tokens"),
-        "total_tokens": _sum("total_tokens"),
-        "cold_starts": _sum("cold_starts"),
+        "prompt_tokens": sql_sum("prompt_tokens"),
+        "completion_tokens": sql_sum("completion_tokens"),
+        "total_tokens": sql_sum("total_tokens"),
+        "cold_starts": sql_sum("cold_starts"),
         "first_ts": "min(first_ts)",
         "last_ts": "max(last_ts)",
     }
@@ -365,15 +88,15 @@ def summary(store: UsageStore, f: UsageFilter = _ALL, *, by: Sequence[str] = ())
         "requests", "users", "errors", "error_rate", "prompt_tokens", "completion_tokens", "total_tokens",
         "p50_latency_ms", "p95_latency_ms", "p50_ttft_ms", "cold_starts", "first_ts", "last_ts",
     ]  # fmt: skip
-    order = "ORDER BY " + ", ".join(f"a.{_ident(b)}" for b in by) if by else ""
-    return _report(store, f, by, aggregates, percentiles, columns, order=order)
+    order = "ORDER BY " + ", ".join(f"a.{ident(b)}" for b in by) if by else ""
+    return planned_report(store, f, by, aggregates, percentiles, columns, order=order)
 
 
 def top_users(store: UsageStore, f: UsageFilter = _ALL, limit: int = 10) -> pl.DataFrame:
     """The ``limit`` users with the most tokens: user, requests, total/prompt/completion tokens, errors;
     ordered by total_tokens descending, then user."""
     aggregates = {"requests": _REQ, **_TOKEN_SUMS, "errors": _ERRS}
-    return _report(
+    return planned_report(
         store, f, ["user"], aggregates, {}, list(aggregates), order='ORDER BY total_tokens DESC, "user"', limit=limit
     )
 
@@ -381,7 +104,7 @@ def top_users(store: UsageStore, f: UsageFilter = _ALL, limit: int = 10) -> pl.D
 def by_model(store: UsageStore, f: UsageFilter = _ALL) -> pl.DataFrame:
     """Per model: requests, users, total/prompt/completion tokens, errors, p50_latency_ms; ordered by model."""
     aggregates = {"requests": _REQ, "users": _USERS, **_TOKEN_SUMS, "errors": _ERRS}
-    return _report(
+    return planned_report(
         store, f, ["model"], aggregates, _P50_LATENCY, [*aggregates, "p50_latency_ms"], order="ORDER BY a.model"
     )
 
@@ -395,12 +118,14 @@ def by_cluster(store: UsageStore, f: UsageFilter = _ALL) -> pl.DataFrame:
     aggregates = {
         "requests": _REQ,
         "models": "count(DISTINCT model)::BIGINT",
-        "total_tokens": _sum("total_tokens"),
+        "total_tokens": sql_sum("total_tokens"),
         "errors": _ERRS,
-        "cold_starts": _sum("cold_starts"),
+        "cold_starts": sql_sum("cold_starts"),
     }
     columns = ["requests", "models", "total_tokens", "errors", "p50_latency_ms", "cold_starts"]
-    return _report(store, f, ["cluster"], aggregates, _P50_LATENCY, columns, order="ORDER BY a.cluster NULLS LAST")
+    return planned_report(
+        store, f, ["cluster"], aggregates, _P50_LATENCY, columns, order="ORDER BY a.cluster NULLS LAST"
+    )
 
 
 def latency(store: UsageStore, f: UsageFilter = _ALL) -> pl.DataFrame:
@@ -408,8 +133,8 @@ def latency(store: UsageStore, f: UsageFilter = _ALL) -> pl.DataFrame:
     p50/p95/p99 latency_ms and p50/p95/p99 ttft_ms (streams only; null without streams);
     ordered by model, cluster (null last)."""
     percentiles = {f"p{round(q * 100)}_{m}": (m, q) for m in ("latency_ms", "ttft_ms") for q in (0.5, 0.95, 0.99)}
-    aggregates = {"requests": "sum(requests - errors)::BIGINT", "streams": _sum("ok_streams")}
-    return _report(
+    aggregates = {"requests": "sum(requests - errors)::BIGINT", "streams": sql_sum("ok_streams")}
+    return planned_report(
         store, f, ["model", "cluster"], aggregates, percentiles, [*aggregates, *percentiles], ok_only=True,
         order="ORDER BY a.model, a.cluster NULLS LAST",
     )  # fmt: skip
@@ -420,7 +145,7 @@ def cluster_latency(store: UsageStore, f: UsageFilter = _ALL) -> pl.DataFrame:
     cluster (null last).  The latency chart's data."""
     percentiles = {f"p{round(q * 100)}_latency_ms": ("latency_ms", q) for q in (0.5, 0.95, 0.99)}
     aggregates = {"requests": "sum(requests - errors)::BIGINT"}
-    return _report(
+    return planned_report(
         store, f, ["cluster"], aggregates, percentiles, [*aggregates, *percentiles], ok_only=True,
         order="ORDER BY a.cluster NULLS LAST",
     )  # fmt: skip
@@ -435,7 +160,7 @@ def errors(store: UsageStore, f: UsageFilter = _ALL) -> pl.DataFrame:
     """
     where, params = f.where()
     err_where, _ = f.and_("status >= 400")
-    return _query(
+    return query(
         store,
         f"""
         SELECT status, error_type, model, count(*)::BIGINT AS requests,
@@ -454,8 +179,8 @@ def daily(store: UsageStore, f: UsageFilter = _ALL) -> pl.DataFrame:
 
     ``day`` is a DATE; days without requests are absent (not zero rows).
     """
-    aggregates = {"requests": _REQ, "users": _USERS, "total_tokens": _sum("total_tokens"), "errors": _ERRS}
-    return _report(
+    aggregates = {"requests": _REQ, "users": _USERS, "total_tokens": sql_sum("total_tokens"), "errors": _ERRS}
+    return planned_report(
         store, f, ["day", "model"], aggregates, _P50_LATENCY, [*aggregates, "p50_latency_ms"],
         order="ORDER BY a.day, a.model",
     )  # fmt: skip

@@ -43,16 +43,34 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import msgspec
 import polars as pl
-import pyarrow as pa
 
 from analytics.records import UsageRecord
+from analytics.schema import (
+    COLUMN_LIST,
+    DAY_SQL,
+    READ_JSON_COLUMNS,
+    STAGED_COLUMNS,
+    migrate,
+    refresh_rollups,
+    ts_literal,
+)
+from analytics.segments import (
+    Batch,
+    DecodedRow,
+    ReadJsonRefused,
+    Segment,
+    oldest_first,
+    read_all,
+    read_file,
+    release,
+    to_arrow,
+)
 from analytics.spool import SEGMENT_RE, segment_owner_alive, try_lock_segment
 
 try:
@@ -60,99 +78,9 @@ try:
 except ImportError:  # pragma: no cover - not POSIX: no hand-over between batches
     fcntl = None  # type: ignore[assignment]
 
-__all__ = [
-    "DAY_SQL",
-    "HIST_BASE",
-    "HIST_SELECT",
-    "ROLLUP_SELECT",
-    "USAGE_COLUMNS",
-    "IngestTimings",
-    "UsageStore",
-    "rollup_sql",
-    "rollups_match",
-]
+__all__ = ["IngestTimings", "UsageStore"]
 
 log = logging.getLogger(__name__)
-
-# Column name -> (DuckDB type, Arrow type of the staged batch, read_json type). Order = UsageRecord fields.
-_COLUMNS: dict[str, tuple[str, pa.DataType, str]] = {
-    "request_id": ("VARCHAR NOT NULL", pa.string(), "VARCHAR"),
-    "ts": ("TIMESTAMPTZ NOT NULL", pa.float64(), "DOUBLE"),  # staged as epoch seconds, stored as UTC timestamp
-    "user": ("VARCHAR NOT NULL", pa.string(), "VARCHAR"),
-    "groups": ("VARCHAR[] NOT NULL", pa.list_(pa.string()), "VARCHAR[]"),
-    "model": ("VARCHAR NOT NULL", pa.string(), "VARCHAR"),
-    "cluster": ("VARCHAR", pa.string(), "VARCHAR"),
-    "endpoint": ("VARCHAR NOT NULL", pa.string(), "VARCHAR"),
-    "stream": ("BOOLEAN NOT NULL", pa.bool_(), "BOOLEAN"),
-    "prompt_tokens": ("BIGINT NOT NULL", pa.int64(), "BIGINT"),
-    "completion_tokens": ("BIGINT NOT NULL", pa.int64(), "BIGINT"),
-    "total_tokens": ("BIGINT NOT NULL", pa.int64(), "BIGINT"),
-    "latency_ms": ("DOUBLE NOT NULL", pa.float64(), "DOUBLE"),
-    "ttft_ms": ("DOUBLE", pa.float64(), "DOUBLE"),
-    "status": ("INTEGER NOT NULL", pa.int32(), "INTEGER"),
-    "error_type": ("VARCHAR", pa.string(), "VARCHAR"),
-    "cold_start": ("BOOLEAN NOT NULL", pa.bool_(), "BOOLEAN"),
-}
-USAGE_COLUMNS: tuple[str, ...] = tuple(_COLUMNS)
-if UsageRecord.__struct_fields__ != USAGE_COLUMNS:  # pragma: no cover - guards schema drift
-    raise RuntimeError(f"usage columns {USAGE_COLUMNS} != UsageRecord fields {UsageRecord.__struct_fields__}")
-
-_ARROW_SCHEMA = pa.schema([(name, arrow_type) for name, (_, arrow_type, _) in _COLUMNS.items()])
-_COLUMN_LIST = ", ".join(f'"{c}"' for c in USAGE_COLUMNS)
-# The staged rows, with ts as a timestamp: what `usage` holds.
-_STAGED = ", ".join('to_timestamp("ts") AS ts' if c == "ts" else f'"{c}"' for c in USAGE_COLUMNS)
-_READ_JSON_COLUMNS = "{" + ", ".join(f"'{c}': '{j}'" for c, (_, _, j) in _COLUMNS.items()) + "}"
-
-# The UTC day of ts, by integer arithmetic on the epoch (about 4x faster than timezone('UTC', ts)::DATE).
-DAY_SQL = "(DATE '1970-01-01' + CAST(epoch_us(ts) // 86400000000 AS INTEGER))"
-HIST_BASE = 1.02  # usage_latency_hist bucket b holds the values that round to HIST_BASE ** b (within 1%)
-_BUCKET = "CAST(round(ln(greatest({x}, 0.001)) / ln(" + repr(HIST_BASE) + ")) AS SMALLINT)"
-
-_DDL = (
-    "CREATE TABLE IF NOT EXISTS usage (\n"
-    + ",\n".join(f'  "{name}" {sql_type}' for name, (sql_type, _, _) in _COLUMNS.items())
-    + "\n)",
-    """
-    CREATE TABLE IF NOT EXISTS usage_daily (
-      day DATE NOT NULL, "user" VARCHAR NOT NULL, "groups" VARCHAR[] NOT NULL, model VARCHAR NOT NULL,
-      cluster VARCHAR, endpoint VARCHAR NOT NULL,
-      requests BIGINT NOT NULL, errors BIGINT NOT NULL, streams BIGINT NOT NULL, ok_streams BIGINT NOT NULL,
-      cold_starts BIGINT NOT NULL, prompt_tokens BIGINT NOT NULL, completion_tokens BIGINT NOT NULL,
-      total_tokens BIGINT NOT NULL, first_ts TIMESTAMPTZ NOT NULL, last_ts TIMESTAMPTZ NOT NULL
-    )""",
-    """
-    CREATE TABLE IF NOT EXISTS usage_latency_hist (
-      day DATE NOT NULL, model VARCHAR NOT NULL, cluster VARCHAR, ok BOOLEAN NOT NULL,
-      metric VARCHAR NOT NULL, bucket SMALLINT NOT NULL, n BIGINT NOT NULL
-    )""",
-)
-
-# Rollup rows from `usage` rows (WHERE filled in): the same SQL serves ingestion and the reports' edges.
-ROLLUP_SELECT = f"""
-    SELECT {DAY_SQL} AS day, "user", "groups", model, cluster, endpoint,
-           count(*) AS requests, count(*) FILTER (WHERE status >= 400) AS errors,
-           count(*) FILTER (WHERE stream) AS streams, count(*) FILTER (WHERE stream AND status < 400) AS ok_streams,
-           count(*) FILTER (WHERE cold_start) AS cold_starts, sum(prompt_tokens) AS prompt_tokens,
-           sum(completion_tokens) AS completion_tokens, sum(total_tokens) AS total_tokens,
-           min(ts) AS first_ts, max(ts) AS last_ts
-    FROM usage {{where}}
-    GROUP BY ALL
-"""
-HIST_SELECT = f"""
-    SELECT {DAY_SQL} AS day, model, cluster, status < 400 AS ok, 'latency_ms' AS metric,
-           {_BUCKET.format(x="latency_ms")} AS bucket, count(*) AS n
-    FROM usage {{where}}
-    GROUP BY ALL
-    UNION ALL
-    SELECT {DAY_SQL} AS day, model, cluster, status < 400 AS ok, 'ttft_ms' AS metric,
-           {_BUCKET.format(x="ttft_ms")} AS bucket, count(*) AS n
-    FROM usage {{where}} {{and_}} ttft_ms IS NOT NULL
-    GROUP BY ALL
-"""
-
-
-def rollup_sql(template: str, where: str) -> str:
-    return template.format(where=where, and_="AND" if where else "WHERE")
 
 
 @dataclass
@@ -166,33 +94,6 @@ class IngestTimings:
     rollup_s: float = 0.0  # recomputing the rollups of the days touched
     commit_s: float = 0.0  # COMMIT + closing the connection (checkpoint) + deleting segments
     batches: list[tuple[int, float]] = field(default_factory=list)  # (rows inserted, seconds) per batch
-
-
-class _Row(UsageRecord, gc=False):
-    """UsageRecord decoded for ingestion: untracked by the cyclic GC (halves the decode time)."""
-
-
-@dataclass
-class _Segment:
-    path: Path
-    deletable: bool  # closed, or open with a dead writer
-    size: int = 0
-    records: list[UsageRecord] | None = None  # decoded here; None: a closed segment for read_json
-    lock_fd: int | None = None  # held flock on a dead writer's open segment until it is deleted
-
-
-@dataclass
-class _Batch:
-    segments: list[_Segment] = field(default_factory=list)
-    bytes: int = 0
-
-    def add(self, seg: _Segment) -> None:
-        self.segments.append(seg)
-        self.bytes += seg.size
-
-
-class _Refused(Exception):
-    """read_json could not take a closed segment as it is (a malformed line): decode it with msgspec."""
 
 
 class UsageStore:
@@ -217,7 +118,7 @@ class UsageStore:
         self.batch_rows = batch_rows
         self.lock_timeout_s = lock_timeout_s
         self.exact_percentile_rows = exact_percentile_rows
-        self._decoder = msgspec.json.Decoder(_Row)
+        self._decoder = msgspec.json.Decoder(DecodedRow)
         self._schema_ready = False
         self.last_skipped_lines = 0  # malformed complete lines skipped by the last ingest
         self.timings = IngestTimings()  # of the last ingest
@@ -284,7 +185,7 @@ class UsageStore:
         try:
             con.execute("SET TimeZone = 'UTC'")
             if not self._schema_ready:
-                _migrate(con)
+                migrate(con)
                 self._schema_ready = True
             yield con
         finally:
@@ -316,12 +217,12 @@ class UsageStore:
         self.last_skipped_lines = 0
         self.timings = IngestTimings()
         try:
-            names = _oldest_first(spool_dir)
+            names = oldest_first(spool_dir)
         except FileNotFoundError:
             return 0
         batch_bytes = self.batch_rows * self.BYTES_PER_RECORD
         inserted = 0
-        batch = _Batch()
+        batch = Batch()
         try:
             for name in names:
                 m = SEGMENT_RE.match(name)
@@ -333,19 +234,19 @@ class UsageStore:
                 batch.add(seg)
                 if batch.bytes >= batch_bytes:
                     inserted += self._flush(batch)
-                    batch = _Batch()
+                    batch = Batch()
                     self._let_waiters_in()
             inserted += self._flush(batch)
         finally:
             for seg in batch.segments:  # only on error: _flush releases what it handled
-                _release(seg)
+                release(seg)
         return inserted
 
-    def _segment(self, path: Path, *, is_open: bool) -> _Segment | None:
+    def _segment(self, path: Path, *, is_open: bool) -> Segment | None:
         """A closed segment as a path for read_json; an open one read (complete lines) and decoded now."""
         if not is_open:
             try:
-                return _Segment(path, deletable=True, size=path.stat().st_size)
+                return Segment(path, deletable=True, size=path.stat().st_size)
             except FileNotFoundError:  # ingested by someone else meanwhile
                 return None
         try:
@@ -358,7 +259,7 @@ class UsageStore:
             deletable = (not segment_owner_alive(path)) if locked is None else locked
             if locked:
                 lock_fd = fd  # hold it: nobody may write it while we read and delete it
-            data = _read_all(fd)
+            data = read_all(fd)
         except BaseException:
             os.close(fd)
             raise
@@ -366,7 +267,7 @@ class UsageStore:
             os.close(fd)
         end = data.rfind(b"\n")  # only complete lines; a partial tail is a crash or a write in flight
         records = self._decode(path, data[: end + 1])
-        return _Segment(path, deletable, size=end + 1, records=records, lock_fd=lock_fd)
+        return Segment(path, deletable, size=end + 1, records=records, lock_fd=lock_fd)
 
     def _decode(self, path: Path, data: bytes) -> list[UsageRecord]:
         t = time.perf_counter()
@@ -390,7 +291,7 @@ class UsageStore:
         finally:
             self.timings.decode_s += time.perf_counter() - t
 
-    def _flush(self, batch: _Batch) -> int:
+    def _flush(self, batch: Batch) -> int:
         inserted = 0
         tm = self.timings
         started = time.perf_counter()
@@ -401,10 +302,10 @@ class UsageStore:
                     tm.open_s += time.perf_counter() - t
                     try:
                         inserted = self._insert(con, batch)
-                    except _Refused:  # a closed segment with a malformed line: decode them all with msgspec
+                    except ReadJsonRefused:  # a closed segment with a malformed line: decode them all with msgspec
                         for seg in batch.segments:
                             if seg.records is None:
-                                seg.records = self._decode(seg.path, _read_file(seg.path))
+                                seg.records = self._decode(seg.path, read_file(seg.path))
                         inserted = self._insert(con, batch)
                     t = time.perf_counter()
                 tm.commit_s += time.perf_counter() - t  # close = checkpoint
@@ -419,11 +320,11 @@ class UsageStore:
                 tm.batches.append((inserted, time.perf_counter() - started))
         finally:
             for seg in batch.segments:
-                _release(seg)
+                release(seg)
             batch.segments.clear()
         return inserted
 
-    def _insert(self, con: duckdb.DuckDBPyConnection, batch: _Batch) -> int:
+    def _insert(self, con: duckdb.DuckDBPyConnection, batch: Batch) -> int:
         """Stage, dedupe-insert and roll up one batch in one transaction; returns the rows inserted."""
         tm = self.timings
         t = time.perf_counter()
@@ -434,8 +335,8 @@ class UsageStore:
             if closed:
                 try:
                     con.execute(
-                        f"INSERT INTO _usage_batch SELECT {_STAGED} FROM read_json($files, "
-                        f"format = 'newline_delimited', columns = {_READ_JSON_COLUMNS})",
+                        f"INSERT INTO _usage_batch SELECT {STAGED_COLUMNS} FROM read_json($files, "
+                        f"format = 'newline_delimited', columns = {READ_JSON_COLUMNS})",
                         {"files": closed},
                     )
                 except (
@@ -444,15 +345,15 @@ class UsageStore:
                     duckdb.ConversionException,
                     duckdb.ConstraintException,  # a NULL where the schema has none
                 ) as e:
-                    raise _Refused(str(e)) from e
+                    raise ReadJsonRefused(str(e)) from e
             records = [r for s in batch.segments if s.records for r in s.records]
             if records:
                 t2 = time.perf_counter()
-                table = _to_arrow(records)
+                table = to_arrow(records)
                 tm.decode_s += time.perf_counter() - t2
                 con.register("_usage_arrow", table)
                 try:
-                    con.execute(f"INSERT INTO _usage_batch SELECT {_STAGED} FROM _usage_arrow")
+                    con.execute(f"INSERT INTO _usage_batch SELECT {STAGED_COLUMNS} FROM _usage_arrow")
                 finally:
                     con.unregister("_usage_arrow")
             lo, hi, staged = con.execute("SELECT min(ts), max(ts), count(*) FROM _usage_batch").fetchall()[0]
@@ -461,11 +362,11 @@ class UsageStore:
             if staged:
                 t = time.perf_counter()
                 # Literal bounds (not parameters), so the scan of `usage` is pruned by its zone maps.
-                window = f"u.ts BETWEEN {_ts_literal(lo)} AND {_ts_literal(hi)}"
+                window = f"u.ts BETWEEN {ts_literal(lo)} AND {ts_literal(hi)}"
                 inserted = con.execute(
                     f"""
                     INSERT INTO usage
-                    SELECT {_COLUMN_LIST} FROM _usage_batch b
+                    SELECT {COLUMN_LIST} FROM _usage_batch b
                     WHERE NOT EXISTS (SELECT 1 FROM usage u WHERE {window} AND u.request_id = b.request_id)
                     QUALIFY row_number() OVER (PARTITION BY b.request_id ORDER BY b.ts) = 1
                     ORDER BY b.ts
@@ -475,7 +376,7 @@ class UsageStore:
                 if inserted:
                     t = time.perf_counter()
                     days = [d for (d,) in con.execute(f"SELECT DISTINCT {DAY_SQL} FROM _usage_batch").fetchall()]
-                    _refresh_rollups(con, days)
+                    refresh_rollups(con, days)
                     tm.rollup_s += time.perf_counter() - t
             t = time.perf_counter()
             con.execute("DROP TABLE _usage_batch")
@@ -528,71 +429,6 @@ class UsageStore:
         )
 
 
-# --- schema, migration, rollups --------------------------------------------------------------
-
-
-def _migrate(con: duckdb.DuckDBPyConnection) -> None:
-    """Create the tables; drop the primary key of an older ``usage`` table; rebuild rollups that disagree."""
-    con.execute("BEGIN TRANSACTION")
-    try:
-        for ddl in _DDL:
-            con.execute(ddl)
-        (keys,) = con.execute(
-            "SELECT count(*) FROM duckdb_constraints() WHERE table_name = 'usage' AND constraint_type = 'PRIMARY KEY'"
-        ).fetchall()[0]
-        if keys:
-            log.info("migrating the usage table: dropping its primary-key index (ingestion dedupes by time window)")
-            con.execute(_DDL[0].replace("TABLE IF NOT EXISTS usage", "TABLE usage_migrated"))
-            con.execute(f"INSERT INTO usage_migrated SELECT {_COLUMN_LIST} FROM usage ORDER BY ts")
-            con.execute("DROP TABLE usage")
-            con.execute("ALTER TABLE usage_migrated RENAME TO usage")
-        if not rollups_match(con):
-            log.info("rebuilding the usage rollups (usage_daily, usage_latency_hist) from every usage row")
-            _refresh_rollups(con, None)
-        con.execute("COMMIT")
-    except BaseException:
-        with contextlib.suppress(duckdb.Error):
-            con.execute("ROLLBACK")
-        raise
-
-
-def rollups_match(con: duckdb.DuckDBPyConnection) -> bool:
-    """Whether the rollups account for exactly the rows of ``usage`` (false where they do not exist)."""
-    try:
-        n, daily, hist = con.execute(
-            """
-            SELECT (SELECT count(*) FROM usage),
-                   (SELECT coalesce(sum(requests), 0) FROM usage_daily),
-                   (SELECT coalesce(sum(n), 0) FROM usage_latency_hist WHERE metric = 'latency_ms')
-            """
-        ).fetchall()[0]
-    except duckdb.CatalogException:
-        return False
-    return n == daily == hist
-
-
-def _refresh_rollups(con: duckdb.DuckDBPyConnection, days: list[Any] | None) -> None:
-    """Recompute the rollups of ``days`` (UTC dates; None = all) from ``usage``, in the caller's transaction."""
-    if days is None:
-        con.execute("DELETE FROM usage_daily")
-        con.execute("DELETE FROM usage_latency_hist")
-        where = ""
-    else:
-        if not days:
-            return
-        in_days = ", ".join(f"DATE '{d.isoformat()}'" for d in sorted(days))
-        lo = datetime.combine(min(days), datetime.min.time(), UTC)
-        hi = datetime.combine(max(days), datetime.min.time(), UTC).timestamp() + 86400
-        con.execute(f"DELETE FROM usage_daily WHERE day IN ({in_days})")
-        con.execute(f"DELETE FROM usage_latency_hist WHERE day IN ({in_days})")
-        where = (
-            f"WHERE ts >= {_ts_literal(lo)} AND ts < {_ts_literal(datetime.fromtimestamp(hi, UTC))} "
-            f"AND {DAY_SQL} IN ({in_days})"
-        )
-    con.execute("INSERT INTO usage_daily " + rollup_sql(ROLLUP_SELECT, where))
-    con.execute("INSERT INTO usage_latency_hist " + rollup_sql(HIST_SELECT, where))
-
-
 # --- helpers ---------------------------------------------------------------------------------
 
 
@@ -618,51 +454,6 @@ def _flock(path: Path, how: int) -> int | None:
         os.close(fd)
         return None
     return fd
-
-
-def _ts_literal(dt: datetime) -> str:
-    return f"TIMESTAMPTZ '{_utc(dt).isoformat()}'"
-
-
-def _oldest_first(spool_dir: Path) -> list[str]:
-    """The spool's file names by last write, oldest first: batches then hold requests close in time (the
-    gateways' segments interleave), which keeps the table in ``ts`` order for the zone maps."""
-    entries = []
-    with os.scandir(spool_dir) as it:
-        for e in it:
-            with contextlib.suppress(FileNotFoundError):
-                entries.append((e.stat().st_mtime_ns, e.name))
-    return [name for _, name in sorted(entries)]
-
-
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 1 << 20):
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _read_file(path: Path) -> bytes:
-    """A closed segment's complete lines (empty if it is gone: ingested by someone else)."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return b""
-    return data[: data.rfind(b"\n") + 1]
-
-
-def _release(seg: _Segment) -> None:
-    if seg.lock_fd is not None:
-        with contextlib.suppress(OSError):
-            os.close(seg.lock_fd)  # closing drops the flock
-        seg.lock_fd = None
-
-
-def _to_arrow(records: list[UsageRecord]) -> pa.Table:
-    return pa.Table.from_arrays(
-        [pa.array(list(map(attrgetter(f.name), records)), type=f.type) for f in _ARROW_SCHEMA],
-        schema=_ARROW_SCHEMA,
-    )
 
 
 def _utc(dt: datetime) -> datetime:

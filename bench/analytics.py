@@ -51,7 +51,8 @@ from rich.table import Table
 
 from analytics import reports
 from analytics.records import UsageRecord
-from analytics.store import USAGE_COLUMNS, IngestTimings, UsageStore
+from analytics.schema import USAGE_COLUMNS
+from analytics.store import IngestTimings, UsageStore
 from bench.overhead import REPO, console, cpu_model, git, log, write_section
 
 BEGIN = "<!-- bench/analytics.py: begin (generated; rerun the script to replace this section) -->"

@@ -20,8 +20,9 @@ from polars.testing import assert_frame_equal
 from analytics import reports
 from analytics.records import UsageRecord
 from analytics.reports import UsageFilter
+from analytics.schema import HIST_BASE, rollups_match
 from analytics.spool import UsageSpool
-from analytics.store import HIST_BASE, UsageStore, rollups_match
+from analytics.store import UsageStore
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 USERS = [f"u{i}" for i in range(12)]
@@ -211,7 +212,7 @@ def test_an_old_database_with_a_primary_key_and_no_rollups_is_migrated(tmp_path:
 
 
 def _old_ddl() -> str:
-    from analytics.store import _COLUMNS
+    from analytics.schema import COLUMNS as _COLUMNS
 
     cols = ",\n".join(
         f'"{name}" {"VARCHAR PRIMARY KEY" if name == "request_id" else sql}' for name, (sql, _, _) in _COLUMNS.items()

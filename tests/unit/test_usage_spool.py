@@ -16,8 +16,9 @@ import msgspec
 import pytest
 
 from analytics.records import UsageRecord
+from analytics.schema import USAGE_COLUMNS
 from analytics.spool import SEGMENT_RE, UsageSpool
-from analytics.store import USAGE_COLUMNS, UsageStore
+from analytics.store import UsageStore
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 ENC = msgspec.json.Encoder()
