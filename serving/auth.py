@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from core.clock import SYSTEM_CLOCK, Clock
 from core.errors import APIError
 from core.principal import Principal
 
@@ -97,8 +98,9 @@ class KeyStore:
 class LocalKeyAuthenticator:
     """Checks bearer API keys against the KeyStore; reloads it when the file changes (at most once a second)."""
 
-    def __init__(self, store: KeyStore, default_rpm: int = 0) -> None:
+    def __init__(self, store: KeyStore, default_rpm: int = 0, clock: Clock = SYSTEM_CLOCK) -> None:
         self.store = store
+        self.clock = clock
         self.default_rpm = default_rpm
         self._keys: dict[str, Principal] = {}
         self._mtime = -1.0
@@ -106,7 +108,7 @@ class LocalKeyAuthenticator:
         self._lock = threading.Lock()
 
     def _refresh(self) -> None:
-        now = time.monotonic()
+        now = self.clock.monotonic()
         if now - self._checked < 1.0:
             return
         with self._lock:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +25,7 @@ import globus_sdk
 from globus_sdk.transport import RequestsTransport, RetryConfig
 
 from blocks.globus import SERVICE_ACCOUNT_DOMAIN, GlobusAuthBlock
+from core.clock import SYSTEM_CLOCK, Clock
 from core.errors import APIError
 from serving.auth import Principal
 
@@ -65,7 +65,8 @@ def _missing() -> APIError:
 class GlobusAuthenticator:
     """Resolves Globus access tokens to principals (see the module docstring)."""
 
-    def __init__(self, config: GlobusAuthBlock) -> None:
+    def __init__(self, config: GlobusAuthBlock, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.clock = clock
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="globus-auth")
         self._cache: dict[bytes, _Entry] = {}
         self._inflight: dict[bytes, asyncio.Future[Principal]] = {}
@@ -96,7 +97,7 @@ class GlobusAuthenticator:
             raise _missing()
         key = _token_key(token)
         entry = self._cache.get(key)
-        if entry is not None and entry.fresh_until > time.monotonic():
+        if entry is not None and entry.fresh_until > self.clock.monotonic():
             if entry.error is not None:
                 raise entry.error
             return entry.principal  # type: ignore[return-value]
@@ -114,13 +115,19 @@ class GlobusAuthenticator:
             self.checks += 1
             principal = await asyncio.wait_for(loop.run_in_executor(self._pool, self._resolve, token), cfg.timeout_s)
         except APIError as exc:  # Globus answered: the token is not acceptable
-            self._store(key, _Entry(time.monotonic() + cfg.negative_cache_ttl_s, error=exc))
+            self._store(key, _Entry(self.clock.monotonic() + cfg.negative_cache_ttl_s, error=exc))
             raise
         except (GlobusUnavailable, TimeoutError) as exc:
             why = f"no answer within {cfg.timeout_s:g} s" if isinstance(exc, TimeoutError) else str(exc)
-            if stale is not None and stale.principal is not None and (stale.principal.expires_at or 0) > time.time():
+            if (
+                stale is not None
+                and stale.principal is not None
+                and (stale.principal.expires_at or 0) > self.clock.time()
+            ):
                 log.warning("Globus Auth unavailable (%s); serving a token checked earlier", why)
-                stale.fresh_until = time.monotonic() + min(STALE_GRACE_S, stale.principal.expires_at - time.time())
+                stale.fresh_until = self.clock.monotonic() + min(
+                    STALE_GRACE_S, stale.principal.expires_at - self.clock.time()
+                )
                 return stale.principal
             log.error("Globus Auth unavailable (%s); refusing a token it has not checked", why)
             error = APIError(
@@ -129,16 +136,16 @@ class GlobusAuthenticator:
                 code="auth_unavailable",
                 headers={"Retry-After": str(OUTAGE_RETRY_S)},
             )
-            self._store(key, _Entry(time.monotonic() + OUTAGE_CACHE_S, error=error))
+            self._store(key, _Entry(self.clock.monotonic() + OUTAGE_CACHE_S, error=error))
             raise error from None
-        ttl = min(cfg.cache_ttl_s, (principal.expires_at or 0) - time.time())
-        self._store(key, _Entry(time.monotonic() + ttl, principal=principal))
+        ttl = min(cfg.cache_ttl_s, (principal.expires_at or 0) - self.clock.time())
+        self._store(key, _Entry(self.clock.monotonic() + ttl, principal=principal))
         return principal
 
     def _store(self, key: bytes, entry: _Entry) -> None:
         cache = self._cache
         if len(cache) >= MAX_ENTRIES and key not in cache:
-            now = time.monotonic()
+            now = self.clock.monotonic()
             for k in [k for k, e in cache.items() if e.fresh_until <= now]:
                 del cache[k]
             while len(cache) >= MAX_ENTRIES:  # still full of live entries: drop the oldest
@@ -182,7 +189,7 @@ class GlobusAuthenticator:
                 code="invalid_api_key",
             )  # fmt: skip
         exp = float(info.get("exp") or 0)
-        if exp <= time.time():
+        if exp <= self.clock.time():
             raise APIError(
                 401, "Your Globus token has expired. Get a new one with `first token`.", code="token_expired"
             )

@@ -12,6 +12,7 @@ from litestar.testing import AsyncTestClient
 
 from blocks.globus import GlobusAuthBlock
 from blocks.registry import ClusterSpec, ModelSpec, Registry
+from core.clock import ManualClock
 from core.errors import APIError
 from core.settings import FlowTracking, Settings
 from first.gateway import create_gateway
@@ -121,14 +122,17 @@ async def test_wrong_gateway_credentials_are_503_for_the_caller(fake):
 
 
 async def test_auth_returning_500_fails_closed_with_503(fake):
-    auth = GlobusAuthenticator(block(fake))
+    clock = ManualClock()
+    auth = GlobusAuthenticator(block(fake), clock=clock)
     fake.mode = "error500"
-    err = await check(auth, fake.user_token())
+    token = fake.user_token()
+    err = await check(auth, token)
     assert err.status == 503 and err.type == "service_unavailable" and err.headers["Retry-After"] == "5"
     assert "Globus Auth is unavailable" in err.message
     fake.mode = "ok"
-    await asyncio.sleep(1.1)  # an outage answer is shared only briefly
-    assert (await auth.authenticate(fake.user_token())).user == "alice@uchicago.edu"
+    assert (await check(auth, token)).status == 503  # an outage answer is shared, briefly
+    clock.advance(1.1)
+    assert (await auth.authenticate(token)).user == "alice@uchicago.edu"
 
 
 async def test_auth_hanging_past_the_timeout_is_503_after_the_bound(fake):
@@ -142,11 +146,12 @@ async def test_auth_hanging_past_the_timeout_is_503_after_the_bound(fake):
 
 
 async def test_a_token_checked_before_an_outage_keeps_working(fake):
-    auth = GlobusAuthenticator(block(fake, cache_ttl_s=0.2))
+    clock = ManualClock()
+    auth = GlobusAuthenticator(block(fake, cache_ttl_s=0.2), clock=clock)
     token = fake.user_token()
     assert (await auth.authenticate(token)).user == "alice@uchicago.edu"
     fake.mode = "error500"
-    await asyncio.sleep(0.3)  # the entry is due for a re-check, which fails
+    clock.advance(0.3)  # the entry is due for a re-check, which fails
     assert (await auth.authenticate(token)).user == "alice@uchicago.edu"
     assert fake.calls["introspect"] == 2
     assert (await check(auth, fake.user_token("bob@uchicago.edu"))).status == 503  # a new token can't get in
@@ -168,12 +173,13 @@ async def test_one_introspection_for_100_concurrent_requests_with_one_new_token(
 
 
 async def test_cache_entry_ends_at_token_expiry(fake):
-    auth = GlobusAuthenticator(block(fake, cache_ttl_s=300))
+    clock = ManualClock()
+    auth = GlobusAuthenticator(block(fake, cache_ttl_s=300), clock=clock)
     token = fake.user_token(expires_in=2)
     await auth.authenticate(token)
     await auth.authenticate(token)
     assert fake.calls["introspect"] == 1  # cached
-    await asyncio.sleep(max(0.0, fake.tokens[token].exp - time.time()) + 0.1)
+    clock.advance(fake.tokens[token].exp - clock.time() + 0.1)
     err = await check(auth, token)  # not served from cache past its expiry: checked again, and refused
     assert err.code == "token_expired" and fake.calls["introspect"] == 2
 
