@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,7 +51,17 @@ from analytics import reports
 from analytics.records import UsageRecord
 from analytics.schema import USAGE_COLUMNS
 from analytics.store import IngestTimings, UsageStore
-from bench.overhead import REPO, console, cpu_model, git, log, write_section
+from bench.common import (
+    REPO,
+    BenchError,
+    add_output_args,
+    console,
+    failure_code,
+    log,
+    machine_line,
+    resolve_output,
+    write_section,
+)
 
 BEGIN = "<!-- bench/analytics.py: begin (generated; rerun the script to replace this section) -->"
 END = "<!-- bench/analytics.py: end -->"
@@ -63,10 +71,6 @@ DAYS = 30
 PROCESSES = 4  # gateway processes whose segments the spool holds
 TARGET_INGEST = 100_000  # rows/s
 TARGET_QUERY_S = 1.0
-
-
-class BenchError(RuntimeError):
-    pass
 
 
 # ---- synthetic usage ----
@@ -426,17 +430,19 @@ def print_tables(r: Results, args: argparse.Namespace) -> None:
 
 
 def markdown(r: Results, args: argparse.Namespace, started: datetime, wall_s: float) -> str:
-    dirty = " (with uncommitted changes)" if git("status", "--porcelain") else ""
-    nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip() or str(os.cpu_count())
     lines = [
         BEGIN,
         "## Usage analytics: ingestion and reports at scale (`bench/analytics.py`)",
         "",
-        f"Measured {started:%Y-%m-%d %H:%M} UTC on {nproc} cores ({cpu_model()}), Python {platform.python_version()}, "
-        f"DuckDB {duckdb.__version__}, polars {pl.__version__}, commit `{git('rev-parse', '--short', 'HEAD')}`{dirty}; "
-        f"the run took {wall_s / 60:.1f} min{' (--quick)' if args.quick else ''}; load average {args.load[0]:.1f} at "
-        f"the start, {os.getloadavg()[0]:.1f} at the end (other work on the machine slows every number here). Rerun "
-        "with `make bench-analytics` or `.venv/bin/python bench/analytics.py` (`--help` for options).",
+        machine_line(
+            started,
+            wall_s,
+            quick=args.quick,
+            rerun="`make bench-analytics` or `.venv/bin/python bench/analytics.py`",
+            extra=f"DuckDB {duckdb.__version__}, polars {pl.__version__}, ",
+        )
+        + f" Load average {args.load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (other work on the "
+        "machine slows every number here).",
         "",
         f"Method: {r.rows:,} synthetic usage records (~2,000 users, 20 models, 6 clusters, {DAYS} days, 40% streams "
         "with ttft, ~2% errors, rare cold starts) written as closed spool segments of "
@@ -473,8 +479,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     ap.add_argument("--rows", type=int, help="usage records to generate (default 10,000,000; --quick 200,000)")
-    ap.add_argument("--quick", action="store_true", help="200k rows, 3 runs; writes --out only when given")
-    ap.add_argument("--out", type=Path, help="markdown file whose section is replaced (default docs/benchmarks.md)")
+    add_output_args(ap, "200k rows, 3 runs")
     ap.add_argument("--runs", type=int, help="timed runs per aggregate (default 5; --quick 3)")
     ap.add_argument("--segment-rows", type=int, default=10_000, help="records per spool segment (default 10,000)")
     ap.add_argument("--batch-rows", type=int, default=200_000, help="UsageStore batch_rows (default 200,000)")
@@ -491,9 +496,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.runs = 3 if args.quick else 5
     if min(args.rows, args.runs, args.segment_rows, args.batch_rows) < 1:
         ap.error("counts must be at least 1")
-    args.write = args.out is not None or not args.quick
-    if args.out is None:
-        args.out = REPO / "docs" / "benchmarks.md"
+    resolve_output(args)
     return args
 
 
@@ -573,15 +576,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         home = data_dir(args)
         run(args, home, r)
-    except KeyboardInterrupt:
-        console.print("\n[yellow]interrupted[/yellow]")
-        code = 130
-    except BenchError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        code = 1
-    except Exception:
-        console.print_exception()
-        code = 1
+    except (KeyboardInterrupt, Exception) as exc:
+        code = failure_code(exc)
     finally:
         if home is not None:
             if args.keep:

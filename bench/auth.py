@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -48,30 +46,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.* and t
 import httpx
 from rich.table import Table
 
-from bench.overhead import (
+from bench.common import (
     BIN,
     REPO,
     BenchError,
-    Stack,
-    Target,
-    alternate_c1,
-    alternate_throughput,
-    bodies,
-    burst,
-    chat,
     console,
-    cpu_model,
     diff_ci,
+    failure_code,
     fmt,
-    git,
     log,
-    make_client,
+    machine_line,
     median,
     p95,
     port_free,
     tree_cpu_s,
     write_section,
-)  # fmt: skip
+)
+from bench.overhead import Stack, Target, alternate_c1, alternate_throughput, bodies, burst, chat, make_client
 from blocks.globus import GlobusAuthBlock
 from serving.auth import KeyStore, LocalKeyAuthenticator
 from serving.globus_auth import GlobusAuthenticator
@@ -463,8 +454,6 @@ def notes(gw: GatewayResult | None) -> list[str]:
 
 
 def markdown(ip: InProcess, gw: GatewayResult, args: argparse.Namespace, started: datetime, wall_s: float) -> str:
-    dirty = " (with uncommitted changes)" if git("status", "--porcelain") else ""
-    nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip() or str(os.cpu_count())
     c = args.concurrency
     lo, hi = gw.globus_ci
     in_rows = [
@@ -493,10 +482,7 @@ def markdown(ip: InProcess, gw: GatewayResult, args: argparse.Namespace, started
         BEGIN,
         "## Cost of auth (`bench/auth.py`)",
         "",
-        f"Measured {started:%Y-%m-%d %H:%M} UTC on {nproc} cores ({cpu_model()}), Python {platform.python_version()}, "
-        f"commit `{git('rev-parse', '--short', 'HEAD')}`{dirty}; the run took {wall_s / 60:.1f} min"
-        f"{' (--quick)' if args.quick else ''}. Rerun with `make bench-auth` or `.venv/bin/python bench/auth.py` "
-        "(`--help` for options).",
+        machine_line(started, wall_s, quick=args.quick, rerun="`make bench-auth` or `.venv/bin/python bench/auth.py`"),
         "",
         FAKE_NOTE + " A real cache miss goes over the Internet to Globus and is slower than the one below.",
         "",
@@ -631,15 +617,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"the fake Globus (a stand-in for Globus Auth and Groups) listens at {fake.url}")
             stack.start(args.start_timeout)
             gw = asyncio.run(measure_gateways(stack, fake, args))
-    except KeyboardInterrupt:
-        console.print("\n[yellow]interrupted[/yellow]")
-        code = 130
-    except BenchError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        code = 1
-    except Exception:
-        console.print_exception()
-        code = 1
+    except (KeyboardInterrupt, Exception) as exc:
+        code = failure_code(exc)
     finally:
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave vLLM behind
         try:

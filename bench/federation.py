@@ -30,11 +30,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,22 +45,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.* and t
 import httpx
 from rich.table import Table
 
-from bench.overhead import (
-    REPO,
+from bench.common import (
     BenchError,
+    add_output_args,
     console,
-    cpu_model,
+    failure_code,
     fmt,
-    git,
     log,
+    machine_line,
     median,
     p95,
     port_free,
+    resolve_output,
     stop_group,
     tree_cpu_s,
     write_section,
 )
 from core.settings import Settings
+from first.runner import free_port
 from tests.fakes.openai_simulator import OpenAISimulatorDouble
 from tests.gateway_factory import GatewayProcess, http_registry_yaml
 
@@ -349,8 +348,6 @@ def notes(pts: dict[tuple[int, str], Point], args: argparse.Namespace) -> list[s
 
 
 def markdown(pts: dict[tuple[int, str], Point], args: argparse.Namespace, started: datetime, wall_s: float) -> str:
-    dirty = " (with uncommitted changes)" if git("status", "--porcelain") else ""
-    nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip() or str(os.cpu_count())
     checks = [
         f"- c={c}: 2 backends {fmt(ratio(pts, c), '.2f')}x the throughput of 1 "
         f"({'met' if ratio(pts, c) >= args.target_ratio else 'not met'}; target ≥ {args.target_ratio:g}x)"
@@ -361,10 +358,9 @@ def markdown(pts: dict[tuple[int, str], Point], args: argparse.Namespace, starte
         BEGIN,
         "## Federation: two backends against one (`bench/federation.py`)",
         "",
-        f"Measured {started:%Y-%m-%d %H:%M} UTC on {nproc} cores ({cpu_model()}), Python {platform.python_version()}, "
-        f"commit `{git('rev-parse', '--short', 'HEAD')}`{dirty}; the run took {wall_s / 60:.1f} min"
-        f"{' (--quick)' if args.quick else ''}. Rerun with `make bench-federation` or `.venv/bin/python "
-        "bench/federation.py` (`--help` for options).",
+        machine_line(
+            started, wall_s, quick=args.quick, rerun="`make bench-federation` or `.venv/bin/python bench/federation.py`"
+        ),
         "",
         "Method: two `OpenAISimulatorDouble` backends (`tests/fakes/openai_simulator.py`), each processing at most "
         f"{args.capacity} requests at a time for {args.latency_s * 1000:g} ms each (the rest wait in line; about "
@@ -400,8 +396,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    ap.add_argument("--quick", action="store_true", help="fewer calls (a smoke run); writes --out only when given")
-    ap.add_argument("--out", type=Path, help="markdown file whose section is replaced (default docs/benchmarks.md)")
+    add_output_args(ap, "fewer calls (a smoke run)")
     ap.add_argument("--latency-s", type=float, default=0.1, help="each double's service time (default 0.1)")
     ap.add_argument("--capacity", type=int, default=4, help="each double's concurrent requests (default 4)")
     ap.add_argument("--concurrency", default="16,64", help="comma-separated client concurrencies (default 16,64)")
@@ -420,18 +415,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.block_factor = 5 if args.quick else 6
     if min(args.capacity, args.rounds, args.block_factor, args.max_tokens, args.warmup, *args.concurrency) < 1:
         ap.error("counts must be at least 1")
-    args.write = args.out is not None or not args.quick
-    if args.out is None:
-        args.out = REPO / "docs" / "benchmarks.md"
+    resolve_output(args)
     return args
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -461,15 +446,8 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as exc:
             raise BenchError(str(exc)) from exc
         blocks = asyncio.run(measure(args, sims, gw, key))
-    except KeyboardInterrupt:
-        console.print("\n[yellow]interrupted[/yellow]")
-        code = 130
-    except BenchError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        code = 1
-    except Exception:
-        console.print_exception()
-        code = 1
+    except (KeyboardInterrupt, Exception) as exc:
+        code = failure_code(exc)
     finally:
         if gw.proc is not None:
             stop_group(gw.proc, "gateway")

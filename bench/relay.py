@@ -36,7 +36,6 @@ import contextlib
 import itertools
 import json
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -54,17 +53,19 @@ import httpx
 import msgspec
 from rich.table import Table
 
-from bench.overhead import (
+from bench.common import (
     REPO,
     BenchError,
+    add_output_args,
     console,
-    cpu_model,
     diff_ci,
+    failure_code,
     fmt,
-    git,
     log,
+    machine_line,
     median,
     p95,
+    resolve_output,
     stop_group,
     write_section,
 )
@@ -586,8 +587,6 @@ def print_table(res: Results, args: argparse.Namespace) -> None:
 
 
 def markdown(res: Results, args: argparse.Namespace, started: datetime, wall_s: float) -> str:
-    dirty = " (with uncommitted changes)" if git("status", "--porcelain") else ""
-    nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip() or str(os.cpu_count())
     table = [
         "| Measure | Direct | Relayed | Added (relayed − direct) |",
         "|---|---|---|---|",
@@ -597,9 +596,9 @@ def markdown(res: Results, args: argparse.Namespace, started: datetime, wall_s: 
         BEGIN,
         "## What the relay costs (`bench/relay.py`)",
         "",
-        f"Measured {started:%Y-%m-%d %H:%M} UTC on {nproc} cores ({cpu_model()}), Python {platform.python_version()}, "
-        f"commit `{git('rev-parse', '--short', 'HEAD')}`{dirty}; the run took {wall_s / 60:.1f} min"
-        f"{' (--quick)' if args.quick else ''}. Rerun with `.venv/bin/python bench/relay.py` (`--help` for options).",
+        machine_line(
+            started, wall_s, quick=args.quick, rerun="`make bench-relay` or `.venv/bin/python bench/relay.py`"
+        ),
         "",
         "Method: the model server is `SlowStreamDouble` (`tests/fakes/slow_sse.py`, OpenAI-compatible SSE, chunks "
         '"0", "1", ... at a set pace); the gateway is the test harness\'s live gateway (`tests/live_gateway.py`, '
@@ -636,8 +635,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    ap.add_argument("--quick", action="store_true", help="fewer streams (a smoke run); writes --out only when given")
-    ap.add_argument("--out", type=Path, help="markdown file whose section is replaced (default docs/benchmarks.md)")
+    add_output_args(ap, "fewer streams (a smoke run)")
     ap.add_argument("--requests", type=int, help="1) streams per side for time to first token (default 200; quick 20)")
     ap.add_argument("--block", type=int, default=10, help="1) streams per alternating block (default 10)")
     ap.add_argument("--ttft-chunks", type=int, default=4, help="1) chunks per stream (default 4)")
@@ -669,9 +667,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     counts = (args.requests, args.block, args.ttft_chunks, args.chunks, args.chunk_streams, args.streams)
     if min(*counts, args.stream_chunks, args.rounds, args.batch_chunks, args.workers) < 1 or args.batch_ms < 0:
         ap.error("counts must be at least 1")
-    args.write = args.out is not None or not q
-    if args.out is None:
-        args.out = REPO / "docs" / "benchmarks.md"
+    resolve_output(args)
     return args
 
 
@@ -711,15 +707,8 @@ def main(argv: list[str] | None = None) -> int:
         log("[dim]the load generator, the double, the gateway and its endpoint are separate processes[/dim]")
         res, more = asyncio.run(measure(double, gateway, args))
         pids.update(more)
-    except KeyboardInterrupt:
-        console.print("\n[yellow]interrupted[/yellow]")
-        code = 130
-    except BenchError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        code = 1
-    except Exception:
-        console.print_exception()
-        code = 1
+    except (KeyboardInterrupt, Exception) as exc:
+        code = failure_code(exc)
     finally:
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -40,6 +41,13 @@ def gateway_command(host: str, port: int) -> list[str]:
     """The gateway as its own process (uvicorn, one worker, no access log: it costs throughput)."""
     return [str(BIN / "python"), "-m", "uvicorn", "first.asgi:app", "--host", host, "--port", str(port),
             "--no-access-log", "--log-level", "warning", "--timeout-keep-alive", str(KEEP_ALIVE_S)]  # fmt: skip
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (tests and benches start their servers on it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def stop_group(

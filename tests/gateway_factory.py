@@ -1,9 +1,12 @@
-"""A real gateway process for tests: uvicorn (``first.runner.gateway_command``) with the app built by
-``gateway_app`` from the registry file in ``$FIRST_TEST_REGISTRY`` instead of Prefect's, so a test can point the
-gateway at test doubles (e.g. ``tests/fakes/openai_simulator.py``) and still kill, restart and inspect a real
-server process.
+"""The one way tests and benches start a real gateway process: uvicorn (``first.runner.gateway_command``).
+
+Either on its own (a FIRST_HOME of its own, no Prefect) with the app built by ``gateway_app`` from the registry
+file in ``$FIRST_TEST_REGISTRY``, so a test can point it at test doubles (``tests/fakes/openai_simulator.py``);
+or beside a running stack (``base_env``: the stack's Prefect, keys and registry), as a second gateway with
+other settings. Either way a test can kill, restart and inspect a real server process.
 
     gw = GatewayProcess(home, registry_path).start()   # FIRST_HOME=home, FIRST_FLOW_TRACKING=off, no Prefect
+    gw = GatewayProcess(logs, base_env=stack.env, env={"FIRST_FLOW_TRACKING": "all"}).start()
     gw.url, gw.proc.pid ... gw.stop()
 """
 
@@ -11,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -21,7 +23,7 @@ import httpx
 import yaml
 
 from core.settings import REPO_ROOT, Settings
-from first.runner import gateway_command
+from first.runner import free_port, gateway_command
 
 REGISTRY_ENV = "FIRST_TEST_REGISTRY"
 
@@ -43,12 +45,6 @@ def http_registry_yaml(clusters: dict[str, str], models: dict[str, list[str]]) -
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def tail(path: Path, n: int = 40) -> str:
     with contextlib.suppress(OSError):
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
@@ -58,8 +54,17 @@ def tail(path: Path, n: int = 40) -> str:
 class GatewayProcess:
     """One uvicorn gateway process on FIRST_HOME ``home``; ``proc.pid`` is the uvicorn process itself."""
 
-    def __init__(self, home: Path, registry_path: Path, port: int | None = None, env: dict[str, str] | None = None):
-        self.home, self.registry_path = Path(home), Path(registry_path)
+    def __init__(
+        self,
+        home: Path,
+        registry_path: Path | None = None,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        base_env: dict[str, str] | None = None,
+    ):
+        self.home = Path(home)  # FIRST_HOME, unless base_env says otherwise; the log goes here
+        self.registry_path = Path(registry_path) if registry_path is not None else None
+        self.base_env = base_env
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.home / f"gateway-{self.port}.log"
@@ -72,17 +77,23 @@ class GatewayProcess:
 
     def start(self, timeout_s: float = 60.0) -> GatewayProcess:
         self.home.mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("FIRST_", "PREFECT_"))}
-        env.update({
-            "FIRST_HOME": str(self.home), "FIRST_HOST": "127.0.0.1", "FIRST_PORT": str(self.port),
-            "FIRST_FLOW_TRACKING": "off", "PREFECT_HOME": str(self.home / "prefect"),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONUNBUFFERED": "1",
-            REGISTRY_ENV: str(self.registry_path), **self.extra_env,
-        })  # fmt: skip
+        if self.base_env is None:
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("FIRST_", "PREFECT_"))}
+            env.update({
+                "FIRST_HOME": str(self.home), "FIRST_FLOW_TRACKING": "off", "PREFECT_HOME": str(self.home / "prefect"),
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            })  # fmt: skip
+        else:
+            env = dict(self.base_env)
+        env.update({"FIRST_HOST": "127.0.0.1", "FIRST_PORT": str(self.port), "PYTHONUNBUFFERED": "1"})
         cmd = gateway_command("127.0.0.1", self.port)
-        cmd[cmd.index("first.asgi:app")] = "tests.gateway_factory:gateway_app"
+        if self.registry_path is not None:
+            env[REGISTRY_ENV] = str(self.registry_path)
+            cmd[cmd.index("first.asgi:app")] = "tests.gateway_factory:gateway_app"
+            cmd.append("--factory")
+        env.update(self.extra_env)
         self.proc = subprocess.Popen(
-            [*cmd, "--factory"], stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,
+            cmd, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, env=env, cwd=REPO_ROOT, start_new_session=True,
         )  # fmt: skip
         deadline = time.monotonic() + timeout_s

@@ -9,7 +9,6 @@ model server, with a ``sleep`` process standing in for vLLM's pid (so nothing re
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import threading
 import time
@@ -25,13 +24,8 @@ from litestar import Litestar
 from blocks.registry import ClusterSpec, ModelSpec, Registry
 from core.settings import Settings
 from first.gateway import create_gateway
+from first.runner import free_port
 from serving.auth import KeyStore
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

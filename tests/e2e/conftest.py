@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,15 +18,9 @@ import httpx
 import pytest
 
 from core.settings import REPO_ROOT, Settings, prefect_env
-from first.runner import gateway_command, stop_group, wait_http
+from first.runner import free_port, gateway_command, stop_group, wait_http
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stop(proc: subprocess.Popen) -> None:

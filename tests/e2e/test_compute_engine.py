@@ -21,8 +21,8 @@ import pytest
 from blocks.registry import Registry
 from compute.backends import ExecutorBackend
 from core.settings import REPO_ROOT, Settings
-from first.runner import stop_local_models
-from tests.e2e.conftest import BIN, free_port
+from first.runner import free_port, stop_local_models
+from tests.e2e.conftest import BIN
 
 pytestmark = pytest.mark.e2e
 ENDPOINT_PYTHON = REPO_ROOT / ".venv-endpoint" / "bin" / "python"

@@ -29,8 +29,8 @@ import yaml
 from blocks.registry import ClusterModelArgs, ClusterSpec, Registry
 from core.settings import REPO_ROOT, Settings, prefect_env
 from deployments import local as deployments
-from first.runner import gateway_command, stop_local_models, wait_http
-from tests.e2e.conftest import BIN, free_port, prefect_api, stop
+from first.runner import free_port, gateway_command, stop_local_models, wait_http
+from tests.e2e.conftest import BIN, prefect_api, stop
 
 pytestmark = pytest.mark.e2e
 

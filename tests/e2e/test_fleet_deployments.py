@@ -26,9 +26,10 @@ from blocks.registry import ClusterSpec, ModelSpec
 from compute.backends import ExecutorBackend
 from core.settings import Settings, prefect_env
 from deployments import local
+from first.runner import free_port
 from serving import bus
 from serving.bus import GatewayReport, InstanceUse
-from tests.e2e.conftest import BIN, REPO_ROOT, dump, free_port, stop
+from tests.e2e.conftest import BIN, REPO_ROOT, dump, stop
 from tests.e2e.conftest import prefect_api as api
 from tests.fakes.openai_simulator import OpenAISimulatorDouble
 

@@ -188,20 +188,11 @@ def test_failed_and_cold_requests_are_recorded_as_flow_runs(stack: Stack) -> Non
 
 def test_tracking_all_records_every_request_as_an_infer_flow_run(stack: Stack) -> None:
     """A second gateway on the same stack with FIRST_FLOW_TRACKING=all: each request is a real flow run."""
-    from first.runner import gateway_command
-    from tests.e2e.conftest import free_port, stop, wait_http
+    from tests.gateway_factory import GatewayProcess
 
-    port = free_port()
-    env = {**stack.env, "FIRST_PORT": str(port), "FIRST_FLOW_TRACKING": "all"}
-    gw = subprocess.Popen(
-        gateway_command("127.0.0.1", port),
-        env=env,
-        cwd=REPO_ROOT,
-        start_new_session=True,
-    )
+    gw = GatewayProcess(stack.home / "logs", base_env=stack.env, env={"FIRST_FLOW_TRACKING": "all"}).start()
     try:
-        wait_http(f"http://127.0.0.1:{port}/health", 60, gw)
-        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=stack.keys["alice"], max_retries=0)
+        c = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=stack.keys["alice"], max_retries=0)
         r = c.chat.completions.create(model="tiny", messages=MSG, max_tokens=3)
         chunks = list(
             c.completions.create(
@@ -219,7 +210,7 @@ def test_tracking_all_records_every_request_as_an_infer_flow_run(stack: Stack) -
                 break
             time.sleep(0.5)
     finally:
-        stop(gw)
+        gw.stop()
     assert runs["chat.completions tiny for alice"]["state_type"] == "COMPLETED"
     assert runs["completions tiny for alice"]["state_type"] == "COMPLETED"
     assert runs["chat.completions nope for alice"]["state_type"] == "FAILED"

@@ -18,9 +18,9 @@ import pytest
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from blocks.registry import ClusterSpec, ModelSpec, RateLimits, Registry
-from first.runner import gateway_command, wait_http
-from tests.e2e.conftest import BIN, REPO_ROOT, Stack, free_port, stop
+from tests.e2e.conftest import BIN, REPO_ROOT, Stack
 from tests.fakes.globus_server import FakeGlobusServer
+from tests.gateway_factory import GatewayProcess
 
 pytestmark = pytest.mark.e2e
 TPM = 400
@@ -68,21 +68,13 @@ def globus_gateway(stack: Stack) -> Iterator[GlobusGateway]:
             "--groups-url", fake.url, "--allowed-domain", "uchicago.edu", "--native-client-id", "native-123",
         ]  # fmt: skip
         subprocess.run(configure, env=env, cwd=REPO_ROOT, check=True, capture_output=True, timeout=120)
-        port = free_port()
-        genv = {
-            **stack.env, "FIRST_AUTH_MODE": "globus", "FIRST_PORT": str(port), "FIRST_FLOW_TRACKING": "off",
-            "FIRST_GLOBUS_BLOCK_REFRESH_S": "1",
-        }  # fmt: skip
-        log = open(stack.home / "logs" / "gateway-globus.log", "wb")
-        proc = subprocess.Popen(
-            gateway_command("127.0.0.1", port), env=genv, cwd=REPO_ROOT, start_new_session=True,
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        gw = GatewayProcess(stack.home / "logs", base_env=stack.env, env={
+            "FIRST_AUTH_MODE": "globus", "FIRST_FLOW_TRACKING": "off", "FIRST_GLOBUS_BLOCK_REFRESH_S": "1",
+        }).start()  # fmt: skip
         try:
-            wait_http(f"http://127.0.0.1:{port}/health", 60, proc)
-            yield GlobusGateway(f"http://127.0.0.1:{port}", fake, env, configure)
+            yield GlobusGateway(gw.url, fake, env, configure)
         finally:
-            stop(proc)
+            gw.stop()
 
 
 def test_globus_show_masks_the_secret(stack: Stack, globus_gateway: GlobusGateway) -> None:

@@ -12,7 +12,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.e2e.conftest import REPO_ROOT, free_port
+from first.runner import free_port
+from tests.e2e.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.e2e
 

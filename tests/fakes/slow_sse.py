@@ -12,21 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from first.runner import free_port
 
 
 class SlowStreamDouble:
     def __init__(self, chunks: int, interval_s: float, hang_after: int | None = None) -> None:
         self.chunks, self.interval_s, self.hang_after = chunks, interval_s, hang_after
-        self.port = _free_port()
+        self.port = free_port()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.sent = 0

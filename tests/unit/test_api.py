@@ -4,7 +4,6 @@ validation and pass-through, model visibility, and usage records for every answe
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 from collections.abc import Iterator
 
@@ -15,16 +14,11 @@ from analytics.store import UsageStore
 from blocks.registry import ClusterSpec, ModelSpec, Registry
 from compute.backends import backend_error
 from first.gateway import create_gateway
+from first.runner import free_port
 from serving.auth import KeyStore
 from serving.protocol import ChatCompletionRequest, backend_body
 
 CHAT = {"model": "m-down", "messages": [{"role": "user", "content": "hi"}]}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class HangingBackendDouble:
@@ -32,7 +26,7 @@ class HangingBackendDouble:
     which a real vLLM can't be made to do on demand."""
 
     def __init__(self) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
@@ -68,7 +62,7 @@ def hanging() -> Iterator[HangingBackendDouble]:
 
 @pytest.fixture
 def registry(hanging: HangingBackendDouble) -> Registry:
-    down = ClusterSpec(name="down", transport="http", base_url=f"http://127.0.0.1:{_free_port()}")
+    down = ClusterSpec(name="down", transport="http", base_url=f"http://127.0.0.1:{free_port()}")
     hung = ClusterSpec(name="hung", transport="http", base_url=f"http://127.0.0.1:{hanging.port}")
     return Registry(
         clusters={"down": down, "hung": hung},

@@ -3,7 +3,6 @@ the ingest-usage flow does), admins see everyone, callers only themselves, OpenA
 
 from __future__ import annotations
 
-import socket
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -15,16 +14,11 @@ from analytics.store import UsageStore
 from blocks.registry import ClusterSpec, ModelSpec, Registry
 from core.settings import Settings
 from first.gateway import create_gateway
+from first.runner import free_port
 from serving.auth import KeyStore
 
 T0 = datetime(2026, 1, 1, 10, 0, tzinfo=UTC)
 NOW = datetime.now(UTC)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rec(rid: str, when: datetime, user: str, **kw) -> UsageRecord:
@@ -60,7 +54,7 @@ async def client(settings: Settings, keys):
         for r in RECORDS:
             spool.append(r)
     assert UsageStore(settings.usage_db).ingest(settings.spool_dir) == len(RECORDS)
-    down = ClusterSpec(name="down", transport="http", base_url=f"http://127.0.0.1:{_free_port()}")
+    down = ClusterSpec(name="down", transport="http", base_url=f"http://127.0.0.1:{free_port()}")
     registry = Registry(clusters={"down": down}, models={"m": ModelSpec(name="m", clusters=["down"], path="-")})
     async with AsyncTestClient(app=create_gateway(settings, registry)) as c:
         yield c
