@@ -16,6 +16,7 @@ instead of for the page's content.
 Writes, at 1440x900:
     deployments.png       /deployments
     warm-up-run.png       /runs/flow-run/<id>                (the latest warm-up run, Logs tab)
+    warm-up-task-runs.png /runs/flow-run/<id>?tab=Task%20Runs (that run's steps, one task run each)
     warm-up-artifact.png  /artifacts/artifact/<id>           (that run's markdown artifact;
                           /runs/flow-run/<id>?tab=Artifacts when the run made none)
     blocks.png            /blocks
@@ -69,6 +70,7 @@ def find_pages(ui: str) -> list[tuple[str, str, list[str]]]:
     done = [r for r in runs if (r.get("state") or {}).get("type") == "COMPLETED"] or runs
     run = next((r for r in done if r["id"] in by_run), done[0])
     pages.append(("warm-up-run.png", f"/runs/flow-run/{run['id']}", [run["name"], "is hot at"]))
+    pages.append(("warm-up-task-runs.png", f"/runs/flow-run/{run['id']}?tab=Task%20Runs", ["check-status"]))
     art = by_run.get(run["id"])
     if art:
         pages.append(("warm-up-artifact.png", f"/artifacts/artifact/{art['id']}", ["Warm-up of"]))

@@ -72,4 +72,4 @@ def test_usage_summary_reads_the_spool(home):
     assert (rows["a"]["requests"], rows["a"]["total_tokens"], rows["a"]["errors"]) == (2, 40, 0)
     assert (rows["b"]["requests"], rows["b"]["errors"]) == (1, 1)
     bad = runner.invoke(app, ["usage", "summary", "--since", "yesterday"])
-    assert bad.exit_code != 0 and "1d, 12h, 30m" in bad.output
+    assert bad.exit_code != 0 and "30m, 12h, 1d, 2w" in bad.output
