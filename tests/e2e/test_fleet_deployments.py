@@ -118,6 +118,17 @@ class Fleet:
                 return text
             time.sleep(0.5)
 
+    def task_runs(self, run: dict[str, Any], expected: set[str]) -> dict[str, str]:
+        """The run's steps as the UI shows them: task name -> final state type. Waits (up to 30 s) until every
+        name in ``expected`` is there: the server's task-run recorder writes in batches."""
+        deadline = time.monotonic() + 30
+        while True:
+            r = api("POST", f"{self.api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [run["id"]]}}})
+            tasks = {t["name"].rsplit("-", 1)[0]: (t.get("state") or {}).get("type") for t in r.json()}
+            if set(tasks) >= expected or time.monotonic() > deadline:
+                return tasks
+            time.sleep(0.5)
+
     def artifacts(self, run: dict[str, Any]) -> dict[str, str]:
         r = api("POST", f"{self.api}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}})
         return {a["key"]: a["data"] for a in r.json()}
@@ -349,6 +360,8 @@ def test_drain_cluster_waits_for_the_gateways_then_stops_it(fleet: Fleet) -> Non
     assert "1 requests still in flight on cluster beta" in logs, logs
     assert "clear `maintenance`" in logs
     assert "| sim | stopped |" in fleet.artifacts(run)["drain-beta"]
+    steps = fleet.task_runs(run, {"enter-maintenance", "wait-for-drain", "stop-model", "publish-state"})
+    assert steps == dict.fromkeys(["enter-maintenance", "wait-for-drain", "stop-model", "publish-state"], "COMPLETED")
 
 
 def test_warm_up_best_starts_it_out_of_maintenance(fleet: Fleet) -> None:
@@ -360,4 +373,7 @@ def test_warm_up_best_starts_it_out_of_maintenance(fleet: Fleet) -> None:
     o = fleet.observation("alpha")
     assert (o["state"], o["base_url"], o["source"]) == ("hot", state["base_url"], run["name"]), o
     assert fleet.observation("beta")["state"] == "cold"
+    # The run's steps are task runs, each in its final state, as an operator sees them in the UI.
+    steps = fleet.task_runs(run, {"check-status", "submit-start", "wait-until-healthy", "publish-state"})
+    assert steps == dict.fromkeys(["check-status", "submit-start", "wait-until-healthy", "publish-state"], "COMPLETED")
     assert "| alpha | sim |" in fleet.artifacts(run)["warm-up-sim"]

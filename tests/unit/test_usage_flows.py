@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from analytics.reports import UsageFilter
 from analytics.spool import UsageSpool
 from analytics.store import UsageStore
 from blocks.registry import ClusterSpec, ModelSpec, Registry
-from core.settings import REPO_ROOT, Settings
+from core.settings import REPO_ROOT, Settings, get_settings
 from deployments.local import DEPLOYMENTS
 from first.gateway import create_gateway
 from flows import usage
@@ -59,9 +60,13 @@ def spool(settings: Settings, records: list[UsageRecord]) -> None:
 
 
 @pytest.fixture
-def flow_settings(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    monkeypatch.setattr(usage, "get_settings", lambda: settings)
-    return settings
+def flow_settings(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
+    """The settings a worker process running these flows reads from its environment (FIRST_HOME)."""
+    monkeypatch.setenv("FIRST_HOME", str(settings.home))
+    get_settings.cache_clear()
+    assert get_settings().usage_db == settings.usage_db
+    yield settings
+    get_settings.cache_clear()
 
 
 def png_size(path: Path) -> tuple[int, int]:
