@@ -174,7 +174,7 @@ class UsageSpool:
             self._seq += 1
             path = self.directory / name
             try:
-                fd = os.open(path, flags, 0o644)
+                fd = os.open(path, flags, 0o600)
             except FileExistsError:
                 continue
             if try_lock_segment(fd) is False or os.fstat(fd).st_nlink == 0:

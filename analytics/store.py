@@ -445,7 +445,7 @@ def _flock(path: Path, how: int) -> int | None:
     if fcntl is None:
         return None
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
     except OSError:
         return None
     try:

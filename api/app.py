@@ -77,6 +77,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        settings.make_home()
         prefect = bool(os.environ.get("PREFECT_API_URL"))
         reg = registry or (await Registry.load(settings) if prefect else Registry.embedded_default(settings))
         relay = RelayHub()

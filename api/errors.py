@@ -35,16 +35,26 @@ def handle_exception(request: Request, exc: Exception) -> Response:
     """Litestar exception handler: map everything to an OpenAI-shaped error, never a stack trace.
 
     Requests rejected before the inference flow (bad credential, invalid body) still get a usage record,
-    through the app's ``on_rejected`` hook."""
-    error = to_api_error(request, exc)
-    hook = getattr(request.app.state, "on_rejected", None)
-    if hook is not None:
-        try:
-            hook(request, error)
-        except Exception:  # no usage record, no answer but this one: as the pipeline does (``usage_spool``)
-            log.exception("could not record the usage of a rejected request to %s", request.url.path)
-            error = APIError(503, "The gateway could not record this request's usage; try again.", code="usage_spool")
-    return error_response(error)
+    through the app's ``on_rejected`` hook. The handler itself never raises: a bug in it still answers 500 in
+    OpenAI's shape (uvicorn would answer a plain-text one, with no usage row)."""
+    try:
+        error = to_api_error(request, exc)
+        hook = getattr(request.app.state, "on_rejected", None)
+        if hook is not None:
+            try:
+                hook(request, error)
+            except Exception:  # no usage record, no answer but this one: as the pipeline does (``usage_spool``)
+                log.exception("could not record the usage of a rejected request to %s", request.scope.get("path"))
+                error = APIError(
+                    503, "The gateway could not record this request's usage; try again.", code="usage_spool"
+                )
+        return error_response(error)
+    except Exception:
+        log.exception("the error handler failed on %r", exc)
+        return Response(content=_INTERNAL.body(), status_code=500)
+
+
+_INTERNAL = APIError(500, "The gateway hit an internal error; it has been logged.", type="server_error")
 
 
 def to_api_error(request: Request, exc: Exception) -> APIError:
@@ -58,6 +68,11 @@ def to_api_error(request: Request, exc: Exception) -> APIError:
         return APIError(400, message, param=param)
     if isinstance(exc, msgspec.DecodeError):
         return APIError(400, f"We could not parse the JSON body of your request: {exc}")
+    if isinstance(exc, RecursionError):  # a body nested deeper than any parser or model should follow
+        return APIError(400, "The JSON body of your request is nested too deeply.")
+    if isinstance(exc, UnicodeError):
+        return APIError(400, f"Your request is not valid UTF-8: {exc.reason}" if hasattr(exc, "reason") else
+                        "Your request is not valid UTF-8.")  # fmt: skip
     if isinstance(exc, NotFoundException):
         return APIError(404, f"Unknown path {request.method} {request.url.path}", code="unknown_url")
     if isinstance(exc, HTTPException):
@@ -65,5 +80,5 @@ def to_api_error(request: Request, exc: Exception) -> APIError:
         if status >= 500:
             status = HTTP_500_INTERNAL_SERVER_ERROR
         return APIError(status, exc.detail or "Request failed")
-    log.exception("unhandled error on %s", request.url.path)
-    return APIError(500, "The gateway hit an internal error; it has been logged.", type="server_error")
+    log.exception("unhandled error on %s", request.scope.get("path"))
+    return _INTERNAL

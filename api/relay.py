@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import msgspec
 from litestar import Request, post
@@ -11,12 +12,16 @@ from compute.relay import RelayBatch, RelayHub
 from core.errors import APIError
 
 log = logging.getLogger("first.api")
+_REQUEST_ID = re.compile(r"[0-9a-f]{32}")
 
 
 @post("/internal/relay/{request_id:str}", status_code=200, include_in_schema=False)
 async def relay_post(request: Request, request_id: str) -> dict[str, str]:
     """A batch of one stream's chunks, signed with the request's relay token (no caller credential)."""
     hub: RelayHub = request.app.state.relay
+    if not _REQUEST_ID.fullmatch(request_id):  # ids are ours (32 hex digits): anything else is not logged as it is
+        log.warning("rejected a relay post for a malformed stream id from %s", request.client)
+        raise APIError(404, "No such stream", code="unknown_stream")
     if not hub.verify(request_id, request.headers.get("x-relay-token")):
         log.warning("rejected a relay post for %s with a bad token from %s", request_id, request.client)
         raise APIError(401, "Invalid relay token", code="invalid_relay_token")

@@ -52,15 +52,17 @@ class UsageController(Controller):
                            code="unknown_report")  # fmt: skip
         if not 1 <= limit <= 1000:
             raise APIError(400, "'limit' must be between 1 and 1000.", param="limit")
-        if not principal.is_admin:
-            if user not in (None, "", principal.user):
-                raise APIError(403, "You may only see your own usage (admins see everyone's).", param="user",
-                               code="usage_forbidden")  # fmt: skip
-            user = principal.user
+        if principal.is_admin:
+            user = user or None  # everyone's, unless the admin picks one user
+        elif user in (None, "", principal.user):
+            user = principal.user  # always filtered, even by a name that is empty: never everyone's rows
+        else:
+            raise APIError(403, "You may only see your own usage (admins see everyone's).", param="user",
+                           code="usage_forbidden")  # fmt: skip
         now = datetime.now(UTC)
         f = UsageFilter(
-            since=_bound(since, "since", now), until=_bound(until, "until", now), user=user or None,
-            model=model or None, cluster=cluster or None, group=group or None,
+            since=_bound(since, "since", now), until=_bound(until, "until", now), user=user, model=model or None,
+            cluster=cluster or None, group=group or None,
         )  # fmt: skip
         rows = await asyncio.to_thread(_usage_rows, services.settings.usage_db, name, f, limit)
         return {"object": "usage.report", "report": name, "data": rows}

@@ -57,7 +57,10 @@ class RelayHub:
         return hmac.new(self._secret, request_id.encode(), hashlib.sha256).hexdigest()
 
     def verify(self, request_id: str, token: str | None) -> bool:
-        return bool(token) and hmac.compare_digest(self.token_for(request_id), token or "")
+        """The token is this request's; any other string (non-ASCII included) is simply wrong."""
+        if not token:
+            return False
+        return hmac.compare_digest(self.token_for(request_id).encode(), token.encode("utf-8", "surrogateescape"))
 
     def open(self, request_id: str) -> Channel:
         self._loop = asyncio.get_running_loop()

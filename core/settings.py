@@ -6,6 +6,7 @@ Clusters and models themselves live in Prefect Blocks (see ``blocks/``).
 
 from __future__ import annotations
 
+import os
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
@@ -102,6 +103,13 @@ class Settings(BaseSettings):
     @property
     def logs_dir(self) -> Path:
         return self.home / "logs"
+
+    def make_home(self) -> Path:
+        """Create the state folder readable by its owner only (0700): it holds the key store, the usage spool and
+        database, logs and, in the embedded default, Prefect's database with the blocks' secrets."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.home, 0o700)  # mkdir's mode is filtered by the umask, and the folder may predate us
+        return self.home
 
 
 @lru_cache

@@ -11,6 +11,8 @@ from datetime import UTC, datetime, timedelta
 
 _AGO = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+_EARLIEST = datetime(1, 1, 8, tzinfo=UTC)
+_LATEST = datetime(9999, 12, 24, tzinfo=UTC)
 FORMS = "an ISO 8601 time (2026-01-31T12:00:00Z, 2026-01-31) or a span before now (30m, 12h, 1d, 2w)"
 
 
@@ -24,10 +26,24 @@ def parse_time_bound(value: str | None, now: datetime, name: str = "time") -> da
         return None
     text = value.strip()
     m = _AGO.match(text.lower())
-    if m:
-        return now - timedelta(**{_UNITS[m[2]]: float(m[1])})
     try:
-        when = datetime.fromisoformat(text)
-    except ValueError:
+        if m:
+            when = now - timedelta(**{_UNITS[m[2]]: float(m[1])})
+        else:
+            when = datetime.fromisoformat(text)
+            when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+        if not _EARLIEST <= when <= _LATEST:  # reports work in whole days around the bounds: keep a margin
+            raise OverflowError
+        return when
+    except (OverflowError, ValueError):
+        if m or _looks_like_a_time(text):
+            raise TimeBoundError(f"'{name}' is out of range (0001-01-08 to 9999-12-24, UTC); got {value!r}") from None
         raise TimeBoundError(f"'{name}' must be {FORMS}; got {value!r}") from None
-    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+def _looks_like_a_time(text: str) -> bool:
+    try:
+        datetime.fromisoformat(text)
+    except ValueError:
+        return False
+    return True

@@ -182,8 +182,10 @@ class Runner:
                 LocalKeyAuthenticator(store).check(key)
                 return key
         key, _ = store.create("demo", ["demo"])
-        path.write_text(key + "\n")
-        path.chmod(0o600)
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never readable by others, not even briefly
+        with os.fdopen(fd, "w") as fh:
+            fh.write(key + "\n")
         return key
 
     def start_gateway(self) -> None:
@@ -250,7 +252,8 @@ class Runner:
 
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
-        self.s.home.mkdir(parents=True, exist_ok=True)
+        os.umask(0o077)  # every file of the stack (and of its children: Prefect's database, logs) is the owner's only
+        self.s.make_home()
         code = 0
         try:
             self.ensure_model()

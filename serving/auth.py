@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 import secrets
 import sqlite3
 import threading
@@ -39,6 +40,17 @@ class KeyInfo:
     last4: str = field(default="")
 
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,127}")
+
+
+def _check_name(kind: str, name: str) -> None:
+    if not _NAME.fullmatch(name or ""):
+        raise ValueError(
+            f"{kind} name {name!r} is not allowed: use 1 to 128 letters, digits and _ . @ + - (one {kind} per "
+            f"--{kind if kind == 'group' else 'user'}; repeat --group for several)"
+        )
+
+
 def _hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -60,6 +72,13 @@ class KeyStore:
         return sqlite3.connect(self.path, timeout=10)
 
     def create(self, user: str, groups: list[str] | None = None, rpm: int = 0) -> tuple[str, KeyInfo]:
+        """A new key for ``user`` in ``groups``. Names are checked: the groups are stored comma-joined, so a
+        comma in one would smuggle in another (``--group "x,admin"`` must not make an admin key)."""
+        _check_name("user", user)
+        for group in groups or []:
+            _check_name("group", group)
+        if rpm < 0:
+            raise ValueError(f"rpm must be 0 (no limit) or more, not {rpm}")
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         info = KeyInfo(secrets.token_hex(4), user, sorted(set(groups or [])), time.time(), False, rpm, key[-4:])
         with self._connect() as db:

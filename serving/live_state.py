@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from blocks.registry import ClusterSpec, ModelSpec
 from compute.backends import Backends
@@ -102,6 +103,29 @@ class Instance:
         if detail:
             doc.update(base_url=self.base_url, last_error=self.last_error)
         return doc
+
+
+CLOCK_SKEW_S = 5.0  # how far ahead of this gateway's clock an observation may be dated
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def allowed_base_url(cluster: ClusterSpec, model: ModelSpec, url: str) -> bool:
+    """Whether a lifecycle run may point routing at ``url``: the block's own URL for a direct-HTTP cluster;
+    loopback and the model's port for a local one; http(s) on the model's port for a Globus Compute cluster
+    (its node is whatever host the batch job got: the port and scheme are what the spec fixes)."""
+    try:
+        u = urlsplit(url)
+        port = u.port
+    except ValueError:
+        return False
+    if u.scheme not in ("http", "https") or u.username or u.password or u.query or u.fragment or not u.hostname:
+        return False
+    if cluster.transport == "http":
+        return cluster.base_url is not None and url.rstrip("/") == cluster.base_url.rstrip("/")
+    expected_port = model.on(cluster.name).port
+    if cluster.transport == "local":
+        return u.hostname in _LOOPBACK and port == expected_port
+    return port == expected_port
 
 
 class LiveState:
@@ -271,6 +295,14 @@ class LiveState:
         """Take a lifecycle run's observation if it is newer than what this gateway knows. True if adopted."""
         cluster, model = registry_clusters.get(obs.cluster), models.get(obs.model)
         if cluster is None or model is None:
+            return False
+        if obs.ts > time.time() + CLOCK_SKEW_S:  # a future time would shadow every genuine observation after it
+            log.warning("ignored an observation of %s on %s dated in the future (%.0f s ahead)", model.name,
+                        cluster.name, obs.ts - time.time())  # fmt: skip
+            return False
+        if obs.base_url is not None and not allowed_base_url(cluster, model, obs.base_url):
+            log.warning("ignored an observation of %s on %s: its server URL %r is not one the cluster's spec allows",
+                        model.name, cluster.name, obs.base_url[:200])  # fmt: skip
             return False
         inst = self.instance(cluster, model)
         if inst.last_status is not None and obs.ts <= inst.last_status:

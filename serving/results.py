@@ -14,33 +14,33 @@ from typing import Any
 from core.errors import APIError
 
 
-@dataclass
+@dataclass(slots=True)
 class Completed:
     """A whole (non-streaming) response body, released once its usage row is written."""
 
     body: dict[str, Any]
 
 
-@dataclass
+@dataclass(slots=True)
 class Chunk:
     """One stream chunk, as the caller gets it in an SSE ``data:`` line."""
 
     data: dict[str, Any]
 
 
-@dataclass
+@dataclass(slots=True)
 class Finished:
     """The stream (or the held response) ended and its usage row is written."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Failed:
     """The request failed: before the first byte an HTTP error, after it an error event in the stream."""
 
     error: APIError
 
 
-@dataclass
+@dataclass(slots=True)
 class Streaming:
     """The handler's view of a stream: its first item, the rest come from ``channel.next()``."""
 
@@ -91,15 +91,10 @@ class ResultChannel:
         return Streaming(first, self)
 
     async def next(self) -> StreamItem:
-        item = await self._queue.get()
-        assert not isinstance(item, Completed)
-        return item
+        return await self._queue.get()  # type: ignore[return-value]  # after the first item: never Completed
 
     def next_nowait(self) -> StreamItem | None:
         """The next item if one is already waiting (a relay batch arrives at once), else None."""
-        try:
-            item = self._queue.get_nowait()
-        except asyncio.QueueEmpty:
+        if self._queue.empty():
             return None
-        assert not isinstance(item, Completed)
-        return item
+        return self._queue.get_nowait()  # type: ignore[return-value]

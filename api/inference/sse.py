@@ -9,7 +9,7 @@ from litestar import Response
 from litestar.response import Stream
 
 from api.errors import error_response
-from serving.results import Chunk, Completed, Failed, Result, ResultChannel, StreamItem
+from serving.results import Chunk, Completed, Failed, Finished, Result, ResultChannel, StreamItem
 
 _encode = msgspec.json.encode
 DONE = b"data: [DONE]\n\n"
@@ -27,9 +27,7 @@ def to_response(result: Result, headers: dict[str, str]) -> Response:
     )
 
 
-def _event(item: StreamItem) -> bytes:
-    if isinstance(item, Chunk):
-        return b"data: " + _encode(item.data) + b"\n\n"
+def _end(item: Finished | Failed) -> bytes:
     if isinstance(item, Failed):  # after the first byte an HTTP status can't change: the stream ends with an error
         return b"data: " + _encode(item.error.body()) + b"\n\n"
     return DONE
@@ -44,8 +42,9 @@ async def _events(first: StreamItem, channel: ResultChannel) -> AsyncIterator[by
             yield b"".join(parts)
             parts = []
             item = await channel.next()
-        parts.append(_event(item))
-        if not isinstance(item, Chunk):
+        if type(item) is not Chunk:
+            parts.append(_end(item))  # type: ignore[arg-type]
             yield b"".join(parts)
             return
+        parts.append(b"data: " + _encode(item.data) + b"\n\n")
         item = channel.next_nowait()

@@ -24,7 +24,10 @@ def keys_create(
     """Create an API key and print it, alone, on stdout (it can't be shown again)."""
     from serving.auth import KeyStore
 
-    key, info = KeyStore(get_settings().keys_db).create(user, group or [], rpm)
+    try:
+        key, info = KeyStore(get_settings().keys_db).create(user, group or [], rpm)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     err.print(f"created key {info.key_id} for {user} (groups: {', '.join(info.groups) or '-'})")
     print(key)
 

@@ -230,7 +230,7 @@ def test_tracking_all_records_every_request_as_an_infer_flow_run(stack: Stack) -
 
 def test_relay_rejects_forged_posts(stack: Stack) -> None:
     r = httpx.post(
-        f"{stack.base_url}/internal/relay/abc",
+        f"{stack.base_url}/internal/relay/{'ab' * 16}",
         json={"seq": 0, "chunks": [], "done": True},
         headers={"X-Relay-Token": "0" * 64},
     )

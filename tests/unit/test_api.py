@@ -244,6 +244,16 @@ async def test_a_usage_spool_failure_is_a_503_with_its_request_id(client, keys, 
         assert r.json()["error"]["code"] == "usage_spool" and len(r.headers["x-request-id"]) == 32
 
 
+async def test_the_spool_is_written_for_its_owner_only(client, keys, settings):
+    """Usage rows name who asked what: the spool's segments are 0600 in a 0700 state folder."""
+    import stat
+
+    await client.post("/v1/chat/completions", json=CHAT, headers=_auth(keys["bob"]))
+    assert stat.S_IMODE(settings.home.stat().st_mode) == 0o700
+    segments = list(settings.spool_dir.iterdir())
+    assert segments and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in segments)
+
+
 async def test_health_and_openapi_schema(client):
     r = await client.get("/health")
     assert r.status_code == 200 and r.json()["status"] == "ok"
@@ -251,9 +261,48 @@ async def test_health_and_openapi_schema(client):
     assert "/v1/chat/completions" in schema["paths"] and "/internal/relay/{request_id}" not in schema["paths"]
 
 
-async def test_relay_rejects_forged_posts(client):
-    r = await client.post("/internal/relay/abc", json={"seq": 0, "chunks": []}, headers={"X-Relay-Token": "forged"})
+async def test_relay_rejects_forged_posts(client, caplog):
+    rid = "ab" * 16
+    r = await client.post(f"/internal/relay/{rid}", json={"seq": 0, "chunks": []}, headers={"X-Relay-Token": "forged"})
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_relay_token"
+    # A token that is not even ASCII is just as wrong (it used to crash the comparison: a plain-text 500).
+    r = await client.post(
+        f"/internal/relay/{rid}", json={"seq": 0, "chunks": []}, headers=[(b"x-relay-token", "é".encode())]
+    )
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_relay_token"
+    # An id that is not one of ours is refused without being written to the log as it came (log forging).
+    with caplog.at_level("WARNING", logger="first.api"):
+        r = await client.post("/internal/relay/x%0AFAKE%20LOG%20LINE", json={}, headers={"X-Relay-Token": "t"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_stream"
+    assert "FAKE" not in caplog.text and "malformed stream id" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("since", "param"), [("3000000d", "since"), ("9999-12-31T01:00:00", "since"), ("0001-01-01", "since")]
+)
+async def test_usage_bounds_out_of_range_are_400_not_500(client, keys, since, param):
+    r = await client.get("/v1/usage", params={"since": since}, headers=_auth(keys["bob"]))
+    assert r.status_code == 400, r.text
+    _is_openai_error(r.json(), "invalid_request_error")
+    assert r.json()["error"]["param"] == param and "out of range" in r.json()["error"]["message"]
+
+
+async def test_json_nested_a_thousand_levels_deep_is_a_400(client, keys):
+    deep = '{"model": "m-down", "messages": [{"role": "user", "content": "x"}], "x": ' + "[" * 1000 + "]" * 1000 + "}"
+    h = {**_auth(keys["bob"]), "Content-Type": "application/json"}
+    r = await client.post("/v1/chat/completions", content=deep.encode(), headers=h)
+    assert r.status_code == 400, r.text
+    _is_openai_error(r.json(), "invalid_request_error")
+    assert r.headers["x-request-id"]
+
+
+def test_key_names_cannot_smuggle_a_group(tmp_path):
+    """Groups are stored comma-joined: a comma in one would have made `--group "x,admin"` an admin key."""
+    store = KeyStore(tmp_path / "keys.sqlite")
+    for user, groups in (("mallory", ["x,admin"]), ("", []), ("a b", []), ("eve", ["admin\n"])):
+        with pytest.raises(ValueError, match="not allowed"):
+            store.create(user, groups)
+    assert store.list() == []
 
 
 def test_backend_body_passes_vendor_fields_and_always_asks_for_usage():
