@@ -25,7 +25,8 @@ OPENAI_ERROR_TYPES = {
 
 
 class APIError(Exception):
-    """An error the gateway answers with on purpose: an HTTP status, OpenAI's fields, and extra headers."""
+    """An error the gateway answers with on purpose: an HTTP status, OpenAI's fields, extra headers, and an
+    internal ``detail`` that only operators see."""
 
     def __init__(
         self,
@@ -36,6 +37,7 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        detail: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -44,6 +46,14 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.headers = headers or {}
+        # What happened inside (internal URLs, a remote traceback's last line): for logs, the live state that
+        # admins see on /v1/status and flow-run traces; never in the caller's answer.
+        self.detail = detail
+
+    @property
+    def internal(self) -> str:
+        """The fullest account: the detail when there is one, else the message."""
+        return f"{self.message} ({self.detail})" if self.detail else self.message
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

@@ -246,9 +246,11 @@ class LiveState:
         except Exception as exc:
             raise APIError(
                 503,
-                f"Model '{inst.model.name}' failed to start on cluster '{inst.cluster.name}': {exc}",
+                f"Model '{inst.model.name}' failed to start on cluster '{inst.cluster.name}'; the gateway's "
+                "operators can see why in its warm-up run.",
                 code="model_start_failed",
                 headers={"Retry-After": "30"},
+                detail=str(exc),
             ) from exc
         return inst.state == "hot" and inst.warm_started is not None
 
@@ -267,9 +269,10 @@ class LiveState:
             inst.set("failed", error=status.get("detail"))
             raise APIError(
                 503,
-                f"Cluster '{inst.cluster.name}' is unreachable: {status.get('detail') or status['state']}",
+                f"Cluster '{inst.cluster.name}' is unreachable ({status['state']}); retry later.",
                 code="cluster_unreachable",
                 headers={"Retry-After": "30"},
+                detail=status.get("detail"),
             )
         inst.warm_started = time.monotonic()
         inst.warm_ups += 1

@@ -60,7 +60,7 @@ async def run_pipeline(req: InferenceRequest, svc: Services, channel: ResultChan
         plan = await select_cluster(req, model, svc, out)
         await _run_on_clusters(req, plan, svc, channel, out)
     except APIError as exc:
-        out.status, out.error_type, out.error_message = exc.status, exc.type, exc.message
+        out.status, out.error_type, out.error_message = exc.status, exc.type, exc.internal
         error = exc
     except Exception as exc:  # a bug or an unexpected failure: still an OpenAI-shaped answer and a usage row
         log.exception("request %s failed unexpectedly", req.request_id)
@@ -109,9 +109,9 @@ async def _run_on_clusters(
                 raise
             last = exc
             if not warmed:
-                svc.live.start_failed(inst, exc.message)
+                svc.live.start_failed(inst, exc.internal)
             if exc.code == "backend_unreachable":
-                svc.live.mark_unreachable(inst, exc.message)
+                svc.live.mark_unreachable(inst, exc.internal)
                 if not queue and inst not in rewarmed:
                     rewarmed.add(inst)
                     queue.append(inst)

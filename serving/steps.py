@@ -170,7 +170,7 @@ async def execute(req: InferenceRequest, inst: Instance, svc: Services, channel:
                 out.completion = audit.response_texts(response)
             channel.respond(response)  # held by the handler until usage is recorded
     except APIError as exc:
-        fault, error = exc.status >= 500, exc.message  # a 4xx is the caller's to fix, not the cluster's fault
+        fault, error = exc.status >= 500, exc.internal  # a 4xx is the caller's to fix, not the cluster's fault
         raise
     except Exception as exc:
         fault, error = True, repr(exc)

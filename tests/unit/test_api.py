@@ -170,6 +170,7 @@ async def test_unreachable_cluster_is_503_naming_it(client, keys):
     body = r.json()
     _is_openai_error(body, "service_unavailable")
     assert "Cluster 'down' is unreachable" in body["error"]["message"]
+    assert "127.0.0.1" not in body["error"]["message"]  # where the model server lives is for operators
     assert r.headers["retry-after"] == "30"
 
 
@@ -322,5 +323,9 @@ def test_backend_errors_map_to_openai_statuses():
         == 400
     )
     e = backend_error({"status": 500, "body": {"error": {"message": "EngineCore died"}}}, "Cluster 'x'")
-    assert e.status == 502 and "EngineCore died" in e.message and "Cluster 'x'" in e.message
+    assert e.status == 502 and "Cluster 'x'" in e.message
+    assert "EngineCore died" not in e.message and "EngineCore died" in e.internal  # operators see it, callers don't
+    down = {"status": 503, "kind": "unreachable", "message": "vLLM at http://10.1.2.3:8100 is unreachable: ..."}
+    e = backend_error(down, "Cluster 'x'")
+    assert e.status == 503 and "10.1.2.3" not in e.message and "10.1.2.3" in e.internal
     assert backend_error({"status": 504, "kind": "timeout", "message": "slow"}, "c").status == 504

@@ -43,7 +43,8 @@ def test_a_cluster_function_that_dies_mid_stream_gives_an_error_event_at_once(tm
             elif kind == "error":
                 error, error_at = doc["error"], time.monotonic()
     assert error is not None, "the stream ended without an error event"
-    assert error["type"] == "service_unavailable" and "exited" in error["message"]
+    assert error["type"] == "service_unavailable" and error["code"] == "endpoint_unreachable"
+    assert "compute endpoint is unreachable" in error["message"]
     assert error_at - killed_at < 10  # told at once, not after the 60 s silence bound
     assert received >= 20
 
