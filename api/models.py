@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from litestar import Controller, get
+from litestar import Controller, Request, get
 
-from api.guards import DEPENDENCIES, authenticate
-from core.principal import Principal
+from api.guards import DEPENDENCIES, authenticate, principal_of
 from serving.request import Services
 from serving.visibility import usable_models
 
@@ -17,7 +16,8 @@ class ModelsController(Controller):
     dependencies = DEPENDENCIES
 
     @get("/v1/models", summary="List the models you may use")
-    async def list_models(self, services: Services, principal: Principal) -> dict[str, Any]:
+    async def list_models(self, request: Request, services: Services) -> dict[str, Any]:
+        principal = principal_of(request)
         data = []
         for m in usable_models(services.registry, principal):
             states = {i.cluster.name: i.state for i in services.live.all() if i.model.name == m.name}

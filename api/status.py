@@ -7,10 +7,9 @@ from typing import Any
 
 from litestar import Controller, Request, Response, get
 
-from api.guards import DEPENDENCIES, authenticate
+from api.guards import DEPENDENCIES, authenticate, principal_of
 from api.metrics import render
 from core.errors import APIError
-from core.principal import Principal
 from serving.request import Services
 from serving.visibility import usable_pairs
 
@@ -20,10 +19,11 @@ class StatusController(Controller):
     dependencies = DEPENDENCIES
 
     @get("/v1/status", summary="Live state of each model on each cluster")
-    async def fleet_status(self, request: Request, services: Services, principal: Principal) -> dict[str, Any]:
+    async def fleet_status(self, request: Request, services: Services) -> dict[str, Any]:
         """Per model and cluster: state (cold, queued, starting, hot, draining, failed), in-flight requests,
         recent latency and errors, last status time; per cluster: maintenance and circuit breaker. Admins see
         everything (with server URLs and error text); callers see what they may use."""
+        principal = principal_of(request)
         live = services.live
         pairs = usable_pairs(services.registry, principal, admin_sees_all=True)
         now = time.time()
@@ -43,8 +43,8 @@ class StatusController(Controller):
         return doc
 
     @get("/metrics", summary="Prometheus metrics (admins)", include_in_schema=False)
-    async def metrics(self, request: Request, principal: Principal) -> Response:
-        if not principal.is_admin:
+    async def metrics(self, request: Request) -> Response:
+        if not principal_of(request).is_admin:
             raise APIError(403, "Metrics are for the gateway's admins (a key in the 'admin' group, or an admin "
                            "group in Globus mode).", code="admin_only")  # fmt: skip
         body = render(request.app.state.metrics)

@@ -8,11 +8,10 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
-from litestar import Controller, get
+from litestar import Controller, Request, get
 
-from api.guards import DEPENDENCIES, authenticate
+from api.guards import DEPENDENCIES, authenticate, principal_of
 from core.errors import APIError
-from core.principal import Principal
 from core.timewindow import TimeBoundError, parse_time_bound
 from serving.request import Services
 
@@ -26,8 +25,8 @@ class UsageController(Controller):
     @get("/v1/usage", summary="Usage reports: yours, or everyone's for admins")
     async def usage_report(
         self,
+        request: Request,
         services: Services,
-        principal: Principal,
         report: str = "summary",
         since: str | None = None,
         until: str | None = None,
@@ -46,6 +45,7 @@ class UsageController(Controller):
         minute, so the last minute or so of requests may be missing."""
         from analytics.reports import REPORTS, UsageFilter
 
+        principal = principal_of(request)
         name = report.strip().lower().replace("_", "-")
         if name not in REPORTS:
             raise APIError(400, f"Unknown report '{report}'; choose from {', '.join(REPORTS)}.", param="report",

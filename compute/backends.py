@@ -208,7 +208,8 @@ class ExecutorBackend(ComputeBackend):
                     if not isinstance(exc, TaskExecutionFailed):
                         pool.retire(cluster, executor)
                     err = _task_failed(exc, where)
-                    relay.fail_threadsafe(request_id, {"status": err.status, "message": err.message})
+                    relay.fail_threadsafe(request_id, {"status": err.status, "message": err.message, "code": err.code,
+                                                       "detail": err.detail, "headers": err.headers})  # fmt: skip
 
             fut.add_done_callback(on_done)
             while True:
@@ -226,11 +227,14 @@ class ExecutorBackend(ComputeBackend):
                 if batch.error is not None:
                     if "kind" in batch.error or "body" in batch.error:  # vLLM unreachable, or its error answer
                         raise backend_error(batch.error, where)
-                    status = int(batch.error.get("status", 502))
-                    message = batch.error["message"]
+                    e = batch.error
+                    if "code" in e:  # the gateway's own account of a function that failed or an endpoint that died
+                        raise APIError(int(e["status"]), e["message"], code=e["code"], detail=e.get("detail"),
+                                       headers=e.get("headers"))  # fmt: skip
+                    status = int(e.get("status", 502))
                     if status >= 500:  # the function's own failure: its text is for operators
-                        raise APIError(status, f"{where}: the stream failed", detail=message)
-                    raise APIError(status, message)
+                        raise APIError(status, f"{where}: the stream failed", detail=e["message"])
+                    raise APIError(status, e["message"])
                 if batch.done:
                     return
         finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from litestar import Controller, Request, Response, post
 
-from api.guards import DEPENDENCIES, authenticate
+from api.guards import DEPENDENCIES, authenticate, principal_of
 from api.inference.sse import to_response
 from api.request_ids import request_id
 from core.errors import APIError
@@ -23,18 +23,14 @@ class InferenceController(Controller):
     dependencies = DEPENDENCIES
 
     @post("/v1/chat/completions", status_code=200, summary="Create a chat completion")
-    async def chat_completions(
-        self, request: Request, data: ChatCompletionRequest, services: Services, principal: Principal
-    ) -> Response:
+    async def chat_completions(self, request: Request, data: ChatCompletionRequest, services: Services) -> Response:
         """OpenAI chat completions, streaming (SSE) or not. Unknown fields pass through to vLLM."""
-        return await _serve(request, data, "chat.completions", services, principal)
+        return await _serve(request, data, "chat.completions", services, principal_of(request))
 
     @post("/v1/completions", status_code=200, summary="Create a completion")
-    async def completions(
-        self, request: Request, data: CompletionRequest, services: Services, principal: Principal
-    ) -> Response:
+    async def completions(self, request: Request, data: CompletionRequest, services: Services) -> Response:
         """OpenAI (legacy) text completions, streaming (SSE) or not."""
-        return await _serve(request, data, "completions", services, principal)
+        return await _serve(request, data, "completions", services, principal_of(request))
 
 
 async def _serve(
