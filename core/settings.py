@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     vllm_kv_cache_gib: int = 1
     vllm_port_base: int = 8100
     local_workers: int = Field(default=64, description="Threads in the local compute endpoint")
+    max_inflight_per_caller: int = Field(
+        default=64, ge=0, description="Requests (streams included) one caller may have in flight per model (0 = no cap)"
+    )
     default_rpm: int = Field(default=0, description="Requests per minute per API key when the key sets none (0 = none)")
     audit_mode: bool = Field(
         default=False,

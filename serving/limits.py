@@ -40,6 +40,7 @@ class Reservation:
     tokens: int = 0
     token_buckets: list[_Bucket] = field(default_factory=list)
     settled: bool = False
+    slot: str | None = None  # the concurrency slot it holds (a caller's cap on requests in flight per model)
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,26 @@ class Limit:
 class RateLimiter:
     def __init__(self) -> None:
         self._buckets: dict[tuple[str, str], _Bucket] = {}
+        self._inflight: dict[str, int] = {}  # concurrency slots in use, per caller and model
+
+    def enter(self, key: str, cap: int, what: str, into: Reservation) -> None:
+        """Take one of ``cap`` concurrency slots of ``key`` (0: no cap) for the request, or refuse it with 429:
+        one caller's 65th stream must not take a share of everyone's capacity. Freed by ``settle``."""
+        if not cap:
+            return
+        n = self._inflight.get(key, 0)
+        if n >= cap:
+            raise APIError(
+                429,
+                f"Too many requests in flight: {what} allows {cap} at once. Wait for some to finish.",
+                code="too_many_concurrent_requests",
+                headers={"Retry-After": "1"},
+            )
+        self._inflight[key] = n + 1
+        into.slot = key
+
+    def inflight(self, key: str) -> int:
+        return self._inflight.get(key, 0)
 
     def _bucket(self, key: str, kind: str, capacity: int, now: float) -> _Bucket:
         bucket = self._buckets.get((key, kind))
@@ -95,12 +116,17 @@ class RateLimiter:
         res.tokens = tokens
         return res
 
-    @staticmethod
-    def settle(res: Reservation, used_tokens: int) -> None:
-        """Give back what was reserved but not used (or charge the excess). Idempotent."""
+    def settle(self, res: Reservation, used_tokens: int) -> None:
+        """Give back what was reserved but not used (or charge the excess), and the concurrency slot. Idempotent."""
         if res.settled:
             return
         res.settled = True
+        if res.slot is not None:
+            left = self._inflight.get(res.slot, 1) - 1
+            if left > 0:
+                self._inflight[res.slot] = left
+            else:
+                self._inflight.pop(res.slot, None)
         for b in res.token_buckets:
             b.level = min(b.capacity, b.level + res.tokens - used_tokens)
 

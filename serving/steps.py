@@ -63,6 +63,9 @@ async def authorize(req: InferenceRequest, svc: Services, out: Outcome) -> Model
     limits = [Limit(f"model:{model.name}:{p.user}", model.limits_for(p.groups), f"model {model.name}")]
     if p.rpm:
         limits.append(Limit(f"key:{p.key_id or p.user}", RateLimits(rpm=p.rpm), "your API key"))
+    caller = p.key_id or p.user  # first the cap on requests in flight: a refused request takes nothing else
+    svc.limiter.enter(f"{caller}:{model.name}", svc.settings.max_inflight_per_caller,
+                      f"model {model.name} for one caller", out.reservation)  # fmt: skip
     svc.limiter.reserve(p.user, limits, out.tokens_reserved, out.reservation)
     return model
 

@@ -100,3 +100,19 @@ def test_token_estimate_covers_max_tokens_and_prompt():
     assert token_estimate(multi, 512) == 5 + TEMPLATE_TOKENS_PER_MESSAGE + 1
     ids = CompletionRequest(model="m", prompt=[[1, 2, 3], [4, 5]], max_tokens=10, n=2)
     assert token_estimate(ids, 512) == 5 + 20
+
+
+def test_concurrency_slots_are_taken_and_given_back_once():
+    limiter = RateLimiter()
+    a, b = Reservation(), Reservation()
+    limiter.enter("k:m", 2, "model m", a)
+    limiter.enter("k:m", 2, "model m", b)
+    with pytest.raises(APIError) as e:
+        limiter.enter("k:m", 2, "model m", Reservation())
+    assert e.value.status == 429 and e.value.code == "too_many_concurrent_requests"
+    limiter.settle(a, 0)
+    limiter.settle(a, 0)  # settling twice gives back one slot, not two
+    assert limiter.inflight("k:m") == 1
+    limiter.enter("k:m", 2, "model m", Reservation())
+    limiter.enter("other:m", 0, "model m", Reservation())  # 0: no cap, nothing counted
+    assert limiter.inflight("other:m") == 0

@@ -103,3 +103,38 @@ def test_long_stream_has_no_length_cap(tmp_path, seconds):
     text = [d["choices"][0]["delta"]["content"] for k, d in events if k == "chunk" and d["choices"]]
     assert text == [str(i) for i in range(n)] and events[-1][0] == "done"
     assert took >= seconds * 0.95
+
+
+def test_one_caller_cannot_hold_more_than_its_cap_of_streams(tmp_path):
+    """FIRST_MAX_INFLIGHT_PER_CALLER: past it, 429 at once (not a share of everyone's capacity); a slot comes back
+    when its stream ends."""
+    import threading
+
+    from serving.auth import KeyStore
+
+    settings = gateway_settings(tmp_path, max_inflight_per_caller=2)
+    with SlowStreamDouble(chunks=60, interval_s=0.05) as model, live_gateway(settings, model.url) as gw:
+        slot = f"{KeyStore(settings.keys_db).list()[0].key_id}:slow"
+        limiter = gw.app.state.services.limiter
+        finished: list[str] = []
+
+        def hold() -> None:
+            finished.append([kind for kind, _ in gw.stream({**BODY, "stream": True})][-1])
+
+        streams = [threading.Thread(target=hold) for _ in range(2)]
+        for t in streams:
+            t.start()
+        deadline = time.monotonic() + 20
+        while limiter.inflight(slot) < 2:
+            assert time.monotonic() < deadline, "the two streams did not start"
+            time.sleep(0.02)
+        third = httpx.post(f"{gw.url}/v1/chat/completions", json={**BODY, "stream": True},
+                           headers={"Authorization": f"Bearer {gw.key}"}, timeout=30)  # fmt: skip
+        assert third.status_code == 429 and third.json()["error"]["code"] == "too_many_concurrent_requests"
+        assert third.headers["retry-after"] == "1"
+        for t in streams:
+            t.join(60)
+        assert finished == ["done", "done"] and limiter.inflight(slot) == 0
+        again = httpx.post(f"{gw.url}/v1/chat/completions", json=BODY, headers={"Authorization": f"Bearer {gw.key}"},
+                           timeout=60)  # fmt: skip
+        assert again.status_code == 200  # the slots came back
