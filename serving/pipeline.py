@@ -3,7 +3,7 @@ failover) -> record usage. The HTTP handler calls ``serve`` and gets a typed res
 
 Whether a request becomes a recorded Prefect flow run is a setting (design decision 1, ``FIRST_FLOW_TRACKING``):
 
-- ``all``: the pipeline runs inside the ``infer`` flow (``flows/inference.py``), each step a task run. Costly
+- ``all``: the pipeline runs inside the ``infer`` flow (``flows/control_plane.py``), each step a task run. Costly
   (see docs/benchmarks.md).
 - ``sample`` (default): the steps run as plain coroutines and the request's trace is recorded afterwards as an
   ``infer-record`` flow run, off the serving loop, when it failed, waited for a warm-up, or was sampled.

@@ -60,7 +60,7 @@ class Outcome:
 
 class ControlPlane(Protocol):
     """What the Prefect side lends the serving side. The entry point (``first/gateway.py``) builds the
-    Prefect one (``flows.inference.PrefectControlPlane``); without it a gateway serves untracked and starts
+    Prefect one (``flows.control_plane.PrefectControlPlane``); without it a gateway serves untracked and starts
     nothing itself."""
 
     def warm_runner(self, services: Services) -> Callable[[ModelSpec, ClusterSpec], Awaitable[dict[str, Any]]]:

@@ -3,7 +3,7 @@
 The pipeline calls its steps as plain coroutines: ``model = await authorize(req, svc, out)``. Each step is
 decorated with ``@step``, which times it into the request's trace (what a recorded ``infer-record`` run shows)
 and, only inside a tracked ``infer`` flow run, hands it to the runner the Prefect side installed
-(``flows/inference.py``). The serving side imports no Prefect for this.
+(``flows/control_plane.py``). The serving side imports no Prefect for this.
 """
 
 from __future__ import annotations
