@@ -55,5 +55,11 @@ class APIError(Exception):
         """The fullest account: the detail when there is one, else the message."""
         return f"{self.message} ({self.detail})" if self.detail else self.message
 
+    def fresh(self) -> APIError:
+        """A new error with the same fields. A cached answer is raised as a copy: raising one object again and
+        again would grow its traceback on every request."""
+        return APIError(self.status, self.message, type=self.type, param=self.param, code=self.code,
+                        headers=dict(self.headers), detail=self.detail)  # fmt: skip
+
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

@@ -99,7 +99,7 @@ class GlobusAuthenticator:
         entry = self._cache.get(key)
         if entry is not None and entry.fresh_until > self.clock.monotonic():
             if entry.error is not None:
-                raise entry.error
+                raise entry.error.fresh()
             return entry.principal  # type: ignore[return-value]
         future = self._inflight.get(key)
         if future is None:

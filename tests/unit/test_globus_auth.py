@@ -172,6 +172,17 @@ async def test_one_introspection_for_100_concurrent_requests_with_one_new_token(
     assert fake.calls["introspect"] == 2  # rejections are shared and cached too
 
 
+async def test_a_cached_rejection_is_raised_afresh_each_time(fake):
+    """Re-raising one cached exception object grows its traceback on every request (a leak a flood of bad tokens
+    would feed): each caller gets a new error with the same answer."""
+    auth = GlobusAuthenticator(block(fake))
+    errors = [await check(auth, "forged") for _ in range(50)]
+    assert fake.calls["introspect"] == 1  # answered from the cache after the first
+    assert len({id(e) for e in errors}) == 50 and {(e.status, e.code) for e in errors} == {(401, "invalid_api_key")}
+    depth = [len(__import__("traceback").extract_tb(e.__traceback__)) for e in errors]
+    assert set(depth[1:]) == {depth[1]}, depth  # cached answers: the same short traceback every time
+
+
 async def test_cache_entry_ends_at_token_expiry(fake):
     clock = ManualClock()
     auth = GlobusAuthenticator(block(fake, cache_ttl_s=300), clock=clock)
