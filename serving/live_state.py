@@ -59,6 +59,7 @@ class Instance:
     latencies_ms: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=200))
     error_times: deque[float] = field(default_factory=lambda: deque(maxlen=200))
     warm: asyncio.Future[None] | None = None
+    probing: asyncio.Future[None] | None = None  # a status check under way (single-flight)
     warm_started: float | None = None
     warm_ups: int = 0
 
@@ -167,17 +168,23 @@ class LiveState:
         return rank(candidates, self.breakers, self.estimates, time.time(), count_running(self._instances.values()))
 
     async def probe(self, instances: list[Instance], timeout_s: float = 10.0) -> None:
-        """Ask the clusters what state these instances are in (the first time the gateway routes to them)."""
+        """Ask the clusters what state these instances are in (the first time the gateway routes to them).
+        Single-flight per instance: a burst of requests for an unknown instance makes one status call."""
 
         async def one(inst: Instance) -> None:
-            try:
-                status = await asyncio.wait_for(self.backends.get(inst.cluster).status(inst.model), timeout_s)
-            except Exception as exc:
-                status = {"state": "unknown", "detail": f"status check failed: {exc!r}"}
-            if inst.warm is None or inst.warm.done():  # a warm-up in progress knows better
-                inst.set(status["state"], status.get("base_url"), status.get("detail"))
+            if inst.probing is None or inst.probing.done():
+                inst.probing = asyncio.ensure_future(self._probe_one(inst, timeout_s))
+            await asyncio.shield(inst.probing)
 
         await asyncio.gather(*(one(i) for i in instances))
+
+    async def _probe_one(self, inst: Instance, timeout_s: float) -> None:
+        try:
+            status = await asyncio.wait_for(self.backends.get(inst.cluster).status(inst.model), timeout_s)
+        except Exception as exc:
+            status = {"state": "unknown", "detail": f"status check failed: {exc!r}"}
+        if inst.warm is None or inst.warm.done():  # a warm-up in progress knows better
+            inst.set(status["state"], status.get("base_url"), status.get("detail"))
 
     # ---- a request's life on an instance ----
 

@@ -325,3 +325,26 @@ def test_max_instances_counts_every_model_the_cluster_runs(settings) -> None:
     assert probing.state(time.time()) == "half-open" and not probing.allows(time.time())
     err = nothing_routable("m", [on_free], SimpleNamespace(live=live))  # type: ignore[arg-type]
     assert err.code == "clusters_failing" and "free: failing, one probe request under way" in err.message
+
+
+async def test_a_burst_for_an_unknown_instance_makes_one_status_call(settings) -> None:
+    """Status probes are single-flight per instance: 50 requests arriving for an instance the gateway does not
+    know yet make one status call to its cluster, not 50."""
+    calls: list[str] = []
+
+    class CountingBackendDouble:
+        async def status(self, model: ModelSpec) -> dict[str, Any]:
+            calls.append(model.name)
+            await asyncio.sleep(0.1)
+            return {"state": "hot", "base_url": "http://127.0.0.1:8100"}
+
+    class BackendsDouble2:
+        def get(self, cluster: ClusterSpec) -> CountingBackendDouble:
+            return CountingBackendDouble()
+
+    live = LiveState(BackendsDouble2(), settings)  # type: ignore[arg-type]
+    inst = live.instance(ClusterSpec(name="c", transport="local"), ModelSpec(name="m", clusters=["c"], path="-"))
+    await asyncio.gather(*(live.probe([inst]) for _ in range(50)))
+    assert calls == ["m"] and inst.state == "hot"
+    await live.probe([inst])  # a later probe asks again
+    assert calls == ["m", "m"]
