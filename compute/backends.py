@@ -352,7 +352,8 @@ class ExecutorPool:
         credential = os.environ.get("GLOBUS_COMPUTE_CLIENT_ID") or "user-login"
         # A multi-user endpoint runs one user endpoint per config: clusters with other values get their own.
         config = json.dumps(cluster.user_endpoint_config, sort_keys=True)
-        return ("globus-compute", str(cluster.endpoint_id), credential, config)
+        functions = json.dumps(cluster.function_ids, sort_keys=True)  # kept with the executor: new ids, new entry
+        return ("globus-compute", str(cluster.endpoint_id), credential, config, functions)
 
     async def get(self, cluster: ClusterSpec) -> tuple[Executor, dict[str, str]]:
         key = self.key(cluster)
@@ -400,19 +401,45 @@ class ExecutorPool:
         self._retired.clear()
 
 
+# What a backend is built from: an edit to any of these (an operator cutting off a compromised endpoint, new
+# function ids) must reach running gateways, so the backend is rebuilt.
+CONNECTION_FIELDS = (
+    "transport",
+    "base_url",
+    "endpoint_id",
+    "login_endpoint_id",
+    "function_ids",
+    "user_endpoint_config",
+)
+
+
+def connection_of(cluster: ClusterSpec) -> str:
+    return json.dumps({f: getattr(cluster, f, None) for f in CONNECTION_FIELDS}, sort_keys=True, default=str)
+
+
 class Backends:
-    """One backend per cluster, created on first use and shared by the whole process."""
+    """One backend per cluster, created on first use and shared by the whole process; rebuilt when the cluster's
+    connection fields change (the registry is re-read from its blocks while the gateway runs)."""
 
     def __init__(self, settings: Settings, relay: RelayHub | None = None) -> None:
         self.settings = settings
         self.relay = relay
         self.pool = ExecutorPool(settings)
-        self._backends: dict[str, ComputeBackend] = {}
+        self._backends: dict[str, tuple[ComputeBackend, ClusterSpec, str]] = {}
+        self._retired: list[ComputeBackend] = []  # requests in flight may still use them: closed at the end
 
     def get(self, cluster: ClusterSpec) -> ComputeBackend:
-        backend = self._backends.get(cluster.name)
-        if backend is None:
-            backend = self._backends[cluster.name] = self._create(cluster)
+        entry = self._backends.get(cluster.name)
+        if entry is not None and entry[1] is cluster:  # the same spec object: the hot path, no comparison
+            return entry[0]
+        connection = connection_of(cluster)
+        if entry is not None and entry[2] == connection:
+            self._backends[cluster.name] = (entry[0], cluster, connection)
+            return entry[0]
+        if entry is not None:
+            self._retired.append(entry[0])
+        backend = self._create(cluster)
+        self._backends[cluster.name] = (backend, cluster, connection)
         return backend
 
     def _create(self, cluster: ClusterSpec) -> ComputeBackend:
@@ -421,7 +448,8 @@ class Backends:
         return ExecutorBackend(cluster, self.settings, self.pool, self.relay)
 
     async def close(self) -> None:
-        for b in self._backends.values():
+        for b in [*(e[0] for e in self._backends.values()), *self._retired]:
             await b.close()
         self.pool.close()
         self._backends.clear()
+        self._retired.clear()

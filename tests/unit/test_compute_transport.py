@@ -180,3 +180,18 @@ def test_cancel_job_runs_the_schedulers_cancel_command(tmp_path, monkeypatch):
     assert bad["cancelled"] is False and bad["error"]
     missing = functions.cancel_job("slurm", "123")  # no scancel anywhere
     assert missing["cancelled"] is False and "scancel" in missing["error"]
+
+
+async def test_an_edit_to_a_clusters_connection_reaches_a_running_gateway(backends):
+    """Backends are cached per cluster name; an operator who changes where a cluster's traffic goes (its URL,
+    endpoint, function ids) must not have to restart every gateway to cut the old one off."""
+    site = ClusterSpec(name="site", transport="http", base_url="http://127.0.0.1:9/v1")
+    first = backends.get(site)
+    assert backends.get(site) is first
+    assert backends.get(site.model_copy(update={"maintenance": True})) is first  # not a connection field
+    moved = backends.get(site.model_copy(update={"base_url": "http://127.0.0.1:10/v1"}))
+    assert moved is not first and moved.cluster.base_url == "http://127.0.0.1:10/v1"
+    remote = ClusterSpec(name="hpc", transport="globus-compute", endpoint_id="4b116d3c-1703-4f8f-9f6f-39921e5864df")
+    old = backends.get(remote)
+    new = backends.get(remote.model_copy(update={"function_ids": {"openai_request": "f00"}}))
+    assert new is not old and backends.pool.key(new.cluster) != backends.pool.key(old.cluster)
