@@ -131,19 +131,25 @@ def openai_stream(
     The first chunk is posted at once (time to first token); later ones at most ``batch_chunks`` per
     post or every ``batch_ms``. Returns a summary; errors are also posted so the caller sees them.
     """
+    import contextlib
     import json
     import time
 
     from urllib3.exceptions import HTTPError
 
     http, relay_http = _http(base_url), _http(relay_url)
+    r: Any = None
     headers = {"Content-Type": "application/json"}
     seq = 0
     sent = 0
 
+    class StreamGone(Exception):
+        """The gateway no longer wants this stream (its caller left, or it refused the token): stop generating."""
+
     def post(chunks: list[Any], done: bool = False, error: dict[str, Any] | None = None) -> None:
         nonlocal seq
         doc = json.dumps({"seq": seq, "chunks": chunks, "done": done, "error": error}).encode()
+        status = None
         for attempt in range(5):  # reposts are idempotent: the gateway drops duplicate sequence numbers
             try:
                 r = relay_http.request(
@@ -153,12 +159,19 @@ def openai_stream(
                     headers={**headers, "X-Relay-Token": relay_token},
                     timeout=_timeout(30.0),
                 )
-                if r.status < 500:
+                status = r.status
+                if status == 409 and attempt:  # a repost of a batch whose answer was lost: delivered already
+                    break
+                if status in (401, 404, 409):
+                    raise StreamGone(f"the gateway answered {status} to batch {seq}")
+                if status < 500:
                     break
             except HTTPError:
                 if attempt == 4:
                     raise
             time.sleep(0.05 * 2**attempt)
+        else:  # never skip a sequence number: the gateway would wait for it until its idle timeout
+            raise RuntimeError(f"the gateway's relay answered {status} to batch {seq} five times")
         seq += 1
 
     try:
@@ -213,6 +226,10 @@ def openai_stream(
         r.release_conn()
         sent += len(batch)
         post(batch, done=True)
+    except StreamGone as gone:
+        with contextlib.suppress(Exception):
+            r.close()  # vLLM sees the disconnect and stops generating
+        return {"status": 499, "chunks": sent, "stopped": str(gone)}
     except HTTPError as exc:
         err = backend_unreachable(base_url, exc, _is_timeout(exc))
         post([], done=True, error=err)

@@ -60,6 +60,7 @@ class ResultChannel:
         self.started = False  # a stream's first byte went out: failures can no longer become HTTP errors
         self.cluster: str | None = None  # where it runs (the X-First-Cluster response header)
         self.finished = False  # the terminal item (Finished or Failed) was sent
+        self.abandoned = False  # the caller went away mid-stream: the pipeline stops the work on the cluster
 
     # ---- the pipeline's side ----
 
@@ -79,6 +80,10 @@ class ResultChannel:
         self._queue.put_nowait(Finished())
 
     # ---- the handler's side ----
+
+    def abandon(self) -> None:
+        """The caller is gone (disconnected before the stream ended)."""
+        self.abandoned = True
 
     async def result(self) -> Result:
         """Wait until the request has an answer: a held response comes out only after its usage is recorded."""

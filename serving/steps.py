@@ -183,7 +183,18 @@ async def execute(req: InferenceRequest, inst: Instance, svc: Services, channel:
 
 
 async def _stream(req: InferenceRequest, chunks: Any, channel: ResultChannel, out: Outcome) -> None:
+    try:
+        await _forward(req, chunks, channel, out)
+    finally:
+        await chunks.aclose()  # the backend lets go of the cluster: its relay channel closes, its HTTP stream ends
+
+
+async def _forward(req: InferenceRequest, chunks: Any, channel: ResultChannel, out: Outcome) -> None:
     async for chunk in chunks:
+        if channel.abandoned:  # the caller is gone: stop here, and the cluster stops generating
+            out.status, out.error_type = 499, "client_disconnected"
+            log.info("request %s: the caller left mid-stream; stopping it on the cluster", req.request_id)
+            return
         if chunk.get("usage") and not chunk.get("choices"):
             out.usage = dict(chunk["usage"])
             if not req.include_usage:

@@ -37,14 +37,20 @@ async def _events(first: StreamItem, channel: ResultChannel) -> AsyncIterator[by
     """SSE bytes. Chunks that are already waiting go out in one write (a relay batch arrives at once)."""
     item: StreamItem | None = first
     parts: list[bytes] = []
-    while True:
-        if item is None:
-            yield b"".join(parts)
-            parts = []
-            item = await channel.next()
-        if type(item) is not Chunk:
-            parts.append(_end(item))  # type: ignore[arg-type]
-            yield b"".join(parts)
-            return
-        parts.append(b"data: " + _encode(item.data) + b"\n\n")
-        item = channel.next_nowait()
+    ended = False
+    try:
+        while True:
+            if item is None:
+                yield b"".join(parts)
+                parts = []
+                item = await channel.next()
+            if type(item) is not Chunk:
+                parts.append(_end(item))  # type: ignore[arg-type]
+                ended = True
+                yield b"".join(parts)
+                return
+            parts.append(b"data: " + _encode(item.data) + b"\n\n")
+            item = channel.next_nowait()
+    finally:
+        if not ended:  # closed before its end: the caller left (Litestar closes the stream on a disconnect)
+            channel.abandon()

@@ -138,3 +138,35 @@ def test_one_caller_cannot_hold_more_than_its_cap_of_streams(tmp_path):
         again = httpx.post(f"{gw.url}/v1/chat/completions", json=BODY, headers={"Authorization": f"Bearer {gw.key}"},
                            timeout=60)  # fmt: skip
         assert again.status_code == 200  # the slots came back
+
+
+def test_a_caller_who_leaves_mid_stream_stops_the_work_on_the_cluster(tmp_path):
+    """The caller reads a few chunks and hangs up: the gateway stops forwarding, closes the relay channel, the
+    cluster function sees 404 on its next post and stops reading the model server. The stream is still charged:
+    its usage row says 499 client_disconnected with the tokens it reserved."""
+    from analytics.store import UsageStore
+
+    settings = gateway_settings(tmp_path, relay_batch_chunks=1, relay_batch_ms=0)
+    with SlowStreamDouble(chunks=2_000, interval_s=0.01) as model, live_gateway(settings, model.url) as gw:
+        with httpx.stream("POST", gw.url + "/v1/chat/completions", json={**BODY, "stream": True, "max_tokens": 2000},
+                          headers={"Authorization": f"Bearer {gw.key}"}, timeout=30) as r:  # fmt: skip
+            lines = r.iter_lines()
+            got = [line for line, _ in zip(lines, range(20), strict=False) if line.startswith("data: ")]
+        assert len(got) >= 5
+        deadline = time.monotonic() + 15
+        while True:  # the model server stops being read within a few of its chunks
+            before = model.sent
+            time.sleep(1.0)
+            if model.sent == before:
+                break
+            assert time.monotonic() < deadline, f"the model server was still streaming ({model.sent} chunks sent)"
+        assert model.sent < 1_000, model.sent
+        store = UsageStore(settings.usage_db)
+        deadline = time.monotonic() + 10
+        while True:  # the pipeline records the row when it has let go of the cluster
+            store.ingest(settings.spool_dir)
+            rows = store.query("SELECT status, error_type, stream FROM usage").rows()
+            if rows or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert rows == [(499, "client_disconnected", True)], rows
