@@ -30,7 +30,7 @@ from api.models import ModelsController
 from api.relay import relay_post
 from api.request_ids import request_id, stamp_request_id
 from api.status import StatusController, health
-from api.usage import UsageController
+from api.usage import UsageController, UsageReports
 from blocks.globus import GlobusAuthBlock
 from blocks.registry import Registry
 from compute.backends import Backends
@@ -90,6 +90,7 @@ def create_app(
         if control is not None:
             live.warm_runner = control.warm_runner(svc)
         app.state.services, app.state.relay, app.state.metrics = svc, relay, metrics_registry(live)
+        app.state.usage_reports = reports = UsageReports()
         app.state.gateway_id = settings.gateway_id or f"{socket.gethostname()}_{settings.port}"
         background = [asyncio.create_task(live.probe([live.instance(reg.clusters[c], m) for m in reg.models.values()
                                                       for c in m.clusters if c in reg.clusters]))]  # fmt: skip
@@ -109,6 +110,7 @@ def create_app(
             if control is not None:
                 control.close()
             svc.spool.close()
+            reports.close()
             await backends.close()
 
     return Litestar(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -11,8 +13,10 @@ from typing import Any
 from litestar import Controller, Request, get
 
 from api.guards import DEPENDENCIES, authenticate, principal_of
+from blocks.registry import RateLimits
 from core.errors import APIError
 from core.timewindow import TimeBoundError, parse_time_bound
+from serving.limits import Limit
 from serving.request import Services
 
 log = logging.getLogger("first.api")
@@ -64,8 +68,41 @@ class UsageController(Controller):
             since=_bound(since, "since", now), until=_bound(until, "until", now), user=user, model=model or None,
             cluster=cluster or None, group=group or None,
         )  # fmt: skip
-        rows = await asyncio.to_thread(_usage_rows, services.settings.usage_db, name, f, limit)
+        caller = principal.key_id or principal.user
+        limit_rpm = services.settings.usage_rpm
+        if limit_rpm:
+            services.limiter.reserve(principal.user, [Limit(f"usage:{caller}", RateLimits(rpm=limit_rpm),
+                                                            "usage reports")], 0)  # fmt: skip
+        reports: UsageReports = request.app.state.usage_reports
+        rows = await reports.rows(services.settings.usage_db, name, f, limit)
         return {"object": "usage.report", "report": name, "data": rows}
+
+
+class UsageReports:
+    """Where /v1/usage runs its DuckDB reads: a small pool of its own (warm-ups, executor builds and status checks
+    keep the default one), and a short cache (a dashboard polling every few seconds reads the file once). An
+    entry lasts ``ttl_s`` and never outlives a change of the database file (an ingest)."""
+
+    def __init__(self, workers: int = 2, ttl_s: float = 5.0, max_entries: int = 256) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="first-usage")
+        self.ttl_s, self.max_entries = ttl_s, max_entries
+        self._cache: dict[tuple[Any, ...], tuple[float, float, list[dict[str, Any]]]] = {}
+
+    async def rows(self, db: Path, report: str, f: Any, limit: int) -> list[dict[str, Any]]:
+        key = (str(db), report, repr(f), limit)
+        version = db.stat().st_mtime if db.exists() else 0.0
+        hit = self._cache.get(key)
+        now = time.monotonic()
+        if hit is not None and hit[0] > now and hit[1] == version:
+            return hit[2]
+        rows = await asyncio.get_running_loop().run_in_executor(self._pool, _usage_rows, db, report, f, limit)
+        if len(self._cache) >= self.max_entries:
+            self._cache.clear()
+        self._cache[key] = (now + self.ttl_s, version, rows)
+        return rows
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _bound(value: str | None, param: str, now: datetime) -> datetime | None:

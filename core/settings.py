@@ -61,6 +61,7 @@ class Settings(BaseSettings):
     vllm_kv_cache_gib: int = 1
     vllm_port_base: int = 8100
     local_workers: int = Field(default=64, description="Threads in the local compute endpoint")
+    usage_rpm: int = Field(default=60, ge=0, description="GET /v1/usage calls per minute per caller (0 = no limit)")
     max_inflight_per_caller: int = Field(
         default=64, ge=0, description="Requests (streams included) one caller may have in flight per model (0 = no cap)"
     )

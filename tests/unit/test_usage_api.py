@@ -3,6 +3,7 @@ the ingest-usage flow does), admins see everyone, callers only themselves, OpenA
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -157,3 +158,27 @@ async def test_an_empty_table_reports_zero(settings: Settings, keys) -> None:
         [s] = await usage(client, keys["alice"])
         assert s["requests"] == 0 and s["first_ts"] is None
         assert await usage(client, keys["root"], report="top-users") == []
+
+
+async def test_usage_reports_are_rate_limited_per_caller(settings: Settings, keys) -> None:
+    settings.usage_rpm = 3
+    registry = Registry(clusters={}, models={})
+    async with AsyncTestClient(app=create_gateway(settings, registry)) as c:
+        for _ in range(3):
+            await usage(c, keys["bob"])
+        r = await c.get("/v1/usage", headers={"Authorization": f"Bearer {keys['bob']}"})
+        is_openai_error(r, 429, "rate_limit_error")
+        assert int(r.headers["retry-after"]) >= 1
+        await usage(c, keys["alice"])  # another caller has a budget of its own
+
+
+async def test_a_cached_report_never_outlives_an_ingest(client, keys, settings: Settings) -> None:
+    """Reports are cached for a few seconds (a polling dashboard reads the file once), but new rows show at once."""
+    [before] = await usage(client, keys["bob"])
+    assert (await usage(client, keys["bob"]))[0] == before  # the same answer again, within the cache's life
+    with UsageSpool(settings.spool_dir) as spool:
+        spool.append(rec("new", T0 + timedelta(hours=1), "bob", total_tokens=5))
+    time.sleep(0.01)  # a new modification time for the database file
+    UsageStore(settings.usage_db).ingest(settings.spool_dir)
+    [after] = await usage(client, keys["bob"])
+    assert after["requests"] == before["requests"] + 1
