@@ -120,12 +120,15 @@ class Fleet:
 
     def task_runs(self, run: dict[str, Any], expected: set[str]) -> dict[str, str]:
         """The run's steps as the UI shows them: task name -> final state type. Waits (up to 30 s) until every
-        name in ``expected`` is there: the server's task-run recorder writes in batches."""
+        name in ``expected`` is there and every task run has its final state: the server's task-run recorder
+        writes in batches, names before final states."""
         deadline = time.monotonic() + 30
         while True:
             r = api("POST", f"{self.api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [run["id"]]}}})
-            tasks = {t["name"].rsplit("-", 1)[0]: (t.get("state") or {}).get("type") for t in r.json()}
-            if set(tasks) >= expected or time.monotonic() > deadline:
+            runs = [(t["name"].rsplit("-", 1)[0], (t.get("state") or {}).get("type")) for t in r.json()]
+            tasks = dict(runs)
+            final = all(state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for _, state in runs)
+            if (set(tasks) >= expected and final) or time.monotonic() > deadline:
                 return tasks
             time.sleep(0.5)
 
