@@ -110,6 +110,12 @@ class ModelSpec(AccessRules):
         default_factory=dict, description="Per-cluster path, port, vLLM arguments and environment"
     )
     context_length: int = 512
+    max_output_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="The largest max_tokens a request may ask for (default: the context length). A request sized "
+        "to run into the gateway's timeout must not be able to make the cluster look faulty to everyone.",
+    )
     hidden: bool = Field(
         default=False,
         description="Callers who may not use it get 404, as for an unknown model (default: 403, access denied)",

@@ -16,7 +16,7 @@ from blocks.registry import ModelSpec, RateLimits
 from core.errors import APIError
 from serving.limits import Limit
 from serving.live_state import Instance
-from serving.protocol import backend_body, token_estimate
+from serving.protocol import backend_body, requested_max_tokens, token_estimate
 from serving.request import InferenceRequest, Outcome, Services
 from serving.results import ResultChannel
 from serving.tracing import step
@@ -59,6 +59,11 @@ async def authorize(req: InferenceRequest, svc: Services, out: Outcome) -> Model
             param="model",
             code="model_access_denied",
         )
+    asked, cap = requested_max_tokens(req.body), model.max_output_tokens or model.context_length
+    if asked is not None and asked > cap:
+        param = "max_completion_tokens" if getattr(req.body, "max_completion_tokens", None) else "max_tokens"
+        raise APIError(400, f"'{param}' may be at most {cap} for model '{model.name}'; this request asks for {asked}.",
+                       param=param, code="max_tokens_too_large")  # fmt: skip
     out.tokens_reserved = token_estimate(req.body, model.context_length)
     limits = [Limit(f"model:{model.name}:{p.user}", model.limits_for(p.groups), f"model {model.name}")]
     if p.rpm:

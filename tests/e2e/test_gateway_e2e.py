@@ -105,7 +105,7 @@ def test_errors_through_the_openai_client(stack: Stack) -> None:
     with pytest.raises(openai.BadRequestError) as e:
         client(stack).chat.completions.create(model="tiny", messages=MSG, temperature=7)
     assert e.value.body["param"] == "temperature"
-    with pytest.raises(openai.BadRequestError) as e:  # vLLM's own validation, passed through as 400
+    with pytest.raises(openai.BadRequestError) as e:  # past the model's max_tokens cap: the gateway's own 400
         client(stack).chat.completions.create(model="tiny", messages=MSG, max_tokens=100_000)
     assert e.value.status_code == 400
     with pytest.raises(openai.NotFoundError):

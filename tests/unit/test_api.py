@@ -183,6 +183,19 @@ async def test_backend_timeout_is_504(client, keys):
     assert "timed out" in r.json()["error"]["message"]
 
 
+async def test_max_tokens_past_the_models_cap_is_400_before_any_cluster_work(client, keys):
+    """A request sized to run into the timeout (max_tokens near the context, ignore_eos) is refused up front, so
+    one caller cannot make a cluster look faulty to everyone."""
+    h = _auth(keys["bob"])
+    r = await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 100_000, "ignore_eos": True}, headers=h)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "max_tokens_too_large"
+    assert r.json()["error"]["param"] == "max_tokens" and "at most 512" in r.json()["error"]["message"]
+    r = await client.post("/v1/chat/completions", json={**CHAT, "max_completion_tokens": 513}, headers=h)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_completion_tokens"
+    r = await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 512}, headers=h)
+    assert r.status_code == 503  # within the cap: on to the (down) cluster
+
+
 async def test_streaming_errors_before_first_byte_are_http_errors(client, keys):
     r = await client.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=_auth(keys["bob"]))
     assert r.status_code == 503 and r.headers["content-type"].startswith("application/json")

@@ -148,7 +148,7 @@ def test_a_caller_who_leaves_mid_stream_stops_the_work_on_the_cluster(tmp_path):
 
     settings = gateway_settings(tmp_path, relay_batch_chunks=1, relay_batch_ms=0)
     with SlowStreamDouble(chunks=2_000, interval_s=0.01) as model, live_gateway(settings, model.url) as gw:
-        with httpx.stream("POST", gw.url + "/v1/chat/completions", json={**BODY, "stream": True, "max_tokens": 2000},
+        with httpx.stream("POST", gw.url + "/v1/chat/completions", json={**BODY, "stream": True, "max_tokens": 500},
                           headers={"Authorization": f"Bearer {gw.key}"}, timeout=30) as r:  # fmt: skip
             lines = r.iter_lines()
             got = [line for line, _ in zip(lines, range(20), strict=False) if line.startswith("data: ")]
