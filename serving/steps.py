@@ -35,8 +35,9 @@ def not_found(name: str) -> APIError:
 
 @step("authorize")
 async def authorize(req: InferenceRequest, svc: Services, out: Outcome) -> ModelSpec:
-    """The caller may use this model and is within its limits: one request and the request's tokens are
-    reserved from the caller's buckets (settled with the real usage in ``record_usage``)."""
+    """The caller may use this model, asks for no more than its ``max_tokens`` cap, and is within its limits: a
+    concurrency slot, one request and the request's tokens are reserved (given back, and settled with the real
+    usage, in ``record_usage``)."""
     p = req.principal
     model = svc.registry.resolve(req.body.model)
     if model is None and "/" in req.body.model:  # "cluster/model" pins a cluster, as FIRST's direct mode does
