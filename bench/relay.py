@@ -116,7 +116,9 @@ def serve_gateway(args: argparse.Namespace) -> None:
     out = _reply_channel()
     settings = gateway_settings(
         Path(args.home), relay_batch_chunks=args.batch_chunks, relay_batch_ms=args.batch_ms
-    ).model_copy(update={"local_workers": args.workers})  # the harness's 8 threads would queue concurrent streams
+    ).model_copy(  # the harness's 8 threads would queue concurrent streams; all of them come from one key
+        update={"local_workers": args.workers, "max_inflight_per_caller": 0}
+    )
     with live_gateway(settings, args.model_url) as gw:
         state = json.loads((settings.instances_dir / "local" / "slow.json").read_text())
         out.write(json.dumps({"url": gw.url, "key": gw.key, "pid": os.getpid(), "stand_in_pid": state["pid"]}) + "\n")

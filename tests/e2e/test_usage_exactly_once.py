@@ -117,8 +117,9 @@ def test_usage_rows_exactly_once_across_a_gateway_crash(tmp_path: Path) -> None:
     with OpenAISimulatorDouble(latency_s=0.5, capacity=50, name="sim-a") as sim:
         registry = tmp_path / "registry.yaml"
         registry.write_text(http_registry_yaml({"sim-a": sim.base_url}, {"sim": ["sim-a"]}))
-        gw1 = GatewayProcess(home, registry)
-        gw2 = GatewayProcess(home, registry)
+        one_caller = {"FIRST_MAX_INFLIGHT_PER_CALLER": "0"}  # the N requests in flight all come from one key
+        gw1 = GatewayProcess(home, registry, env=one_caller)
+        gw2 = GatewayProcess(home, registry, env=one_caller)
         try:
             gw1.start()
             calls, t0, killed_at = asyncio.run(fire_and_kill(gw1, key))
