@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import os
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor, Future
@@ -24,44 +23,11 @@ from globus_compute_sdk.errors import TaskExecutionFailed
 
 from blocks.registry import ClusterSpec, ModelSpec
 from compute import functions
+from compute.executors import ExecutorPool
+from compute.failures import backend_error, task_failed
 from compute.relay import RelayHub
 from core.errors import APIError
 from core.settings import Settings
-
-_KIND_WORDS = {"unreachable": "is unreachable", "timeout": "timed out"}
-
-
-def backend_error(result: dict[str, Any], where: str) -> APIError:
-    """Turn a failed backend answer into an OpenAI-shaped error that names the cluster and the kind of failure.
-    What only operators should see (the model server's URL, its error text) goes into ``detail``."""
-    status = int(result.get("status") or 502)
-    if "kind" in result:  # the function could not reach vLLM
-        what = _KIND_WORDS.get(result["kind"], "failed")
-        return APIError(status, f"{where}: the model server {what}", code=f"backend_{result['kind']}",
-                        detail=result.get("message"))  # fmt: skip
-    err = (result.get("body") or {}).get("error") or {}
-    message = err.get("message") if isinstance(err, dict) else str(err)
-    if 400 <= status < 500:  # the model server rejected the request: the caller's to fix, in its own words
-        return APIError(status, message or "The model server rejected the request", param=err.get("param"))
-    return APIError(502, f"{where}: the model server failed ({status})", code="backend_error", detail=message)
-
-
-def _task_failed(exc: BaseException, where: str) -> APIError:
-    """TaskExecutionFailed: the function ran and raised (502; the remote cause is the detail). Anything else
-    (Globus API or connection errors, a lost endpoint, an executor that shut itself down): the route failed (503)."""
-    if isinstance(exc, TaskExecutionFailed):
-        text = str(exc).strip()
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-        # The remote traceback ends with "ExcType: message"; the first line may be only a header.
-        cause = next(
-            (ln for ln in reversed(lines) if ": " in ln and not ln.startswith("File ")),
-            lines[0] if lines else "unknown",
-        )
-        return APIError(502, f"{where}: the cluster function failed", code="task_failed", detail=cause)
-    return APIError(
-        503, f"{where}: the compute endpoint is unreachable", code="endpoint_unreachable",
-        headers={"Retry-After": "10"}, detail=f"{type(exc).__name__}: {exc}",
-    )  # fmt: skip
 
 
 class ComputeBackend(ABC):
@@ -114,7 +80,7 @@ class ExecutorBackend(ComputeBackend):
             return executor, executor.submit(functions.CLUSTER_FUNCTIONS[name], *args)
         except Exception as exc:  # the executor itself is broken: build a new one for the next request
             self.pool.retire(self.cluster, executor)
-            raise _task_failed(exc, f"Cluster '{self.cluster.name}'") from exc
+            raise task_failed(exc, f"Cluster '{self.cluster.name}'") from exc
 
     async def call(self, name: str, *args: Any, timeout: float | None = None) -> Any:
         """Run one cluster function and await its result. The timeout cancels only this request's future,
@@ -131,7 +97,7 @@ class ExecutorBackend(ComputeBackend):
         except Exception as exc:
             if not isinstance(exc, TaskExecutionFailed):  # the route failed, not the function: a new executor
                 self.pool.retire(self.cluster, executor)
-            raise _task_failed(exc, f"Cluster '{self.cluster.name}'") from exc
+            raise task_failed(exc, f"Cluster '{self.cluster.name}'") from exc
 
     async def endpoint_status(self) -> dict[str, Any]:
         """Is the cluster's endpoint online, and does it have a manager (a running block) to take work?"""
@@ -207,7 +173,7 @@ class ExecutorBackend(ComputeBackend):
                 if exc is not None:
                     if not isinstance(exc, TaskExecutionFailed):
                         pool.retire(cluster, executor)
-                    err = _task_failed(exc, where)
+                    err = task_failed(exc, where)
                     relay.fail_threadsafe(request_id, {"status": err.status, "message": err.message, "code": err.code,
                                                        "detail": err.detail, "headers": err.headers})  # fmt: skip
 
@@ -329,76 +295,6 @@ class DirectHTTPBackend(ComputeBackend):
     async def close(self) -> None:
         for client in self.clients:
             await client.aclose()
-
-
-class ExecutorPool:
-    """Executors per endpoint and credential, shared by the clusters that use them.
-
-    After a failure of the executor itself (not of a function), the next request gets a new one; the old one
-    is kept until ``close`` so that requests in flight on it still finish. Building one runs off the event
-    loop (a local endpoint is a process start; a Globus Compute executor a client and a login check)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self._live: dict[tuple[str, ...], tuple[Executor, dict[str, str]]] = {}
-        self._retired: list[Executor] = []
-        self._building: dict[tuple[str, ...], asyncio.Future[tuple[Executor, dict[str, str]]]] = {}
-        self.built = 0  # executors built so far (first use and rebuilds)
-
-    @staticmethod
-    def key(cluster: ClusterSpec) -> tuple[str, ...]:
-        if cluster.transport == "local":
-            return ("local", cluster.name)
-        credential = os.environ.get("GLOBUS_COMPUTE_CLIENT_ID") or "user-login"
-        # A multi-user endpoint runs one user endpoint per config: clusters with other values get their own.
-        config = json.dumps(cluster.user_endpoint_config, sort_keys=True)
-        functions = json.dumps(cluster.function_ids, sort_keys=True)  # kept with the executor: new ids, new entry
-        return ("globus-compute", str(cluster.endpoint_id), credential, config, functions)
-
-    async def get(self, cluster: ClusterSpec) -> tuple[Executor, dict[str, str]]:
-        key = self.key(cluster)
-        live = self._live.get(key)
-        if live is not None:
-            return live
-        building = self._building.get(key)
-        if building is None:  # single-flight: concurrent first requests build one executor
-            building = asyncio.ensure_future(asyncio.to_thread(self._build, cluster))
-            self._building[key] = building
-        try:
-            live = await asyncio.shield(building)
-        except Exception as exc:
-            raise _task_failed(exc, f"Cluster '{cluster.name}'") from exc
-        finally:
-            if building.done():
-                self._building.pop(key, None)
-        self._live[key] = live
-        return live
-
-    def _build(self, cluster: ClusterSpec) -> tuple[Executor, dict[str, str]]:
-        self.built += 1
-        if cluster.transport == "local":
-            from compute.local import LocalComputeExecutor
-
-            local = LocalComputeExecutor(workers=self.settings.local_workers)
-            # Registered by id, as `first functions register` does with Globus Compute: one code path for both.
-            return local, {name: local.register_function(fn) for name, fn in functions.CLUSTER_FUNCTIONS.items()}
-        from compute.globus_compute import globus_compute_executor
-
-        return globus_compute_executor(cluster), dict(cluster.function_ids)
-
-    def retire(self, cluster: ClusterSpec, executor: Executor) -> None:
-        """Stop handing out ``executor`` for the cluster, if it is still the live one (not already replaced)."""
-        key = self.key(cluster)
-        live = self._live.get(key)
-        if live is not None and live[0] is executor:
-            del self._live[key]
-            self._retired.append(live[0])
-
-    def close(self) -> None:
-        for executor in [*(e for e, _ in self._live.values()), *self._retired]:
-            executor.shutdown(wait=False, cancel_futures=True)
-        self._live.clear()
-        self._retired.clear()
 
 
 # What a backend is built from: an edit to any of these (an operator cutting off a compromised endpoint, new

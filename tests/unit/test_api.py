@@ -12,7 +12,7 @@ from litestar.testing import AsyncTestClient
 
 from analytics.store import UsageStore
 from blocks.registry import ClusterSpec, ModelSpec, Registry
-from compute.backends import backend_error
+from compute.failures import backend_error
 from first.gateway import create_gateway
 from first.runner import free_port
 from serving.auth import KeyStore
