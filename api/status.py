@@ -51,12 +51,13 @@ class StatusController(Controller):
         return Response(content=body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-@get("/health", summary="Liveness, and the state of each model instance")
+@get("/health", summary="Liveness (no credential: nothing about the fleet; that is /v1/status)")
 async def health(request: Request) -> dict[str, Any]:
+    """Liveness and how this gateway runs. Nothing about models, clusters, URLs or errors: without a credential
+    those would show hidden model names and internal URLs (they are on /v1/status, per caller)."""
     svc: Services = request.app.state.services
     return {
         "status": "ok",
-        "instances": [i.snapshot() for i in svc.live.all()],
         "flow_tracking": svc.settings.flow_tracking.value,
         "auth_mode": svc.settings.auth_mode,
         "auth_checks": getattr(request.app.state.authenticator, "checks", None),  # Globus: cache misses so far

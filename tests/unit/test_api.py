@@ -268,9 +268,11 @@ async def test_the_spool_is_written_for_its_owner_only(client, keys, settings):
     assert segments and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in segments)
 
 
-async def test_health_and_openapi_schema(client):
-    r = await client.get("/health")
+async def test_health_and_openapi_schema(client, keys):
+    await client.post("/v1/chat/completions", json={**CHAT, "model": "secret"}, headers=_auth(keys["alice"]))
+    r = await client.get("/health")  # no credential: liveness, nothing about the fleet
     assert r.status_code == 200 and r.json()["status"] == "ok"
+    assert not any(word in r.text for word in ("secret", "m-down", "127.0.0.1", "down", "instances")), r.text
     schema = (await client.get("/docs/openapi.json")).json()
     assert "/v1/chat/completions" in schema["paths"] and "/internal/relay/{request_id}" not in schema["paths"]
 
