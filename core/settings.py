@@ -6,7 +6,9 @@ Clusters and models themselves live in Prefect Blocks (see ``blocks/``).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
@@ -115,6 +117,25 @@ class Settings(BaseSettings):
         os.chmod(self.home, 0o700)  # mkdir's mode is filtered by the umask, and the folder may predate us
         return self.home
 
+    @property
+    def prefect_auth_path(self) -> Path:
+        return self.home / "prefect-api-auth"
+
+    def prefect_auth_string(self) -> str:
+        """The embedded Prefect server's API password (HTTP basic auth), made on first use and kept 0600.
+
+        The Prefect API is the fleet's control plane (it holds the blocks' secrets and the live state the gateways
+        route by): without this, every account on the host could steer the fleet."""
+        path = self.prefect_auth_path
+        if not path.exists():
+            self.make_home()
+            secret = "first:" + secrets.token_urlsafe(32)
+            with contextlib.suppress(FileExistsError):  # another process made it first: use theirs
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(secret + "\n")
+        return path.read_text().strip()
+
 
 @lru_cache
 def get_settings() -> Settings:
@@ -122,8 +143,12 @@ def get_settings() -> Settings:
 
 
 def prefect_env(settings: Settings, prefect_port: int) -> dict[str, str]:
-    """The environment every process of the embedded default shares (set before Prefect is imported)."""
+    """The environment every process of the embedded default shares (set before Prefect is imported): the local
+    Prefect server, and its API password for the server (``PREFECT_SERVER_API_AUTH_STRING``) and every client."""
+    auth = settings.prefect_auth_string()
     return {
+        "PREFECT_SERVER_API_AUTH_STRING": auth,
+        "PREFECT_API_AUTH_STRING": auth,
         "FIRST_HOME": str(settings.home),
         "FIRST_REPO_ROOT": str(REPO_ROOT),
         "PREFECT_HOME": str(settings.home / "prefect"),

@@ -151,6 +151,8 @@ class Runner:
         )
         with console.status("starting the Prefect server…"):
             wait_http(f"{self.api_url}/health", 120, proc, "the Prefect server")
+        # `first apply`, `first registry ...` in another shell of this account find the server (and its password).
+        (self.s.home / "prefect-api-url").write_text(self.api_url + "\n")
         console.print(f"[green]✓[/green] Prefect server at http://127.0.0.1:{self.prefect_port}")
 
     def setup_prefect(self) -> None:
@@ -213,7 +215,7 @@ class Runner:
 [bold]FIRST is running.[/bold] Ctrl-C stops everything.
 
   OpenAI API     {base}/v1          (API docs: {base}/docs)
-  Prefect UI     http://127.0.0.1:{self.prefect_port}
+  Prefect UI     http://127.0.0.1:{self.prefect_port}   (password: the line in {self.s.prefect_auth_path})
                  deployments: warm-up, scale-down, drain-cluster, model-status;
                  refresh-status (every 60 s), scale-down-idle (every 300 s)
   Demo API key   {key}
@@ -293,4 +295,5 @@ class Runner:
         stop_local_models(self.s)
         if "prefect-server" in by_name:
             stop_group(by_name["prefect-server"], "Prefect server")
+        (self.s.home / "prefect-api-url").unlink(missing_ok=True)
         console.print("[green]all processes stopped[/green]")

@@ -12,6 +12,15 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+
+
+@app.callback()
+def _embedded_prefect() -> None:
+    """Point this command at the embedded Prefect server when `first run` is running on this machine (the URL
+    and API password it left in FIRST_HOME); a PREFECT_API_URL set in the environment wins."""
+    running.use_embedded_prefect()
+
+
 app.command()(running.run)
 app.command()(running.gateway)
 app.add_typer(keys.app, name="keys")

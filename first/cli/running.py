@@ -9,6 +9,18 @@ import typer
 from core.settings import get_settings
 
 
+def use_embedded_prefect() -> None:
+    import os
+
+    settings = get_settings()
+    url_file = settings.home / "prefect-api-url"
+    if "PREFECT_API_URL" in os.environ or not url_file.exists() or not settings.prefect_auth_path.exists():
+        return
+    os.environ.setdefault("PREFECT_API_URL", url_file.read_text().strip())
+    os.environ.setdefault("PREFECT_HOME", str(settings.home / "prefect"))
+    os.environ.setdefault("PREFECT_API_AUTH_STRING", settings.prefect_auth_string())
+
+
 def run(
     prefect_port: Annotated[int, typer.Option(help="Port of the local Prefect server (UI and API)")] = 4200,
     warm: Annotated[bool, typer.Option(help="Warm the demo model up at start (through the warm-up deployment)")] = True,

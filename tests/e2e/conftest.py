@@ -119,11 +119,19 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             stop(p)
 
 
-def prefect_api(method: str, url: str, **kw: Any) -> httpx.Response:
+def prefect_auth(env: dict[str, str]) -> httpx.BasicAuth:
+    """The embedded Prefect server's API password (prefect_env), as HTTP basic auth for direct API calls."""
+    user, _, password = env["PREFECT_API_AUTH_STRING"].partition(":")
+    return httpx.BasicAuth(user, password)
+
+
+def prefect_api(method: str, url: str, env: dict[str, str], **kw: Any) -> httpx.Response:
     """One Prefect API call, retried while the server answers 503 (its SQLite database is busy), as Prefect's own
     client does."""
     for _ in range(20):
-        r = httpx.request(method, url, timeout=60, **kw)  # a busy SQLite server can take a while
+        r = httpx.request(
+            method, url, timeout=60, auth=prefect_auth(env), **kw
+        )  # a busy SQLite server can take a while
         if r.status_code != 503:
             return r
         time.sleep(0.5)
@@ -135,6 +143,7 @@ def prefect_flow_runs(stack: Stack, flow_name: str) -> list[dict]:
         f"{stack.prefect_api}/flow_runs/filter",
         json={"flows": {"name": {"any_": [flow_name]}}, "limit": 200},
         timeout=10,
+        auth=prefect_auth(stack.env),
     )
     r.raise_for_status()
     return r.json()

@@ -105,6 +105,8 @@ def test_cluster_functions_through_globus_compute_engine(tmp_path: Path) -> None
     usage = chat["body"]["usage"]
     assert chat["body"]["choices"][0]["message"]["content"] and usage["completion_tokens"] > 0
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    # vLLM was started with its own API key: a call without it (any account on the node) is refused.
+    assert r["without_key"]["status"] == 401, r["without_key"]
 
     # A function that raises comes back as the engine's error Result, which the SDK raises as TaskExecutionFailed.
     failure = r["failure"]

@@ -59,15 +59,17 @@ class Fleet:
 
     def run_deployment(self, name: str, timeout_s: float = 300, **parameters: Any) -> dict[str, Any]:
         """What the UI's "Run" button does: create a flow run of the deployment; then wait for it to end."""
-        dep = prefect_api("GET", f"{self.api}/deployments/name/{name}").raise_for_status().json()
+        dep = prefect_api("GET", f"{self.api}/deployments/name/{name}", self.env).raise_for_status().json()
         run = (
-            prefect_api("POST", f"{self.api}/deployments/{dep['id']}/create_flow_run", json={"parameters": parameters})
+            prefect_api(
+                "POST", f"{self.api}/deployments/{dep['id']}/create_flow_run", self.env, json={"parameters": parameters}
+            )
             .raise_for_status()
             .json()
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            run = prefect_api("GET", f"{self.api}/flow_runs/{run['id']}").raise_for_status().json()
+            run = prefect_api("GET", f"{self.api}/flow_runs/{run['id']}", self.env).raise_for_status().json()
             if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
                 return run
             time.sleep(1)
@@ -139,8 +141,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         api = f"http://127.0.0.1:{prefect_port}/api"
         for name in deployments.SCHEDULED:
             # Their schedules would land at random points of the tests (test_fleet_deployments.py runs them).
-            dep = prefect_api("GET", f"{api}/deployments/name/{name}").raise_for_status().json()
-            prefect_api("POST", f"{api}/deployments/{dep['id']}/pause_deployment").raise_for_status()
+            dep = prefect_api("GET", f"{api}/deployments/name/{name}", env).raise_for_status().json()
+            prefect_api("POST", f"{api}/deployments/{dep['id']}/pause_deployment", env).raise_for_status()
         spawn("worker", deployments.worker_command())
         key = first("keys", "create", "--user", "alice")
         admin = first("keys", "create", "--user", "ops", "--group", "admin")

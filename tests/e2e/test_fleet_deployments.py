@@ -77,9 +77,10 @@ class Fleet:
     # ---- Prefect, as the UI and the gateways use it ----
 
     def bus(self, fn: Callable[..., Any], *args: Any) -> Any:
-        from prefect.settings import PREFECT_API_URL, temporary_settings
+        from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
-        with temporary_settings(updates={PREFECT_API_URL: self.api}):
+        auth = self.env["PREFECT_API_AUTH_STRING"]
+        with temporary_settings(updates={PREFECT_API_URL: self.api, PREFECT_API_AUTH_STRING: auth}):
             return asyncio.run(fn(*args))
 
     def run(self, deployment: str, parameters: dict[str, Any], timeout_s: float = 90) -> dict[str, Any]:
@@ -88,16 +89,21 @@ class Fleet:
         return self.wait(run, timeout_s)
 
     def start(self, deployment: str, parameters: dict[str, Any]) -> dict[str, Any]:
-        d = api("GET", f"{self.api}/deployments/name/{deployment}")
+        d = api("GET", f"{self.api}/deployments/name/{deployment}", self.env)
         assert d.status_code == 200, d.text
-        r = api("POST", f"{self.api}/deployments/{d.json()['id']}/create_flow_run", json={"parameters": parameters})
+        r = api(
+            "POST",
+            f"{self.api}/deployments/{d.json()['id']}/create_flow_run",
+            self.env,
+            json={"parameters": parameters},
+        )
         assert r.status_code == 201, r.text
         return r.json()
 
     def wait(self, run: dict[str, Any], timeout_s: float = 90) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            run = api("GET", f"{self.api}/flow_runs/{run['id']}").json()
+            run = api("GET", f"{self.api}/flow_runs/{run['id']}", self.env).json()
             if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
                 break
             time.sleep(0.5)
@@ -111,6 +117,7 @@ class Fleet:
             r = api(
                 "POST",
                 f"{self.api}/logs/filter",
+                self.env,
                 json={"logs": {"flow_run_id": {"any_": [run["id"]]}}, "sort": "TIMESTAMP_ASC", "limit": 200},
             )
             text = "\n".join(entry["message"] for entry in r.json())
@@ -124,7 +131,7 @@ class Fleet:
         writes in batches, names before final states."""
         deadline = time.monotonic() + 30
         while True:
-            r = api("POST", f"{self.api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [run["id"]]}}})
+            r = api("POST", f"{self.api}/task_runs/filter", self.env, json={"flow_runs": {"id": {"any_": [run["id"]]}}})
             runs = [(t["name"].rsplit("-", 1)[0], (t.get("state") or {}).get("type")) for t in r.json()]
             tasks = dict(runs)
             final = all(state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for _, state in runs)
@@ -133,16 +140,18 @@ class Fleet:
             time.sleep(0.5)
 
     def artifacts(self, run: dict[str, Any]) -> dict[str, str]:
-        r = api("POST", f"{self.api}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}})
+        r = api(
+            "POST", f"{self.api}/artifacts/filter", self.env, json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}
+        )
         return {a["key"]: a["data"] for a in r.json()}
 
     def observation(self, cluster: str) -> dict[str, Any]:
-        r = api("GET", f"{self.api}/variables/name/{bus.state_variable(cluster, 'sim')}")
+        r = api("GET", f"{self.api}/variables/name/{bus.state_variable(cluster, 'sim')}", self.env)
         assert r.status_code == 200, r.text
         return r.json()["value"]
 
     def cluster_block(self, cluster: str) -> dict[str, Any]:
-        r = api("GET", f"{self.api}/block_types/slug/first-cluster/block_documents/name/{cluster}")
+        r = api("GET", f"{self.api}/block_types/slug/first-cluster/block_documents/name/{cluster}", self.env)
         assert r.status_code == 200, r.text
         return r.json()["data"]["spec"]
 
@@ -252,8 +261,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         local.register(env)
         for name in local.SCHEDULED:
             # The schedules would run them in the middle of the tests: the tests trigger them themselves.
-            d = api("GET", f"{fleet.api}/deployments/name/{name}").json()
-            api("POST", f"{fleet.api}/deployments/{d['id']}/pause_deployment").raise_for_status()
+            d = api("GET", f"{fleet.api}/deployments/name/{name}", fleet.env).json()
+            api("POST", f"{fleet.api}/deployments/{d['id']}/pause_deployment", fleet.env).raise_for_status()
         spawn("worker", local.worker_command())
         for c in CLUSTERS:
             fleet.serve(c)
@@ -272,7 +281,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 def test_the_deployments_are_registered(fleet: Fleet) -> None:
     found = {}
     for name in local.DEPLOYMENTS:
-        r = api("GET", f"{fleet.api}/deployments/name/{name}")
+        r = api("GET", f"{fleet.api}/deployments/name/{name}", fleet.env)
         assert r.status_code == 200, name
         found[name] = r.json()
     assert found["drain-cluster/drain-cluster"]["parameter_openapi_schema"]["required"] == ["cluster"]

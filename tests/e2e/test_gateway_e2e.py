@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from analytics.store import UsageStore
-from tests.e2e.conftest import REPO_ROOT, Stack, prefect_flow_runs
+from tests.e2e.conftest import REPO_ROOT, Stack, prefect_auth, prefect_flow_runs
 
 pytestmark = pytest.mark.e2e
 MSG = [{"role": "user", "content": "Write a function that adds two numbers."}]
@@ -219,7 +219,10 @@ def test_tracking_all_records_every_request_as_an_infer_flow_run(stack: Stack) -
     deadline = time.monotonic() + 30  # the server's task-run recorder writes in batches
     while time.monotonic() < deadline:
         tasks = httpx.post(
-            f"{stack.prefect_api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run_id]}}}, timeout=10
+            f"{stack.prefect_api}/task_runs/filter",
+            json={"flow_runs": {"id": {"any_": [flow_run_id]}}},
+            timeout=10,
+            auth=prefect_auth(stack.env),
         ).json()
         names = {t["name"].rsplit("-", 1)[0] for t in tasks}
         if names >= expected:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import httpx
 import openai
 import pytest
-from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
 from blocks.registry import ClusterSpec, ModelSpec, RateLimits, Registry
 from tests.e2e.conftest import BIN, REPO_ROOT, Stack
@@ -60,7 +60,9 @@ def globus_gateway(stack: Stack) -> Iterator[GlobusGateway]:
                 "tiny-pro": ModelSpec(name="tiny-pro", allowed_groups=[pro], **served),
             },
         )
-        with temporary_settings({PREFECT_API_URL: stack.prefect_api}):
+        with temporary_settings(
+            {PREFECT_API_URL: stack.prefect_api, PREFECT_API_AUTH_STRING: stack.env["PREFECT_API_AUTH_STRING"]}
+        ):
             asyncio.run(reg.save_blocks())
         env = {**stack.env, "FIRST_GLOBUS_CLIENT_SECRET": fake.client_secret}
         configure = [

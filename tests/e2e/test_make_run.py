@@ -9,6 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -50,6 +51,8 @@ def test_make_run_serves_then_ctrl_c_stops_everything(tmp_path: Path) -> None:
     }
     env.pop("PREFECT_API_URL", None)
     env.pop("PREFECT_HOME", None)
+    env.pop("PREFECT_API_AUTH_STRING", None)
+    env.pop("PREFECT_SERVER_API_AUTH_STRING", None)
     t0 = time.monotonic()
     make = subprocess.Popen(
         ["make", "run", f"RUN_ARGS=--prefect-port {free_port()}"],
@@ -71,6 +74,23 @@ def test_make_run_serves_then_ctrl_c_stops_everything(tmp_path: Path) -> None:
         c = openai.OpenAI(base_url=ready["base_url"], api_key=ready["api_key"], max_retries=0)
         r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
         assert r.usage.completion_tokens == 4
+        # Around the gateway there is no way in: vLLM wants its own key, Prefect's API its password.
+        state = json.loads(next((home / "instances").glob("*/*.json")).read_text())
+        assert home.stat().st_mode & 0o777 == 0o700
+        chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        assert httpx.post(state["base_url"] + "/v1/chat/completions", json=chat, timeout=30).status_code == 401
+        prefect_api = ready["prefect_ui"] + "/api"
+        write = httpx.post(prefect_api + "/variables/", json={"name": "first_state__x", "value": {}}, timeout=30)
+        assert write.status_code == 401
+        auth = (home / "prefect-api-auth").read_text().strip()
+        assert (home / "prefect-api-auth").stat().st_mode & 0o777 == 0o600
+        user, _, password = auth.partition(":")
+        ok = httpx.post(prefect_api + "/variables/filter", json={}, auth=(user, password), timeout=30)
+        assert ok.status_code == 200
+        # The owner's `first` commands in another shell find the running server and its password by themselves.
+        shown = subprocess.run([str(REPO_ROOT / ".venv/bin/first"), "registry", "show"], env=env, cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert shown.returncode == 0 and "tiny" in shown.stdout, shown.stderr[-2000:]
         before = _processes_mentioning(str(home))
         vllm = [json.loads(p.read_text())["pid"] for p in (home / "instances").glob("*/*.json")]
         assert vllm and all(pid in before for pid in vllm), (vllm, before)
