@@ -50,11 +50,14 @@ class ComputeBackend(ABC):
     async def stop(self, model: ModelSpec) -> dict[str, Any]: ...
 
     @abstractmethod
-    async def complete(self, base_url: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """A non-streaming call; returns the OpenAI response body or raises APIError."""
+    async def complete(self, model: ModelSpec, base_url: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A non-streaming call to ``model``'s server at ``base_url``; returns the OpenAI response body or raises
+        APIError."""
 
     @abstractmethod
-    def stream(self, base_url: str, path: str, body: dict[str, Any], request_id: str) -> AsyncIterator[dict]:
+    def stream(
+        self, model: ModelSpec, base_url: str, path: str, body: dict[str, Any], request_id: str
+    ) -> AsyncIterator[dict]:
         """A streaming call; yields OpenAI chunks, raises APIError."""
 
     async def close(self) -> None:
@@ -147,14 +150,23 @@ class ExecutorBackend(ComputeBackend):
     async def stop(self, model: ModelSpec) -> dict[str, Any]:
         return await self.call("stop_vllm", self._spec(model), timeout=60)
 
-    async def complete(self, base_url: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    def _key_ref(self, model: ModelSpec) -> dict[str, str]:
+        """Where, on the cluster, the function finds the model's vLLM API key (its state file)."""
+        spec = self._spec(model)
+        return {"state_dir": spec["state_dir"], "model": spec["model"]}
+
+    async def complete(self, model: ModelSpec, base_url: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
         timeout = self.settings.request_timeout_s
-        result = await self.call("openai_request", base_url, path, body, timeout, timeout=timeout + 5)
+        result = await self.call(
+            "openai_request", base_url, path, body, timeout, self._key_ref(model), timeout=timeout + 5
+        )
         if result.get("status") != 200:
             raise backend_error(result, f"Cluster '{self.cluster.name}'")
         return result["body"]
 
-    async def stream(self, base_url: str, path: str, body: dict[str, Any], request_id: str) -> AsyncIterator[dict]:
+    async def stream(
+        self, model: ModelSpec, base_url: str, path: str, body: dict[str, Any], request_id: str
+    ) -> AsyncIterator[dict]:
         if self.relay is None:
             raise APIError(503, "Streaming needs the gateway's relay, which is not configured", code="no_relay")
         relay = self.relay
@@ -164,7 +176,7 @@ class ExecutorBackend(ComputeBackend):
             executor, fut = await self.submit(
                 "openai_stream", base_url, path, body, self.settings.request_timeout_s,
                 f"{self.settings.gateway_url}/internal/relay/{request_id}", relay.token_for(request_id),
-                self.settings.relay_batch_chunks, self.settings.relay_batch_ms,
+                self.settings.relay_batch_chunks, self.settings.relay_batch_ms, self._key_ref(model),
             )  # fmt: skip
             pool, cluster = self.pool, self.cluster
 
@@ -180,7 +192,7 @@ class ExecutorBackend(ComputeBackend):
             fut.add_done_callback(on_done)
             while True:
                 try:
-                    batch = await asyncio.wait_for(channel.queue.get(), self.settings.relay_idle_timeout_s)
+                    batch = await asyncio.wait_for(channel.get(), self.settings.relay_idle_timeout_s)
                 except TimeoutError:
                     fut.cancel()
                     raise APIError(
@@ -253,7 +265,7 @@ class DirectHTTPBackend(ComputeBackend):
     async def stop(self, model: ModelSpec) -> dict[str, Any]:
         return {"state": "hot", "detail": "a direct-HTTP cluster is managed outside FIRST"}
 
-    async def complete(self, base_url: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def complete(self, model: ModelSpec, base_url: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
         try:
             r = await self.client.post(base_url + path, json=body)
         except httpx.HTTPError as exc:
@@ -269,7 +281,9 @@ class DirectHTTPBackend(ComputeBackend):
             raise backend_error({"status": r.status_code, "body": payload}, f"Cluster '{self.cluster.name}'")
         return payload
 
-    async def stream(self, base_url: str, path: str, body: dict[str, Any], request_id: str) -> AsyncIterator[dict]:
+    async def stream(
+        self, model: ModelSpec, base_url: str, path: str, body: dict[str, Any], request_id: str
+    ) -> AsyncIterator[dict]:
         where = f"Cluster '{self.cluster.name}'"
         try:
             async with self.client.stream("POST", base_url + path, json=body) as r:

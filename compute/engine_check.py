@@ -177,8 +177,12 @@ def main() -> int:
             raise RuntimeError(f"vLLM did not become hot: {hot}")
 
         body = {"model": spec["served_name"], "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8}
-        reply = call(functions.openai_request, status["base_url"], "/v1/chat/completions", body, 60.0, timeout=90)
+        key_ref = {"state_dir": spec["state_dir"], "model": spec["model"]}  # where the server's API key is
+        reply = call(functions.openai_request, status["base_url"], "/v1/chat/completions", body, 60.0, key_ref,
+                     timeout=90)  # fmt: skip
         mark("chat", status=reply["status"], body=reply["body"])
+        keyless = call(functions.openai_request, status["base_url"], "/v1/chat/completions", body, 60.0, timeout=90)
+        mark("without_key", status=keyless["status"])
 
         try:
             call(boom, "deliberate failure through the engine")

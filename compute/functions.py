@@ -48,6 +48,41 @@ def _expand(value: str, what: str) -> str:
     return expanded
 
 
+_keys: dict[str, tuple[float, str | None]] = {}  # state file -> (its mtime, the vLLM API key it holds)
+
+
+def _vllm_headers(instance: dict[str, Any] | None) -> dict[str, str]:
+    """The headers of a call to the model's vLLM: its API key, which start_vllm made and keeps in the instance's
+    state file on the cluster (0600); it never travels to the gateway. ``instance`` names that file
+    (``state_dir``, ``model``); None, or a server started without a key, sends none."""
+    import json
+    import os
+
+    headers = {"Content-Type": "application/json"}
+    if not instance:
+        return headers
+    path = str(_state_path(instance))
+    try:
+        mtime = os.stat(path).st_mtime
+    except OSError:
+        return headers
+    cached = _keys.get(path)
+    if cached is None or cached[0] != mtime:
+        try:
+            key = json.loads(open(path).read()).get("api_key")
+        except (OSError, ValueError):
+            key = None
+        cached = _keys[path] = (mtime, key)
+    if cached[1]:
+        headers["Authorization"] = f"Bearer {cached[1]}"
+    return headers
+
+
+def _public(state: dict[str, Any]) -> dict[str, Any]:
+    """An instance's state as the gateway may see it: without its vLLM API key."""
+    return {k: v for k, v in state.items() if k != "api_key"}
+
+
 def _timeout(seconds: float) -> Any:
     import urllib3
 
@@ -79,8 +114,10 @@ def _json_or_error(data: bytes) -> Any:
         return {"error": {"message": data[:500].decode(errors="replace"), "type": "backend_error"}}
 
 
-def openai_request(base_url: str, path: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """One non-streaming OpenAI call to the vLLM server near this function.
+def openai_request(
+    base_url: str, path: str, body: dict[str, Any], timeout: float, instance: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """One non-streaming OpenAI call to the vLLM server near this function (``instance``: where its key is).
 
     Returns {"status": http status, "body": json} or {"status": 503|504, "kind", "message"} when vLLM
     could not be reached.
@@ -91,7 +128,7 @@ def openai_request(base_url: str, path: str, body: dict[str, Any], timeout: floa
 
     try:
         r = _http(base_url).request(
-            "POST", base_url + path, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"},
+            "POST", base_url + path, body=json.dumps(body).encode(), headers=_vllm_headers(instance),
             timeout=_timeout(timeout),
         )  # fmt: skip
     except HTTPError as exc:
@@ -125,6 +162,7 @@ def openai_stream(
     relay_token: str,
     batch_chunks: int = 16,
     batch_ms: int = 20,
+    instance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Stream one OpenAI call from vLLM and post the chunks, in batches, to the gateway's relay.
 
@@ -179,7 +217,7 @@ def openai_stream(
             "POST",
             base_url + path,
             body=json.dumps(body).encode(),
-            headers=headers,
+            headers=_vllm_headers(instance),
             timeout=_timeout(timeout),
             preload_content=False,
         )
@@ -298,22 +336,25 @@ def vllm_status(spec: dict[str, Any]) -> dict[str, Any]:
                 tail = f.read().decode(errors="replace")
         except OSError:
             pass
-        return {**state, "state": "failed", "detail": f"vLLM process {state['pid']} exited. Log tail:\n{tail}"}
+        return {**_public(state), "state": "failed", "detail": f"vLLM process {state['pid']} exited. Log tail:\n{tail}"}
     try:
         ok = _http(state["base_url"]).request("GET", state["base_url"] + "/health", timeout=2.0).status == 200
     except HTTPError:
         ok = False
-    return {**state, "state": "hot" if ok else "starting"}
+    return {**_public(state), "state": "hot" if ok else "starting"}
 
 
 def start_vllm(spec: dict[str, Any]) -> dict[str, Any]:
     """Start vLLM for one model unless it already runs; returns at once (warm-up polls vllm_status).
 
-    A file lock makes concurrent starts on one machine start one server.
+    A file lock makes concurrent starts on one machine start one server. Each server gets its own API key
+    (``VLLM_API_KEY``, in its environment rather than on its command line, which every account can read), kept
+    in the instance's state file (0600): no one else on the host or the node can call it around the gateway.
     """
     import fcntl
     import json
     import os
+    import secrets
     import socket
     import subprocess
     import time
@@ -335,7 +376,8 @@ def start_vllm(spec: dict[str, Any]) -> dict[str, Any]:
             "--model", spec["model_path"], "--served-model-name", spec["served_name"],
             "--host", "127.0.0.1", "--port", str(port), *spec.get("args", []),
         ]  # fmt: skip
-        env = {**os.environ, **spec.get("env", {})}
+        api_key = secrets.token_urlsafe(32)
+        env = {**os.environ, **spec.get("env", {}), "VLLM_API_KEY": api_key}
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
@@ -346,11 +388,14 @@ def start_vllm(spec: dict[str, Any]) -> dict[str, Any]:
             "started": time.time(), "model": spec["model"], "cmd": cmd, "host": socket.gethostname(),
             # On a batch cluster this runs inside the endpoint's block: its job is the one holding the node.
             "job_id": os.environ.get("PBS_JOBID") or os.environ.get("SLURM_JOB_ID"),
+            "api_key": api_key,
         }  # fmt: skip
         tmp = _state_path(spec).with_suffix(".tmp")
-        tmp.write_text(json.dumps(state))
+        tmp.unlink(missing_ok=True)
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as fh:
+            fh.write(json.dumps(state))
         tmp.replace(_state_path(spec))
-        return {**state, "state": "starting"}
+        return {**_public(state), "state": "starting"}
 
 
 def stop_vllm(spec: dict[str, Any], grace_s: float = 20.0) -> dict[str, Any]:

@@ -170,9 +170,10 @@ async def execute(req: InferenceRequest, inst: Instance, svc: Services, channel:
     out.completion = {} if svc.settings.audit_mode else None
     try:
         if req.stream:
-            await _stream(req, backend.stream(inst.base_url or "", req.path, body, req.request_id), channel, out)
+            chunks = backend.stream(inst.model, inst.base_url or "", req.path, body, req.request_id)
+            await _stream(req, chunks, channel, out, svc.settings.relay_idle_timeout_s)
         else:
-            response = await backend.complete(inst.base_url or "", req.path, body)
+            response = await backend.complete(inst.model, inst.base_url or "", req.path, body)
             response["model"] = req.body.model
             out.usage = dict(response.get("usage") or {})
             if out.completion is not None:
@@ -188,14 +189,14 @@ async def execute(req: InferenceRequest, inst: Instance, svc: Services, channel:
         svc.live.end(inst, fault, (time.perf_counter() - t0) * 1000, error)
 
 
-async def _stream(req: InferenceRequest, chunks: Any, channel: ResultChannel, out: Outcome) -> None:
+async def _stream(req: InferenceRequest, chunks: Any, channel: ResultChannel, out: Outcome, stall_s: float) -> None:
     try:
-        await _forward(req, chunks, channel, out)
+        await _forward(req, chunks, channel, out, stall_s)
     finally:
         await chunks.aclose()  # the backend lets go of the cluster: its relay channel closes, its HTTP stream ends
 
 
-async def _forward(req: InferenceRequest, chunks: Any, channel: ResultChannel, out: Outcome) -> None:
+async def _forward(req: InferenceRequest, chunks: Any, channel: ResultChannel, out: Outcome, stall_s: float) -> None:
     async for chunk in chunks:
         if channel.abandoned:  # the caller is gone: stop here, and the cluster stops generating
             out.status, out.error_type = 499, "client_disconnected"
@@ -215,7 +216,11 @@ async def _forward(req: InferenceRequest, chunks: Any, channel: ResultChannel, o
         if not req.include_usage and chunk.get("usage"):
             chunk.pop("usage", None)
         out.streamed = True
-        channel.chunk(chunk)
+        await channel.chunk(chunk, stall_s)
+        if channel.stalled:  # its buffer stayed full: the caller stopped reading (or its connection hangs)
+            out.status, out.error_type = 499, "client_stalled"
+            log.info("request %s: the caller stopped reading; stopping it on the cluster", req.request_id)
+            return
 
 
 @step("record-usage")

@@ -45,8 +45,11 @@ def text_tokens(n: int) -> list[str]:
 
 
 class OpenAISimulatorDouble:
-    def __init__(self, latency_s: float = 0.05, capacity: int = 4, name: str = "sim") -> None:
+    def __init__(
+        self, latency_s: float = 0.05, capacity: int = 4, name: str = "sim", api_key: str | None = None
+    ) -> None:
         self.latency_s, self.capacity, self.name = latency_s, capacity, name
+        self.api_key = api_key  # as vLLM's --api-key: /v1 routes want "Authorization: Bearer <key>", /health not
         self.healthy = True
         self.fail_mode: str | None = None  # None | "500" | "close" | "hang"
         self.requests = self.served = self.active = self.max_active_seen = 0
@@ -110,6 +113,10 @@ class OpenAISimulatorDouble:
             if not message.get("more_body"):
                 break
         method, path = scope["method"], scope["path"]
+        if self.api_key and path.startswith("/v1"):
+            authorization = dict(scope["headers"]).get(b"authorization", b"").decode(errors="replace")
+            if authorization != f"Bearer {self.api_key}":
+                return await self._json(send, 401, {"error": "Unauthorized"})
         if method == "GET" and path == "/health":
             return await self._json(send, 200 if self.healthy else 503, {} if self.healthy else {"status": "down"})
         if method == "GET" and path == "/v1/models":

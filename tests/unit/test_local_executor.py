@@ -82,3 +82,35 @@ def test_a_hung_vllm_is_a_timeout_not_unreachable(executor):
         url = f"http://127.0.0.1:{hung.port}"
         result = executor.submit(functions.openai_request, url, "/v1/completions", {}, 1.0).result(30)
     assert result["status"] == 504 and result["kind"] == "timeout"
+
+
+def test_each_vllm_gets_its_own_api_key_that_only_cluster_functions_use(executor, tmp_path):
+    """start_vllm makes a key, hands it to vLLM in its environment (not its command line), keeps it in the 0600
+    state file, and never returns it; openai_request finds it there. Without it the server answers 401."""
+    import json
+    import sys
+
+    from tests.fakes.openai_simulator import OpenAISimulatorDouble
+
+    spec = {
+        "state_dir": str(tmp_path), "model": "m", "served_name": "m", "model_path": "-", "port": 9,
+        "python": sys.executable, "args": [], "env": {},
+    }  # fmt: skip
+    started = executor.submit(functions.start_vllm, spec).result(timeout=30)
+    state_file = tmp_path / "m.json"
+    key = json.loads(state_file.read_text())["api_key"]
+    assert len(key) >= 40 and "api_key" not in started and key not in json.dumps(started)
+    assert state_file.stat().st_mode & 0o777 == 0o600
+    assert key not in " ".join(json.loads(state_file.read_text())["cmd"])  # not in `ps` output
+    assert "api_key" not in functions.vllm_status(spec)
+    functions.stop_vllm(spec)
+
+    # The key as a server (vLLM's --api-key, here the simulator's) checks it.
+    state_file.write_text(json.dumps({"pid": 1, "api_key": "k-123", "base_url": "-", "log": "-"}))
+    ref = {"state_dir": str(tmp_path), "model": "m"}
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with OpenAISimulatorDouble(latency_s=0.0, api_key="k-123") as sim:
+        with_key = executor.submit(functions.openai_request, sim.base_url, "/v1/chat/completions", chat, 10.0, ref)
+        without = executor.submit(functions.openai_request, sim.base_url, "/v1/chat/completions", chat, 10.0)
+        assert with_key.result(30)["status"] == 200
+        assert without.result(30)["status"] == 401
