@@ -13,6 +13,7 @@ from core.errors import APIError
 
 log = logging.getLogger("first.api")
 _REQUEST_ID = re.compile(r"[0-9a-f]{32}")
+RELAY_ROOM_WAIT_S = 20.0  # below the function's 30 s read timeout: a held answer never becomes a repost
 
 
 @post("/internal/relay/{request_id:str}", status_code=200, include_in_schema=False)
@@ -25,13 +26,16 @@ async def relay_post(request: Request, request_id: str) -> dict[str, str]:
     if not hub.verify(request_id, request.headers.get("x-relay-token")):
         log.warning("rejected a relay post for %s with a bad token from %s", request_id, request.client)
         raise APIError(401, "Invalid relay token", code="invalid_relay_token")
-    doc = msgspec.json.decode(await request.body())
-    result = hub.deliver(request_id, RelayBatch(**doc))
+    try:
+        batch = msgspec.json.decode(await request.body(), type=RelayBatch)
+    except msgspec.DecodeError as exc:  # only a function with this stream's token gets here: a bug, not an attack
+        raise APIError(400, f"Malformed relay batch: {exc}", code="malformed_batch") from None
+    result = hub.deliver(request_id, batch)
     if result == "unknown":
         log.warning("rejected a relay post for %s: no open stream (finished, or never opened)", request_id)
         raise APIError(404, f"No open stream {request_id}", code="unknown_stream")
     if result == "duplicate":  # a replay, or the function's repost after a lost answer: delivered once already
-        log.warning("rejected a replayed relay post for %s (batch %s was delivered already)", request_id,
-                    doc.get("seq"))  # fmt: skip
-        raise APIError(409, f"Batch {doc.get('seq')} of {request_id} was delivered already", code="duplicate_batch")
+        log.warning("rejected a replayed relay post for %s (batch %s was delivered already)", request_id, batch.seq)
+        raise APIError(409, f"Batch {batch.seq} of {request_id} was delivered already", code="duplicate_batch")
+    await hub.wait_for_room(request_id, RELAY_ROOM_WAIT_S)
     return {"status": result}

@@ -8,6 +8,7 @@ delivers batches in order, exactly once, whatever order or how many times they a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import secrets
@@ -19,8 +20,13 @@ from typing import Any
 class RelayBatch:
     seq: int
     chunks: list[dict[str, Any]]
-    done: bool = False
+    done: bool = False  # (the relay route decodes posts into this type: a field of the wrong type is a 400)
     error: dict[str, Any] | None = None  # {"status": int, "message": str, ...} from the cluster side
+
+
+# Batches a stream may have waiting for its reader. Past this, the relay holds each post's answer until there is
+# room: the cluster function, which posts one batch at a time, slows to the pace of its caller.
+MAX_QUEUED_BATCHES = 64
 
 
 @dataclass
@@ -30,6 +36,14 @@ class Channel:
     next_seq: int = 0
     pending: dict[int, RelayBatch] = field(default_factory=dict)
     closed: bool = False
+    room: asyncio.Event = field(default_factory=asyncio.Event)  # set while fewer than MAX_QUEUED_BATCHES wait
+    gone: bool = False  # its reader let go (relay.close)
+
+    async def get(self) -> RelayBatch:
+        batch = await self.queue.get()
+        if self.queue.qsize() < MAX_QUEUED_BATCHES:
+            self.room.set()
+        return batch
 
     def put(self, batch: RelayBatch) -> bool:
         """Accept a batch; returns False for a duplicate (already delivered or already pending)."""
@@ -68,7 +82,23 @@ class RelayHub:
         return ch
 
     def close(self, request_id: str) -> None:
-        self._channels.pop(request_id, None)
+        ch = self._channels.pop(request_id, None)
+        if ch is not None:
+            ch.gone = True
+            ch.room.set()  # a post waiting for room is answered now (and the next one gets 404)
+
+    async def wait_for_room(self, request_id: str, timeout_s: float) -> None:
+        """Hold a post's answer while the stream's reader is behind (at most ``timeout_s``, below the function's
+        read timeout): backpressure, so that a caller who reads slowly cannot make the gateway buffer without
+        bound."""
+        ch = self._channels.get(request_id)
+        if ch is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while ch.queue.qsize() >= MAX_QUEUED_BATCHES and not ch.gone:
+                    ch.room.clear()
+                    await ch.room.wait()
 
     def deliver(self, request_id: str, batch: RelayBatch) -> str:
         """Called by the relay route (on the serving loop). Returns 'ok', 'duplicate' or 'unknown'."""

@@ -52,23 +52,42 @@ StreamItem = Chunk | Finished | Failed
 Result = Completed | Streaming | Failed
 
 
+# Chunks a stream may have waiting for its caller to read them. Past this the pipeline waits (and with it the
+# relay, and the cluster function's posts): a caller who reads slowly holds a bounded buffer, not a growing one.
+MAX_BUFFERED_CHUNKS = 256
+
+
 class ResultChannel:
     """From the pipeline's task to the HTTP handler, in order."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_buffered: int = MAX_BUFFERED_CHUNKS) -> None:
         self._queue: asyncio.Queue[Completed | StreamItem] = asyncio.Queue()
+        self._max_buffered = max_buffered
+        self._room = asyncio.Event()
         self.started = False  # a stream's first byte went out: failures can no longer become HTTP errors
         self.cluster: str | None = None  # where it runs (the X-First-Cluster response header)
         self.finished = False  # the terminal item (Finished or Failed) was sent
         self.abandoned = False  # the caller went away mid-stream: the pipeline stops the work on the cluster
+        self.stalled = False  # ... or stopped reading, with the buffer full
 
     # ---- the pipeline's side ----
 
     def respond(self, body: dict[str, Any]) -> None:
         self._queue.put_nowait(Completed(body))
 
-    def chunk(self, data: dict[str, Any]) -> None:
+    async def chunk(self, data: dict[str, Any], stalled_after_s: float) -> None:
+        """Queue a chunk; while the buffer is full, wait for the caller to read. A caller who reads nothing for
+        ``stalled_after_s`` counts as gone (``abandoned``): the pipeline then stops the work on the cluster."""
         self.started = True
+        if self._queue.qsize() >= self._max_buffered and not self.abandoned:
+            try:
+                async with asyncio.timeout(stalled_after_s):
+                    while self._queue.qsize() >= self._max_buffered and not self.abandoned:
+                        self._room.clear()
+                        await self._room.wait()
+            except TimeoutError:
+                self.abandoned = self.stalled = True
+                return
         self._queue.put_nowait(Chunk(data))
 
     def fail(self, error: APIError) -> None:
@@ -84,6 +103,7 @@ class ResultChannel:
     def abandon(self) -> None:
         """The caller is gone (disconnected before the stream ended)."""
         self.abandoned = True
+        self._room.set()
 
     async def result(self) -> Result:
         """Wait until the request has an answer: a held response comes out only after its usage is recorded."""
@@ -96,10 +116,13 @@ class ResultChannel:
         return Streaming(first, self)
 
     async def next(self) -> StreamItem:
-        return await self._queue.get()  # type: ignore[return-value]  # after the first item: never Completed
+        item = await self._queue.get()
+        self._room.set()
+        return item  # type: ignore[return-value]  # after the first item: never Completed
 
     def next_nowait(self) -> StreamItem | None:
         """The next item if one is already waiting (a relay batch arrives at once), else None."""
         if self._queue.empty():
             return None
+        self._room.set()
         return self._queue.get_nowait()  # type: ignore[return-value]
