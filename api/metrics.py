@@ -29,6 +29,11 @@ class FleetCollector:
         requests = CounterMetricFamily("first_instance_requests", "Requests that ran on the instance", labels=labels)
         errors = CounterMetricFamily("first_instance_errors", "Requests the cluster failed", labels=labels)
         warm_ups = CounterMetricFamily("first_instance_warm_ups", "Warm-ups this gateway started", labels=labels)
+        instance_breaker = GaugeMetricFamily(
+            "first_instance_breaker_open",
+            "1 while the model's server on the cluster is closed off (its breaker)",
+            labels=labels,
+        )
         for inst in self.live.all():
             key = [inst.model.name, inst.cluster.name]
             shown = inst.shown_state
@@ -41,6 +46,7 @@ class FleetCollector:
             requests.add_metric(key, inst.requests)
             errors.add_metric(key, inst.errors)
             warm_ups.add_metric(key, inst.warm_ups)
+            instance_breaker.add_metric(key, 1.0 if inst.breaker and inst.breaker.state(now) == "open" else 0.0)
         breaker = GaugeMetricFamily("first_cluster_breaker_open", "1 while the cluster's circuit breaker is open",
                                     labels=["cluster"])  # fmt: skip
         opened = CounterMetricFamily("first_cluster_breaker_opened", "Times the breaker opened", labels=["cluster"])
@@ -51,7 +57,19 @@ class FleetCollector:
         failovers.add_metric([], self.live.failovers)
         audit = CounterMetricFamily("first_audit_write_failures", "Audit-mode entries that could not be written")
         audit.add_metric([], self.live.audit_failures)
-        yield from (state, inflight, p50, requests, errors, warm_ups, breaker, opened, failovers, audit)
+        yield from (
+            state,
+            inflight,
+            p50,
+            requests,
+            errors,
+            warm_ups,
+            instance_breaker,
+            breaker,
+            opened,
+            failovers,
+            audit,
+        )
 
 
 def metrics_registry(live: LiveState) -> CollectorRegistry:

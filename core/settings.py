@@ -50,6 +50,12 @@ class Settings(BaseSettings):
     max_tries: int = Field(default=3, ge=1, description="Clusters one request may try before its first byte")
     breaker_failures: int = Field(default=3, ge=1, description="Consecutive failures that open a cluster's breaker")
     breaker_cooldown_s: float = Field(default=30.0, description="How long an open breaker waits before one probe")
+    slowest_tokens_per_s: float = Field(
+        default=20.0,
+        gt=0,
+        description="The slowest generation a healthy model server keeps up: a request asking for more tokens than "
+        "that rate makes within the request timeout may time out by its own size, which is then no cluster fault",
+    )
     registry_refresh_s: float = Field(default=5.0, description="How often the gateway re-reads cluster/model blocks")
     state_sync_s: float = Field(default=2.0, description="How often the gateway exchanges live state with flows")
     gateway_id: str | None = Field(default=None, description="This gateway's name in its state reports (host_port)")

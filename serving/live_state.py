@@ -62,6 +62,7 @@ class Instance:
     probing: asyncio.Future[None] | None = None  # a status check under way (single-flight)
     warm_started: float | None = None
     warm_ups: int = 0
+    breaker: Breaker | None = None  # this model's server on this cluster (LiveState.instance_breaker)
 
     @property
     def key(self) -> str:
@@ -100,6 +101,7 @@ class Instance:
             "inflight": self.inflight, "capacity": self.cluster.max_concurrency, "since": self.since,
             "last_status": self.last_status, "last_used": self.last_used, "recent": self.recent(now),
             "requests": self.requests, "errors": self.errors, "warm_ups": self.warm_ups,
+            "breaker": self.breaker.state(now) if self.breaker else "closed",
         }  # fmt: skip
         if detail:
             doc.update(base_url=self.base_url, last_error=self.last_error)
@@ -129,6 +131,15 @@ def allowed_base_url(cluster: ClusterSpec, model: ModelSpec, url: str) -> bool:
     return port == expected_port
 
 
+# Failures of the way to a cluster (its endpoint, its functions): they close the cluster to every model.
+# Anything else that fails on a cluster is the one model server's, and closes only that model there.
+CLUSTER_FAULTS = frozenset({"endpoint_unreachable", "cluster_unreachable", "task_failed", "no_relay"})
+
+
+def fault_scope(code: str | None) -> str:
+    return "cluster" if code in CLUSTER_FAULTS else "instance"
+
+
 class LiveState:
     def __init__(self, backends: Backends, settings: Settings, warm_runner: WarmRunner | None = None) -> None:
         self.backends = backends
@@ -156,10 +167,20 @@ class LiveState:
         return list(self._instances.values())
 
     def breaker(self, cluster: str) -> Breaker:
+        """The cluster's breaker: its endpoint or its functions failed, whatever the model."""
         b = self.breakers.get(cluster)
         if b is None:
             b = self.breakers[cluster] = Breaker(self.settings.breaker_failures, self.settings.breaker_cooldown_s)
         return b
+
+    def instance_breaker(self, inst: Instance) -> Breaker:
+        """One model's breaker on one cluster: its server failed. It closes that model there, not the cluster."""
+        if inst.breaker is None:
+            inst.breaker = Breaker(self.settings.breaker_failures, self.settings.breaker_cooldown_s)
+        return inst.breaker
+
+    def allows(self, inst: Instance, now: float) -> bool:
+        return self.breaker(inst.cluster.name).allows(now) and (inst.breaker is None or inst.breaker.allows(now))
 
     # ---- routing ----
 
@@ -190,34 +211,40 @@ class LiveState:
 
     def begin(self, inst: Instance) -> None:
         inst.inflight += 1
-        self.breaker(inst.cluster.name).attempt(time.time())
+        now = time.time()
+        self.breaker(inst.cluster.name).attempt(now)
+        self.instance_breaker(inst).attempt(now)
 
-    def end(self, inst: Instance, fault: bool, latency_ms: float, error: str | None = None) -> None:
-        """``fault``: the cluster failed the request (a caller's 4xx is not its fault). Faults feed the breaker."""
+    def end(self, inst: Instance, fault: str | None, latency_ms: float, error: str | None = None) -> None:
+        """``fault``: None when the cluster served the request (a caller's 4xx, or a timeout the request's own
+        size explains, is not its fault), else what failed: the model's server ("instance") or the way to the
+        cluster ("cluster"). Each feeds its own breaker."""
         now = time.time()
         inst.inflight -= 1
         inst.requests += 1
         inst.last_used = now
-        breaker = self.breaker(inst.cluster.name)
-        if not fault:
+        if fault is None:
             inst.latencies_ms.append((now, latency_ms))
-            breaker.success()
+            self.breaker(inst.cluster.name).success()
+            self.instance_breaker(inst).success()
             return
+        inst.last_error = error
+        self._failed(inst, fault, now, error)
+
+    def start_failed(self, inst: Instance, code: str | None, error: str) -> None:
+        """A warm-up failed (that model's fault) or the cluster could not be reached (the cluster's)."""
+        self._failed(inst, fault_scope(code), time.time(), error)
+
+    def _failed(self, inst: Instance, scope: str, now: float, error: str | None) -> None:
         inst.errors += 1
         inst.error_times.append(now)
-        inst.last_error = error
+        breaker = self.breaker(inst.cluster.name) if scope == "cluster" else self.instance_breaker(inst)
         before = breaker.state(now)
         breaker.failure(now)
         if breaker.state(now) == "open" and before != "open":
-            log.warning("cluster %s: circuit breaker open for %.0f s after %d failures in a row (last: %s)",
-                        inst.cluster.name, breaker.cooldown_s, breaker.failures, error)  # fmt: skip
-
-    def start_failed(self, inst: Instance, error: str) -> None:
-        """A warm-up failed or the cluster could not be reached: one more failure for its breaker."""
-        now = time.time()
-        inst.errors += 1
-        inst.error_times.append(now)
-        self.breaker(inst.cluster.name).failure(now)
+            what = f"cluster {inst.cluster.name}" if scope == "cluster" else f"{inst.model.name} on {inst.cluster.name}"
+            log.warning("%s: circuit breaker open for %.0f s after %d failures in a row (last: %s)",
+                        what, breaker.cooldown_s, breaker.failures, error)  # fmt: skip
 
     def mark_unreachable(self, inst: Instance, error: str) -> None:
         """The server stopped answering (scaled down, crashed): re-check before the next request."""

@@ -88,7 +88,7 @@ async def _run_on_clusters(
     rewarmed: set[Instance] = set()
     while queue and tries < svc.settings.max_tries:
         inst = queue.pop(0)
-        if tries and not svc.live.breaker(inst.cluster.name).allows(time.time()):
+        if tries and not svc.live.allows(inst, time.time()):
             continue  # opened while this request was on another cluster
         try:
             reserve_cluster(req, inst, svc, out)
@@ -109,7 +109,7 @@ async def _run_on_clusters(
                 raise
             last = exc
             if not warmed:
-                svc.live.start_failed(inst, exc.internal)
+                svc.live.start_failed(inst, exc.code, exc.internal)
             if exc.code == "backend_unreachable":
                 svc.live.mark_unreachable(inst, exc.internal)
                 if not queue and inst not in rewarmed:

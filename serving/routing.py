@@ -93,6 +93,8 @@ def rank(
         breaker = breakers.get(name)
         if inst.cluster.maintenance or (breaker is not None and not breaker.allows(now)):
             continue
+        if inst.breaker is not None and not inst.breaker.allows(now):  # this model's server there is failing
+            continue
         pool.append(inst)
     if running is None:
         running = count_running(pool)

@@ -14,8 +14,9 @@ from analytics import audit
 from analytics.records import UsageRecord
 from blocks.registry import ModelSpec, RateLimits
 from core.errors import APIError
+from core.settings import Settings
 from serving.limits import Limit
-from serving.live_state import Instance
+from serving.live_state import Instance, fault_scope
 from serving.protocol import backend_body, requested_max_tokens, token_estimate
 from serving.request import InferenceRequest, Outcome, Services
 from serving.results import ResultChannel
@@ -125,13 +126,16 @@ def nothing_routable(model: str, candidates: list[Instance], svc: Services) -> A
     now = time.time()
     reasons, waits = [], []
     for inst in candidates:
-        breaker = svc.live.breaker(inst.cluster.name)
+        cluster_breaker = svc.live.breaker(inst.cluster.name)
+        failing = not cluster_breaker.allows(now)
+        breaker = cluster_breaker if failing or inst.breaker is None else inst.breaker
+        what = inst.cluster.name if breaker is cluster_breaker else f"{inst.cluster.name} ({model}'s server)"
         if breaker.state(now) == "open":
             waits.append(breaker.open_until - now)
-            reasons.append(f"{inst.cluster.name}: failing, circuit breaker open")
+            reasons.append(f"{what}: failing, circuit breaker open")
         elif not breaker.allows(now):  # half-open, its one probe request still running
             waits.append(min(breaker.cooldown_s, 5.0))
-            reasons.append(f"{inst.cluster.name}: failing, one probe request under way")
+            reasons.append(f"{what}: failing, one probe request under way")
         else:
             reasons.append(f"{inst.cluster.name}: cold, and already running its max_instances "
                            f"({inst.cluster.max_instances}) models")  # fmt: skip
@@ -158,6 +162,13 @@ async def ensure_warm(req: InferenceRequest, inst: Instance, svc: Services) -> b
     return await svc.live.ensure_warm(inst, req.warm_wait_s)
 
 
+def sized_to_time_out(req: InferenceRequest, inst: Instance, settings: Settings) -> bool:
+    """Whether the request asks for so many tokens that a healthy server at ``slowest_tokens_per_s`` would not
+    finish within the request timeout (no max_tokens: as many as the context holds)."""
+    tokens = (requested_max_tokens(req.body) or inst.model.context_length) * max(1, getattr(req.body, "n", None) or 1)
+    return tokens / settings.slowest_tokens_per_s >= settings.request_timeout_s
+
+
 @step("execute")
 async def execute(req: InferenceRequest, inst: Instance, svc: Services, channel: ResultChannel, out: Outcome) -> None:
     """Run the request on one cluster; fills ``out`` with usage. The instance's load, latency and errors (and
@@ -166,7 +177,7 @@ async def execute(req: InferenceRequest, inst: Instance, svc: Services, channel:
     body = backend_body(req.body, inst.model.served)
     channel.cluster = inst.cluster.name
     svc.live.begin(inst)
-    t0, fault, error = time.perf_counter(), False, None
+    t0, fault, error = time.perf_counter(), None, None
     out.completion = {} if svc.settings.audit_mode else None
     try:
         if req.stream:
@@ -180,10 +191,14 @@ async def execute(req: InferenceRequest, inst: Instance, svc: Services, channel:
                 out.completion = audit.response_texts(response)
             channel.respond(response)  # held by the handler until usage is recorded
     except APIError as exc:
-        fault, error = exc.status >= 500, exc.internal  # a 4xx is the caller's to fix, not the cluster's fault
+        error = exc.internal
+        # A 4xx is the caller's to fix; a timeout the request's own size explains is the caller's choice. Neither
+        # is the cluster's fault (else three oversized requests could close it to everyone).
+        if exc.status >= 500 and not (exc.code == "backend_timeout" and sized_to_time_out(req, inst, svc.settings)):
+            fault = fault_scope(exc.code)
         raise
     except Exception as exc:
-        fault, error = True, repr(exc)
+        fault, error = "instance", repr(exc)
         raise
     finally:
         svc.live.end(inst, fault, (time.perf_counter() - t0) * 1000, error)

@@ -24,6 +24,7 @@ sim: sim.base_url``, or ``start()`` / ``stop()``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import socket
@@ -52,6 +53,7 @@ class OpenAISimulatorDouble:
         self.api_key = api_key  # as vLLM's --api-key: /v1 routes want "Authorization: Bearer <key>", /health not
         self.healthy = True
         self.fail_mode: str | None = None  # None | "500" | "close" | "hang"
+        self.failing_models: set[str] | None = None  # fail_mode for these served names only (None: for all)
         self.requests = self.served = self.active = self.max_active_seen = 0
         self._sem: asyncio.Semaphore | None = None
         self._sem_capacity = 0
@@ -125,6 +127,9 @@ class OpenAISimulatorDouble:
             return await self._json(send, 404, _error(f"no route {method} {path}", "NotFoundError", 404))
         self.requests += 1
         mode = self.fail_mode
+        if self.failing_models is not None:  # only these served names fail (one model's server is broken)
+            with contextlib.suppress(ValueError, AttributeError):
+                mode = mode if json.loads(body or b"{}").get("model") in self.failing_models else None
         if mode == "500":
             return await self._json(send, 500, _error("simulated failure", "InternalServerError", 500))
         if mode == "close":

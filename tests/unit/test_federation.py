@@ -99,13 +99,16 @@ async def test_failover_before_the_first_byte_and_the_breaker(fed_settings, sims
         live = app.state.services.live
         assert live.failovers == 2 and sims["a"].requests == 2, "two failures open a's breaker: no more tries"
         status = (await client.get("/v1/status", headers=_auth(keys["root"]))).json()
-        assert {c["name"]: c["breaker"] for c in status["clusters"]}["a"] == "open"
+        # What failed is the model's server on a, not a: that model is closed off there, the cluster is not.
+        assert {(i["cluster"], i["model"]): i["breaker"] for i in status["instances"]}[("a", "m")] == "open"
+        assert {c["name"]: c["breaker"] for c in status["clusters"]}["a"] == "closed"
         # a recovers; after the cool-down one probe goes to it (half-open), and its success closes the breaker
         sims["a"].fail_mode = None
         await asyncio.sleep(0.6)
-        assert live.breaker("a").state(time.time()) == "half-open"
+        inst = next(i for i in live.all() if i.cluster.name == "a")
+        assert inst.breaker is not None and inst.breaker.state(time.time()) == "half-open"
         served = [(await _chat(client, keys["alice"])).headers["x-first-cluster"] for _ in range(3)]
-        assert "a" in served and live.breaker("a").state(time.time()) == "closed"
+        assert "a" in served and inst.breaker.state(time.time()) == "closed"
 
 
 async def test_a_dropped_connection_fails_over_and_breaks_nothing_else(fed_settings, sims, keys) -> None:
@@ -348,3 +351,46 @@ async def test_a_burst_for_an_unknown_instance_makes_one_status_call(settings) -
     assert calls == ["m"] and inst.state == "hot"
     await live.probe([inst])  # a later probe asks again
     assert calls == ["m", "m"]
+
+
+async def test_one_models_failing_server_closes_that_model_there_not_the_cluster(fed_settings, sims, keys) -> None:
+    """The breaker is per instance where that is what failed: 'staff-model' on a keeps serving while m's server
+    on a fails (and its breaker opens)."""
+    sims["a"].fail_mode, sims["a"].failing_models = "500", {"m"}
+    app = create_gateway(fed_settings, _registry(sims))
+    async with AsyncTestClient(app=app) as client:
+        for _ in range(4):
+            assert (await _chat(client, keys["alice"])).status_code == 200  # m fails over to b or c
+        r = await _chat(client, keys["root"], {**CHAT, "model": "staff-model"})
+        assert r.status_code == 200 and r.headers["x-first-cluster"] == "a"
+        live = app.state.services.live
+        assert live.breaker("a").state(time.time()) == "closed"
+        m_on_a = next(i for i in live.all() if (i.cluster.name, i.model.name) == ("a", "m"))
+        assert m_on_a.breaker is not None and m_on_a.breaker.state(time.time()) == "open"
+        metrics = (await client.get("/metrics", headers=_auth(keys["root"]))).text
+        assert 'first_instance_breaker_open{cluster="a",model="m"} 1.0' in metrics
+
+
+async def test_timeouts_of_requests_sized_to_time_out_are_not_cluster_faults(fed_settings, sims, keys) -> None:
+    """Three requests asking for more tokens than a healthy server makes within the timeout (max_tokens near the
+    context) time out: that is their size, not a failing cluster, so nothing closes for anyone else. Small
+    requests that time out are faults as before."""
+    settings = fed_settings.model_copy(update={"request_timeout_s": 0.5, "max_tries": 1, "slowest_tokens_per_s": 20})
+    sims["a"].fail_mode = "hang"
+    reg = Registry(
+        clusters={"a": ClusterSpec(name="a", transport="http", base_url=sims["a"].base_url)},
+        models={"m": ModelSpec(name="m", clusters=["a"], path="-", context_length=4096)},
+    )
+    app = create_gateway(settings, reg)
+    async with AsyncTestClient(app=app) as client:
+        live = app.state.services.live
+        for _ in range(3):  # 4000 tokens / 20 per s = 200 s > 0.5 s: its own size explains the timeout
+            r = await _chat(client, keys["alice"], {**CHAT, "max_tokens": 4000})
+            assert r.status_code == 504 and r.json()["error"]["code"] == "backend_timeout"
+        inst = live.all()[0]
+        assert live.breaker("a").state(time.time()) == "closed" and inst.breaker.state(time.time()) == "closed"
+        for _ in range(2):  # 4 tokens should never take 0.5 s: the server is at fault
+            assert (await _chat(client, keys["alice"])).status_code == 504
+        assert inst.breaker.state(time.time()) == "open"
+        r = await _chat(client, keys["alice"])
+        assert r.status_code == 503 and "m's server" in r.json()["error"]["message"]
