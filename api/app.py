@@ -24,6 +24,7 @@ from litestar.openapi import OpenAPIConfig
 from analytics.records import UsageRecord
 from analytics.spool import UsageSpool
 from api.errors import handle_exception
+from api.guards import AUTH_THROTTLED
 from api.inference.routes import INFERENCE_PATHS, InferenceController
 from api.metrics import metrics_registry
 from api.models import ModelsController
@@ -41,7 +42,7 @@ from core.settings import Settings
 from serving.auth_setup import build_authenticator, follow_globus_block
 from serving.fleet_sync import follow_fleet
 from serving.globus_auth import GlobusAuthenticator
-from serving.limits import RateLimiter
+from serving.limits import FailedAuthThrottle, RateLimiter
 from serving.live_state import LiveState
 from serving.request import ControlPlane, Services
 
@@ -53,7 +54,7 @@ def _record_rejected(request: Request, error: APIError) -> None:
     the id its response carries."""
     endpoint = INFERENCE_PATHS.get(request.url.path)
     svc: Services | None = getattr(request.app.state, "services", None)
-    if endpoint is None or svc is None:
+    if endpoint is None or svc is None or error.code == AUTH_THROTTLED:  # a flood of those: metrics, not rows
         return
     principal: Principal | None = getattr(request.state, "principal", None)
     svc.spool.append(
@@ -89,7 +90,8 @@ def create_app(
         )  # fmt: skip
         if control is not None:
             live.warm_runner = control.warm_runner(svc)
-        app.state.services, app.state.relay, app.state.metrics = svc, relay, metrics_registry(live)
+        throttle = FailedAuthThrottle(settings.auth_failures_per_min)
+        app.state.services, app.state.relay, app.state.metrics = svc, relay, metrics_registry(live, throttle)
         app.state.usage_reports = reports = UsageReports()
         app.state.gateway_id = settings.gateway_id or f"{socket.gethostname()}_{settings.port}"
         background = [asyncio.create_task(live.probe([live.instance(reg.clusters[c], m) for m in reg.models.values()
@@ -98,6 +100,7 @@ def create_app(
             background.append(asyncio.create_task(follow_fleet(svc, app.state.gateway_id)))
         auth = app.state.authenticator = await build_authenticator(settings, globus)
         app.state.on_rejected = _record_rejected
+        app.state.auth_throttle = throttle
         if isinstance(auth, GlobusAuthenticator) and globus is None:
             background.append(asyncio.create_task(follow_globus_block(settings, auth)))
         try:

@@ -9,14 +9,16 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from serving.limits import FailedAuthThrottle
 from serving.live_state import STATES, LiveState
 
 
 class FleetCollector:
     """One sample per model instance (model, cluster) and per cluster, made at scrape time."""
 
-    def __init__(self, live: LiveState) -> None:
+    def __init__(self, live: LiveState, throttle: FailedAuthThrottle | None = None) -> None:
         self.live = live
+        self.throttle = throttle
 
     def collect(self) -> Iterator[Metric]:
         now = time.time()
@@ -57,6 +59,14 @@ class FleetCollector:
         failovers.add_metric([], self.live.failovers)
         audit = CounterMetricFamily("first_audit_write_failures", "Audit-mode entries that could not be written")
         audit.add_metric([], self.live.audit_failures)
+        if self.throttle is not None:
+            failures = CounterMetricFamily("first_auth_failures", "Requests refused 401 (no or a wrong credential)")
+            failures.add_metric([], self.throttle.failures)
+            throttled = CounterMetricFamily(
+                "first_auth_throttled", "Requests refused 429: their address failed authentication too often lately"
+            )
+            throttled.add_metric([], self.throttle.refused)
+            yield from (failures, throttled)
         yield from (
             state,
             inflight,
@@ -72,9 +82,9 @@ class FleetCollector:
         )
 
 
-def metrics_registry(live: LiveState) -> CollectorRegistry:
+def metrics_registry(live: LiveState, throttle: FailedAuthThrottle | None = None) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FleetCollector(live))  # type: ignore[arg-type]
+    registry.register(FleetCollector(live, throttle))  # type: ignore[arg-type]
     return registry
 
 

@@ -73,6 +73,12 @@ class Settings(BaseSettings):
     max_inflight_per_caller: int = Field(
         default=64, ge=0, description="Requests (streams included) one caller may have in flight per model (0 = no cap)"
     )
+    auth_failures_per_min: int = Field(
+        default=30,
+        ge=0,
+        description="Failed authentications per minute one client address may make before it gets 429 for unknown "
+        "credentials (0 = no throttle). Behind a reverse proxy, run uvicorn with --proxy-headers",
+    )
     default_rpm: int = Field(default=0, description="Requests per minute per API key when the key sets none (0 = none)")
     audit_mode: bool = Field(
         default=False,

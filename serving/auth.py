@@ -28,6 +28,10 @@ KEY_PREFIX = "first-"
 class Authenticator(Protocol):
     async def authenticate(self, token: str | None) -> Principal: ...
 
+    def known(self, token: str | None) -> Principal | None:
+        """The principal, if the credential is valid and can be told so without a remote call; else None."""
+        ...
+
 
 @dataclass
 class KeyInfo:
@@ -139,6 +143,13 @@ class LocalKeyAuthenticator:
 
     async def authenticate(self, token: str | None) -> Principal:
         return self.check(token)
+
+    def known(self, token: str | None) -> Principal | None:
+        """The principal if the key is valid (the check is local and cheap), else None."""
+        try:
+            return self.check(token)
+        except APIError:
+            return None
 
     def check(self, token: str | None) -> Principal:
         """The synchronous check (microseconds: a hash and a dict scan, no I/O but a stat once a second)."""

@@ -108,6 +108,13 @@ class GlobusAuthenticator:
             future.add_done_callback(lambda _f: self._inflight.pop(key, None))
         return await asyncio.shield(future)
 
+    def known(self, token: str | None) -> Principal | None:
+        """The principal of a token checked earlier and still cached as valid (no call to Globus), else None."""
+        entry = self._cache.get(_token_key(token)) if token else None
+        if entry is None or entry.principal is None or entry.fresh_until <= self.clock.monotonic():
+            return None
+        return entry.principal
+
     async def _check(self, token: str, key: bytes, stale: _Entry | None) -> Principal:
         cfg = self.config
         loop = asyncio.get_running_loop()

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from blocks.registry import RateLimits
+from core.clock import SYSTEM_CLOCK, Clock
 from core.errors import APIError
 
 
@@ -139,3 +140,50 @@ def _reject(user: str, what: str, wait_s: float) -> None:
         code="rate_limit_exceeded",
         headers={"Retry-After": str(retry)},
     )
+
+
+class FailedAuthThrottle:
+    """Failed authentications per client address, as a token bucket (``per_minute``, refilled continuously).
+
+    An address over its budget gets 429 before its credential is looked at, unless the credential is one the
+    authenticator already knows (a cached Globus token, a local key): a flood of bogus tokens from one address
+    then costs no Globus introspection and no spool row, and a real caller behind the same address still gets in.
+    """
+
+    def __init__(self, per_minute: int, clock: Clock = SYSTEM_CLOCK, max_addresses: int = 50_000) -> None:
+        self.per_minute = per_minute
+        self.clock = clock
+        self.max_addresses = max_addresses
+        self._buckets: dict[str, _Bucket] = {}
+        self.failures = 0  # 401s so far (metrics)
+        self.refused = 0  # 429s so far: requests from an address over its budget, with a credential not known
+
+    def retry_after(self, address: str) -> float:
+        """Seconds until ``address`` may try an unknown credential again (0: it may now)."""
+        bucket = self._buckets.get(address)
+        if not self.per_minute or bucket is None:
+            return 0.0
+        bucket.refill(self.per_minute, self.clock.monotonic())
+        return 0.0 if bucket.level >= 1 else (1 - bucket.level) * 60.0 / self.per_minute
+
+    def failed(self, address: str) -> None:
+        self.failures += 1
+        if not self.per_minute:
+            return
+        now = self.clock.monotonic()
+        bucket = self._buckets.get(address)
+        if bucket is None:
+            if len(self._buckets) >= self.max_addresses:
+                self._forget_recovered(now)
+            bucket = self._buckets[address] = _Bucket(self.per_minute, self.per_minute, now)
+        bucket.refill(self.per_minute, now)
+        bucket.level = max(0.0, bucket.level - 1)
+
+    def _forget_recovered(self, now: float) -> None:
+        """Drop addresses whose budget has refilled (they are as if new); if all are still spent, the oldest."""
+        for address, bucket in list(self._buckets.items()):
+            bucket.refill(self.per_minute, now)
+            if bucket.level >= self.per_minute:
+                del self._buckets[address]
+        while len(self._buckets) >= self.max_addresses:
+            del self._buckets[next(iter(self._buckets))]

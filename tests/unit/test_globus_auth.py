@@ -10,6 +10,8 @@ from collections.abc import Iterator
 import pytest
 from litestar.testing import AsyncTestClient
 
+from analytics.store import UsageStore
+from api.metrics import render
 from blocks.globus import GlobusAuthBlock
 from blocks.registry import ClusterSpec, ModelSpec, Registry
 from core.clock import ManualClock
@@ -277,3 +279,29 @@ async def test_gateway_single_flight_under_100_concurrent_requests(gateway, fake
     assert {r.status_code for r in responses} == {200}
     assert fake.calls["introspect"] == 1
     assert (await gateway.get("/health")).json()["auth_checks"] == 1
+
+
+async def test_a_flood_of_bogus_tokens_from_one_address_is_throttled_before_globus(tmp_path, fake, registry):
+    """Past FIRST_AUTH_FAILURES_PER_MIN failures, an address gets 429 for tokens the gateway does not know, without
+    asking Globus and without a usage row; a real caller's token checked earlier still works from there."""
+    s = Settings(home=tmp_path / "home", auth_mode="globus", flow_tracking=FlowTracking.off, auth_failures_per_min=5)
+    app = create_gateway(s, registry, globus=block(fake, timeout_s=10))
+    alice = fake.user_token("alice@uchicago.edu")
+    async with AsyncTestClient(app=app) as gateway:
+        assert (await gateway.get("/v1/models", headers=bearer(alice))).status_code == 200
+        statuses = [
+            (await gateway.post("/v1/chat/completions", json={**CHAT, "model": "open"}, headers=bearer(f"bogus-{i}")))
+            for i in range(40)
+        ]
+        assert [r.status_code for r in statuses[:5]] == [401] * 5
+        assert {r.status_code for r in statuses[5:]} == {429}
+        refused = statuses[-1].json()["error"]
+        assert refused["code"] == "auth_throttled" and int(statuses[-1].headers["retry-after"]) >= 1
+        assert fake.calls["introspect"] == 1 + 5  # alice's, and the five that failed: none for the throttled
+        assert (await gateway.get("/v1/models", headers=bearer(alice))).status_code == 200  # known: still served
+        text = render(app.state.metrics).decode()
+        assert "first_auth_failures_total 5.0" in text and "first_auth_throttled_total 35.0" in text
+    store = UsageStore(s.usage_db)
+    store.ingest(s.spool_dir)
+    statuses = store.query("SELECT status FROM usage WHERE endpoint = 'chat.completions'").to_series().to_list()
+    assert statuses == [401] * 5  # the 401s have rows; the 35 throttled ones do not

@@ -116,3 +116,23 @@ def test_concurrency_slots_are_taken_and_given_back_once():
     limiter.enter("k:m", 2, "model m", Reservation())
     limiter.enter("other:m", 0, "model m", Reservation())  # 0: no cap, nothing counted
     assert limiter.inflight("other:m") == 0
+
+
+def test_failed_auth_throttle_refills_per_address_and_forgets_recovered_addresses():
+    from core.clock import ManualClock
+    from serving.limits import FailedAuthThrottle
+
+    clock = ManualClock()
+    throttle = FailedAuthThrottle(per_minute=3, clock=clock, max_addresses=2)
+    for _ in range(3):
+        assert throttle.retry_after("10.0.0.1") == 0
+        throttle.failed("10.0.0.1")
+    assert throttle.retry_after("10.0.0.1") == 20.0  # one failure's worth refills in 60/3 s
+    assert throttle.retry_after("10.0.0.2") == 0  # another address is not affected
+    clock.advance(20)
+    assert throttle.retry_after("10.0.0.1") == 0
+    throttle.failed("10.0.0.2")
+    clock.advance(60)  # both recovered: a third address makes room by forgetting them
+    throttle.failed("10.0.0.3")
+    assert set(throttle._buckets) == {"10.0.0.3"} and throttle.failures == 5
+    assert FailedAuthThrottle(per_minute=0).retry_after("x") == 0  # 0: no throttle
