@@ -79,11 +79,14 @@ class ExecutorBackend(ComputeBackend):
         try:
             function_id = function_ids.get(name)
             if function_id:
-                return executor, executor.submit_to_registered_function(function_id, args=args)  # type: ignore[attr-defined]
-            return executor, executor.submit(functions.CLUSTER_FUNCTIONS[name], *args)
+                fut = executor.submit_to_registered_function(function_id, args=args)  # type: ignore[attr-defined]
+            else:
+                fut = executor.submit(functions.CLUSTER_FUNCTIONS[name], *args)
         except Exception as exc:  # the executor itself is broken: build a new one for the next request
             self.pool.retire(self.cluster, executor)
             raise task_failed(exc, f"Cluster '{self.cluster.name}'") from exc
+        self.pool.track(executor, fut)
+        return executor, fut
 
     async def call(self, name: str, *args: Any, timeout: float | None = None) -> Any:
         """Run one cluster function and await its result. The timeout cancels only this request's future,
@@ -348,6 +351,11 @@ class Backends:
             return entry[0]
         if entry is not None:
             self._retired.append(entry[0])
+            old_key = ExecutorPool.key(entry[1])
+            if old_key != ExecutorPool.key(cluster) and not any(
+                ExecutorPool.key(c) == old_key for name, (_, c, _) in self._backends.items() if name != cluster.name
+            ):  # its executor (the old endpoint) serves no cluster now: shut it down once its requests end
+                self.pool.retire_key(old_key)
         backend = self._create(cluster)
         self._backends[cluster.name] = (backend, cluster, connection)
         return backend

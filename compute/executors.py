@@ -4,26 +4,35 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
-from concurrent.futures import Executor
+import threading
+from concurrent.futures import Executor, Future
+from typing import Any
 
 from blocks.registry import ClusterSpec
 from compute import functions
 from compute.failures import task_failed
 from core.settings import Settings
 
+log = logging.getLogger("first.compute")
+
 
 class ExecutorPool:
     """Executors per endpoint and credential, shared by the clusters that use them.
 
     After a failure of the executor itself (not of a function), the next request gets a new one; the old one
-    is kept until ``close`` so that requests in flight on it still finish. Building one runs off the event
-    loop (a local endpoint is a process start; a Globus Compute executor a client and a login check)."""
+    is shut down once the requests in flight on it have finished (``track``), not kept until exit. Building one
+    runs off the event loop (a local endpoint is a process start; a Globus Compute executor a client and a login
+    check)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._live: dict[tuple[str, ...], tuple[Executor, dict[str, str]]] = {}
         self._retired: list[Executor] = []
+        self._outstanding: dict[int, int] = {}  # id(executor) -> its futures not done yet
+        self._lock = threading.Lock()  # futures finish on other threads
+        self.shut_down = 0  # retired executors shut down so far
         self._building: dict[tuple[str, ...], asyncio.Future[tuple[Executor, dict[str, str]]]] = {}
         self.built = 0  # executors built so far (first use and rebuilds)
 
@@ -68,13 +77,51 @@ class ExecutorPool:
 
         return globus_compute_executor(cluster), dict(cluster.function_ids)
 
+    def track(self, executor: Executor, future: Future[Any]) -> None:
+        """Count ``future`` as in flight on ``executor`` until it is done (a retired executor waits for these)."""
+        with self._lock:
+            self._outstanding[id(executor)] = self._outstanding.get(id(executor), 0) + 1
+
+        def done(_f: Future[Any]) -> None:
+            with self._lock:
+                left = self._outstanding[id(executor)] = self._outstanding[id(executor)] - 1
+                last = left == 0 and executor in self._retired
+                if last:
+                    self._retired.remove(executor)
+                    del self._outstanding[id(executor)]
+            if last:
+                self._shutdown(executor)
+
+        future.add_done_callback(done)
+
     def retire(self, cluster: ClusterSpec, executor: Executor) -> None:
-        """Stop handing out ``executor`` for the cluster, if it is still the live one (not already replaced)."""
-        key = self.key(cluster)
-        live = self._live.get(key)
+        """Stop handing out ``executor`` for the cluster, if it is still the live one (not already replaced); shut
+        it down now if nothing runs on it, else when its last request in flight ends."""
+        live = self._live.get(self.key(cluster))
         if live is not None and live[0] is executor:
-            del self._live[key]
-            self._retired.append(live[0])
+            self.retire_key(self.key(cluster))
+
+    def retire_key(self, key: tuple[str, ...]) -> None:
+        """Retire whatever executor serves ``key`` (a cluster's connection changed, and no other cluster uses it)."""
+        live = self._live.pop(key, None)
+        if live is None:
+            return
+        executor = live[0]
+        with self._lock:
+            idle = not self._outstanding.get(id(executor))
+            if idle:
+                self._outstanding.pop(id(executor), None)
+            else:
+                self._retired.append(executor)
+        if idle:
+            self._shutdown(executor)
+
+    def _shutdown(self, executor: Executor) -> None:
+        self.shut_down += 1
+        try:
+            executor.shutdown(wait=False, cancel_futures=True)
+        except Exception as exc:  # a broken executor may fail to stop cleanly: it is dropped either way
+            log.warning("shutting down a retired executor failed: %r", exc)
 
     def close(self) -> None:
         for executor in [*(e for e, _ in self._live.values()), *self._retired]:

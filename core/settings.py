@@ -73,6 +73,14 @@ class Settings(BaseSettings):
     max_inflight_per_caller: int = Field(
         default=64, ge=0, description="Requests (streams included) one caller may have in flight per model (0 = no cap)"
     )
+    header_timeout_s: float = Field(
+        default=10.0, ge=0, description="A connection that has not sent a request's headers by then is closed"
+    )
+    max_connections: int = Field(
+        default=8192,
+        ge=1,
+        description="Connections and requests uvicorn takes at once before it answers 503 (its --limit-concurrency)",
+    )
     auth_failures_per_min: int = Field(
         default=30,
         ge=0,

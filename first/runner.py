@@ -35,12 +35,16 @@ BIN = Path(sys.executable).parent
 # uvicorn closes idle keep-alive connections after 5 s by default; a client that reuses one just as it is closed
 # gets a read error (seen in bench runs, against vLLM too). 75 s, as nginx does, makes that race rare.
 KEEP_ALIVE_S = 75
+HTTP_PROTOCOL = "first.http_protocol:Guarded"
 
 
-def gateway_command(host: str, port: int) -> list[str]:
-    """The gateway as its own process (uvicorn, one worker, no access log: it costs throughput)."""
+def gateway_command(host: str, port: int, max_connections: int | None = None) -> list[str]:
+    """The gateway as its own process (uvicorn, one worker, no access log: it costs throughput), with a header
+    timeout (``first/http_protocol.py``) and a bound on connections."""
+    limit = max_connections or Settings().max_connections
     return [str(BIN / "python"), "-m", "uvicorn", "first.asgi:app", "--host", host, "--port", str(port),
-            "--no-access-log", "--log-level", "warning", "--timeout-keep-alive", str(KEEP_ALIVE_S)]  # fmt: skip
+            "--no-access-log", "--log-level", "warning", "--timeout-keep-alive", str(KEEP_ALIVE_S),
+            "--http", HTTP_PROTOCOL, "--limit-concurrency", str(limit)]  # fmt: skip
 
 
 def free_port() -> int:
@@ -191,7 +195,7 @@ class Runner:
         return key
 
     def start_gateway(self) -> None:
-        proc = self.spawn("gateway", gateway_command(self.s.host, self.s.port))
+        proc = self.spawn("gateway", gateway_command(self.s.host, self.s.port, self.s.max_connections))
         with console.status("starting the gateway…"):
             wait_http(f"http://{self.s.host}:{self.s.port}/health", 60, proc, "the gateway")
         console.print(f"[green]✓[/green] gateway at http://{self.s.host}:{self.s.port}")

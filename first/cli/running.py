@@ -45,10 +45,10 @@ def gateway(
     """Run only the gateway (uvicorn), against whatever PREFECT_API_URL points at."""
     import uvicorn
 
-    from first.runner import KEEP_ALIVE_S
+    from first.runner import HTTP_PROTOCOL, KEEP_ALIVE_S
 
     s = get_settings()
     uvicorn.run(
         "first.asgi:app", host=host or s.host, port=port or s.port, log_level="warning", access_log=False,
-        timeout_keep_alive=KEEP_ALIVE_S,
+        timeout_keep_alive=KEEP_ALIVE_S, http=HTTP_PROTOCOL, limit_concurrency=s.max_connections,
     )  # fmt: skip

@@ -195,3 +195,25 @@ async def test_an_edit_to_a_clusters_connection_reaches_a_running_gateway(backen
     old = backends.get(remote)
     new = backends.get(remote.model_copy(update={"function_ids": {"openai_request": "f00"}}))
     assert new is not old and backends.pool.key(new.cluster) != backends.pool.key(old.cluster)
+
+
+async def test_a_retired_executor_is_shut_down_once_its_requests_in_flight_end(backends):
+    """Retired executors are not kept until exit: an idle one is shut down when retired, a busy one when its
+    last request in flight ends (that request still gets its answer)."""
+    backend = local(backends)
+    pool = backends.pool
+    executor, _ = await pool.get(backend.cluster)
+    with HangingBackendDouble() as hung:
+        url = f"http://127.0.0.1:{hung.port}"
+        in_flight = asyncio.create_task(backend.call("openai_request", url, "/v1/completions", {}, 1.5, timeout=20))
+        await asyncio.sleep(0.3)
+        pool.retire(backend.cluster, executor)
+        assert pool.shut_down == 0  # its request is still running
+        result = await in_flight  # ... and ends (vLLM timed out) on the retired executor
+    assert result["status"] == 504 and result["kind"] == "timeout"
+    await asyncio.sleep(0.1)
+    assert pool.shut_down == 1 and executor._proc.wait(10) is not None  # the endpoint process is gone
+    fresh, _ = await pool.get(backend.cluster)
+    assert fresh is not executor
+    pool.retire(backend.cluster, fresh)  # idle: shut down at once
+    assert pool.shut_down == 2
