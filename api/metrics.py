@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -59,6 +60,12 @@ class FleetCollector:
         failovers.add_metric([], self.live.failovers)
         audit = CounterMetricFamily("first_audit_write_failures", "Audit-mode entries that could not be written")
         audit.add_metric([], self.live.audit_failures)
+        try:  # leaks show here first (the soak bench reads it): tasks that outlive their request
+            tasks = GaugeMetricFamily("first_gateway_asyncio_tasks", "asyncio tasks alive in the gateway's event loop")
+            tasks.add_metric([], len(asyncio.all_tasks()))
+            yield tasks
+        except RuntimeError:  # scraped from outside the event loop
+            pass
         if self.throttle is not None:
             failures = CounterMetricFamily("first_auth_failures", "Requests refused 401 (no or a wrong credential)")
             failures.add_metric([], self.throttle.failures)

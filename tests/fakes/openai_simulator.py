@@ -53,6 +53,8 @@ class OpenAISimulatorDouble:
         self.api_key = api_key  # as vLLM's --api-key: /v1 routes want "Authorization: Bearer <key>", /health not
         self.healthy = True
         self.fail_mode: str | None = None  # None | "500" | "close" | "hang"
+        self.tokens_generated = self.streams_aborted = 0  # stream tokens made; streams stopped by a disconnect
+        self.token_times: dict[str, list[float]] = {}  # per request "user" field: when each token was made
         self.failing_models: set[str] | None = None  # fail_mode for these served names only (None: for all)
         self.requests = self.served = self.active = self.max_active_seen = 0
         self._sem: asyncio.Semaphore | None = None
@@ -148,7 +150,7 @@ class OpenAISimulatorDouble:
             self.max_active_seen = max(self.max_active_seen, self.active)
             try:
                 if req.get("stream"):
-                    await self._stream(send, req, chat)
+                    await self._stream(send, req, chat, receive)
                 else:
                     await asyncio.sleep(self.latency_s)
                     await self._json(send, 200, self._completion(req, chat))
@@ -188,7 +190,8 @@ class OpenAISimulatorDouble:
         choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
         return {**self._head(req, chat), "choices": [choice], "usage": usage}
 
-    async def _stream(self, send: Any, req: dict, chat: bool) -> None:
+    async def _stream(self, send: Any, req: dict, chat: bool, receive: Any = None) -> None:
+        """SSE chunks at the double's pace. Like vLLM, it stops generating when its client disconnects."""
         usage = self._usage(req, chat)
         tokens = text_tokens(usage["completion_tokens"])
         with_usage = bool((req.get("stream_options") or {}).get("include_usage"))
@@ -209,9 +212,21 @@ class OpenAISimulatorDouble:
             return {**head, "choices": [choice], **({"usage": None} if with_usage else {})}
 
         pause = self.latency_s / max(len(tokens), 1)  # the service time, spread over the tokens
-        for i, piece in enumerate(tokens):
-            await asyncio.sleep(pause)
-            await event(chunk(i, piece, "length" if i == len(tokens) - 1 else None))
+        gone = asyncio.ensure_future(receive()) if receive is not None else None  # http.disconnect when it leaves
+        user = str(req.get("user") or "")
+        try:
+            for i, piece in enumerate(tokens):
+                await asyncio.sleep(pause)
+                if gone is not None and gone.done():
+                    self.streams_aborted += 1
+                    return
+                self.tokens_generated += 1
+                if user:
+                    self.token_times.setdefault(user, []).append(time.monotonic())
+                await event(chunk(i, piece, "length" if i == len(tokens) - 1 else None))
+        finally:
+            if gone is not None and not gone.done():
+                gone.cancel()
         if with_usage:
             await event({**head, "choices": [], "usage": usage})
         await event("[DONE]")
