@@ -27,6 +27,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
+import logging
 import os
 import re
 import threading
@@ -58,6 +59,8 @@ OPEN_SUFFIX = ".jsonl.open"
 SEGMENT_RE = re.compile(r"^usage-(?P<pid>\d+)-(?P<start>\d+)-(?P<seq>\d+)\.jsonl(?P<open>\.open)?$")
 
 _LOCK_UNSUPPORTED = {errno.ENOLCK, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
+
+log = logging.getLogger("first.usage")
 
 
 def try_lock_segment(fd: int) -> bool | None:
@@ -136,6 +139,13 @@ class UsageSpool:
         self.fsync = fsync
         self._encoder = msgspec.json.Encoder()
         self._lock = threading.Lock()
+        # Lines that could not be written (disk full, ...): kept in memory and written first by the next append or
+        # retry that can, so that an answered request's row is not lost to a full disk. Bounded; past the bound the
+        # oldest are dropped (counted in ``dropped``, and logged).
+        self._backlog: list[bytes] = []
+        self.max_backlog = 100_000
+        self.dropped = 0
+        self.failing_since: float | None = None  # time.monotonic() of the first failed write, until one succeeds
         self._init_process_state()
         _SPOOLS.add(self)
 
@@ -206,38 +216,86 @@ class UsageSpool:
 
     # --- public API -------------------------------------------------------------------------
 
-    def append(self, record: UsageRecord) -> None:
-        """Write one record as a JSON line to the current segment (one ``write(2)``).
+    def append(self, record: UsageRecord, hold: bool = False) -> None:
+        """Write one record as a JSON line to the current segment (one ``write(2)``), after any rows held in memory.
 
-        Raises OSError if the line cannot be written (disk full, ...); the segment is then
-        truncated back to its last complete line.
+        Raises OSError if the line cannot be written (disk full, ...); the segment is then truncated back to its last
+        complete line. With ``hold`` the row is also kept in memory, to be written by the next write that can.
         """
-        line = self._encoder.encode(record) + b"\n"
+        self._write(self._encoder.encode(record) + b"\n", hold=hold)
+
+    def hold(self, record: UsageRecord) -> None:
+        """Append, and if the write fails keep the row in memory until a later write succeeds (never raises)."""
+        with contextlib.suppress(OSError):
+            self.append(record, hold=True)
+
+    @property
+    def healthy(self) -> bool:
+        """False while writes fail (and rows wait in memory)."""
+        return self.failing_since is None
+
+    @property
+    def backlog(self) -> int:
+        return len(self._backlog)
+
+    def retry(self) -> bool:
+        """Write the rows held in memory, if any; True when none are left."""
+        if not self._backlog:
+            return True
+        try:
+            self._write(b"")
+        except OSError:
+            return False
+        return True
+
+    def _write(self, line: bytes, hold: bool = True) -> None:
         if self._pid != os.getpid():  # forked without register_at_fork
             self._reset_after_fork()
         with self._lock:
-            if self._fd is not None and (
-                self._count >= self.max_records or time.monotonic() - self._opened_at >= self.max_age_s
-            ):
-                self._close_segment()
-            if self._fd is None:
-                self._open_segment()
-            fd = self._fd
-            assert fd is not None
+            held = b"".join(self._backlog)
             try:
-                view = memoryview(line)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-                if self.fsync:
-                    os.fsync(fd)
+                self._write_locked(held + line)
             except OSError:
-                with contextlib.suppress(OSError):
-                    os.ftruncate(fd, self._offset)
-                    os.lseek(fd, self._offset, os.SEEK_SET)
+                if hold and line:
+                    kept = self._backlog = (held + line).splitlines(keepends=True)
+                    if len(kept) > self.max_backlog:
+                        self.dropped += len(kept) - self.max_backlog
+                        log.error("usage spool: %d rows dropped, %d kept in memory (writes keep failing)",
+                                  self.dropped, self.max_backlog)  # fmt: skip
+                        del kept[: len(kept) - self.max_backlog]
+                if self.failing_since is None:
+                    self.failing_since = time.monotonic()
                 raise
-            self._offset += len(line)
-            self._count += 1
+            if self._backlog:
+                log.warning("usage spool: wrote %d rows held in memory while writes failed", len(self._backlog))
+            self._backlog = []
+            self.failing_since = None
+
+    def _write_locked(self, line: bytes) -> None:
+        if not line:
+            return
+        if self._fd is not None and (
+            self._count >= self.max_records or time.monotonic() - self._opened_at >= self.max_age_s
+        ):
+            self._close_segment()
+        if self._fd is None:
+            self._open_segment()
+        fd = self._fd
+        assert fd is not None
+        try:
+            view = memoryview(line)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            if self.fsync:
+                os.fsync(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, self._offset)
+                os.lseek(fd, self._offset, os.SEEK_SET)
+            raise
+        self._offset += len(line)
+        self._count += line.count(b"\n")
 
     def rotate(self) -> None:
         """Close the current segment now (if any); the next append starts a new one."""
@@ -246,7 +304,11 @@ class UsageSpool:
                 self._close_segment()
 
     def close(self) -> None:
-        """Close the current segment (renamed to ``.jsonl``). The spool may still be appended to."""
+        """Close the current segment (renamed to ``.jsonl``). The spool may still be appended to. Rows still held in
+        memory get one more try; if that fails too they go to the log, one JSON line each, for an operator."""
+        if not self.retry():
+            for line in self._backlog:
+                log.error("usage row not written (the spool's writes fail): %s", line.decode(errors="replace").strip())
         self.rotate()
 
     def __enter__(self) -> UsageSpool:

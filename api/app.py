@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import msgspec
 from litestar import Litestar, Request
 from litestar.openapi import OpenAPIConfig
 
@@ -57,13 +58,16 @@ def _record_rejected(request: Request, error: APIError) -> None:
     if endpoint is None or svc is None or error.code == AUTH_THROTTLED:  # a flood of those: metrics, not rows
         return
     principal: Principal | None = getattr(request.state, "principal", None)
-    svc.spool.append(
-        UsageRecord(
-            request_id=request_id(request.scope), ts=time.time(), user=principal.user if principal else "-",
-            groups=list(principal.groups) if principal else [], model="", endpoint=endpoint,
-            status=error.status, error_type=error.type,
-        )
+    record = UsageRecord(
+        request_id=request_id(request.scope), ts=time.time(), user=principal.user if principal else "-",
+        groups=list(principal.groups) if principal else [], model="", endpoint=endpoint,
+        status=error.status, error_type=error.type,
     )  # fmt: skip
+    try:
+        svc.spool.append(record)
+    except OSError:  # the caller will get 503 usage_spool instead: the row held in memory says so
+        svc.spool.hold(msgspec.structs.replace(record, status=503, error_type="usage_spool"))
+        raise
 
 
 def create_app(

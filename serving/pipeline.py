@@ -55,6 +55,9 @@ async def run_pipeline(req: InferenceRequest, svc: Services, channel: ResultChan
     out = Outcome(model=req.body.model)
     error: APIError | None = None
     try:
+        if not svc.spool.healthy and not svc.spool.retry():  # no cluster work that could not be metered
+            raise APIError(503, "The gateway cannot record usage right now (its disk may be full); retry later.",
+                           code="usage_spool", headers={"Retry-After": "30"})  # fmt: skip
         model = await authorize(req, svc, out)
         out.model = model.name
         plan = await select_cluster(req, model, svc, out)

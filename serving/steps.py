@@ -10,6 +10,8 @@ import logging
 import time
 from typing import Any
 
+import msgspec
+
 from analytics import audit
 from analytics.records import UsageRecord
 from blocks.registry import ModelSpec, RateLimits
@@ -264,7 +266,12 @@ async def record_usage(req: InferenceRequest, out: Outcome, svc: Services) -> Us
         error_type=out.error_type,
         cold_start=out.cold_start,
     )
-    svc.spool.append(record)
+    try:  # a stream's answer is already out: if the disk is full its row is held in memory, never lost
+        svc.spool.append(record, hold=out.streamed)
+    except OSError:
+        if not out.streamed:  # the answer will be withheld (503 usage_spool): the row held says so
+            svc.spool.hold(msgspec.structs.replace(record, status=503, error_type="usage_spool"))
+        raise
     if svc.settings.audit_mode:  # the text goes to the audit log, never to the usage record
         try:
             audit.audit_log(svc.settings.audit_dir).append(audit.AuditEntry(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import subprocess
@@ -389,3 +390,39 @@ def test_summary_since_until(loaded: UsageStore) -> None:
     assert loaded.summary(since=naive)["requests"].to_list() == [4]
     assert loaded.summary(since=datetime.fromisoformat("2026-01-01T07:00:00+01:00"))["requests"].sum() == 4
     assert loaded.summary(since=datetime(2030, 1, 1)).height == 0
+
+
+def test_rows_that_cannot_be_written_are_held_in_memory_and_written_later(tmp_path):
+    """A file-size limit (RLIMIT_FSIZE, no privileges needed) stands in for a full disk, in a child process: an
+    append that fails raises, a held row stays in memory, and the next write that can puts them all on disk."""
+    code = textwrap.dedent(f"""
+        import resource, signal, sys
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+        from analytics.records import UsageRecord
+        from analytics.spool import UsageSpool
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        spool = UsageSpool({str(tmp_path / "spool")!r})
+        row = lambda i, status=200: UsageRecord(request_id=f"r{{i}}", ts=0.0, user="u", model="m", endpoint="chat",
+                                                 status=status)
+        spool.append(row(0))
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (spool._offset, hard))  # the segment is "full"
+        try:
+            spool.append(row(1))
+            raise SystemExit("the write should have failed")
+        except OSError:
+            pass
+        assert spool.backlog == 0 and not spool.healthy  # not held: the caller's answer is withheld
+        spool.hold(row(2, 503))
+        spool.hold(row(3))
+        assert spool.backlog == 2 and not spool.retry()
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # room again
+        assert spool.retry() and spool.healthy and spool.backlog == 0
+        spool.close()
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [line for seg in sorted((tmp_path / "spool").iterdir()) for line in seg.read_text().splitlines()]
+    ids = [json.loads(line)["request_id"] for line in lines]
+    assert ids == ["r0", "r2", "r3"]  # r1 was refused (its caller got 503 instead), r2 and r3 were held
