@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import shutil
 import statistics
@@ -236,41 +237,67 @@ async def soak_worker(client: httpx.AsyncClient, key: str, until: float, result:
             async with client.stream("POST", "/v1/chat/completions", json=body,
                                      headers={"Authorization": f"Bearer {key}"}) as r:  # fmt: skip
                 text = (await r.aread()).decode()
-            ok = r.status_code == 200 and text.rstrip().endswith("data: [DONE]") and '"error"' not in text
-        except httpx.HTTPError:
-            ok = False
-        result["ok" if ok else "errors"] += 1
+            if r.status_code != 200:
+                kind = f"http {r.status_code}"
+            elif not text.rstrip().endswith("data: [DONE]") or '"error"' in text:
+                kind = "stream ended with an error event"
+            else:
+                kind = "ok"
+        except httpx.HTTPError as exc:
+            kind = type(exc).__name__
+        result[kind] = result.get(kind, 0) + 1
+
+
+async def soak_client(url: str, key: str, streams: int, seconds: float) -> dict[str, int]:
+    """One load-generating process: ``streams`` workers for ``seconds``."""
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    result: dict[str, int] = {}
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(60, read=600), limits=limits) as client:
+        until = time.monotonic() + seconds
+        await asyncio.gather(*(soak_worker(client, key, until, result) for _ in range(streams)))
+    return result
 
 
 async def run_soak(args: argparse.Namespace) -> dict[str, Any]:
     stack = start_stack({"fast": args.stream_s}, env={"FIRST_MAX_INFLIGHT_PER_CALLER": "0"})
     try:
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-        async with httpx.AsyncClient(base_url=stack.gw.url, timeout=120, limits=limits) as client:
+        async with httpx.AsyncClient(base_url=stack.gw.url, timeout=120) as client:
             pid = stack.gw.proc.pid  # type: ignore[union-attr]
             idle = {**proc_stats(pid), "tasks": await gateway_tasks(client, stack.keys["admin"])}
             duration = args.minutes * 60
-            until = time.monotonic() + duration
-            result = {"ok": 0, "errors": 0}
-            log(f"soak: {args.streams} concurrent streams for {args.minutes:g} min")
-            workers = [asyncio.create_task(soak_worker(client, stack.keys["abuser"], until, result))
-                       for _ in range(args.streams)]  # fmt: skip
+            log(f"soak: {args.streams} concurrent streams for {args.minutes:g} min, from {args.clients} processes")
+            share = [args.streams // args.clients + (i < args.streams % args.clients) for i in range(args.clients)]
+            outs = [stack.home / f"client-{i}.json" for i in range(args.clients)]
+            clients = [await asyncio.create_subprocess_exec(
+                sys.executable, __file__, "_client", "--url", stack.gw.url, "--key", stack.keys["abuser"],
+                "--streams", str(n), "--seconds", str(duration), "--json", str(out),
+            ) for n, out in zip(share, outs, strict=True)]  # fmt: skip
             samples: list[dict[str, float]] = []
             t0 = time.monotonic()
-            while time.monotonic() < until:
-                await asyncio.sleep(min(10.0, max(0.1, until - time.monotonic())))
+            while any(c.returncode is None for c in clients):
+                await asyncio.sleep(10.0)
                 st = {**proc_stats(pid), "tasks": await gateway_tasks(client, stack.keys["admin"]),
-                      "t": time.monotonic() - t0, "done": result["ok"]}  # fmt: skip
+                      "t": time.monotonic() - t0}  # fmt: skip
                 samples.append(st)
                 log(
-                    f"  {st['t']:.0f} s: {result['ok']} streams, {result['errors']} errors, RSS "
-                    f"{st['rss_kib'] / 1024:.0f} MiB, {st['threads']} threads, {st['fds']} fds, {st['tasks']} tasks"
+                    f"  {st['t']:.0f} s: RSS {st['rss_kib'] / 1024:.0f} MiB, {st['threads']} threads, "
+                    f"{st['fds']} fds, {st['tasks']} tasks"
                 )
-            await asyncio.gather(*workers)
+                for c in clients:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(c.wait(), 0.01)
+            if any(c.returncode for c in clients):
+                raise BenchError("a load-generating process failed")
+            result: dict[str, int] = {}
+            for out in outs:
+                for kind, n in json.loads(out.read_text()).items():
+                    result[kind] = result.get(kind, 0) + n
             await asyncio.sleep(3)  # the last streams' usage rows, connections closing
         async with httpx.AsyncClient(base_url=stack.gw.url, timeout=30) as fresh:
             after = {**proc_stats(pid), "tasks": await gateway_tasks(fresh, stack.keys["admin"])}
-        return {"idle": idle, "after": after, "samples": samples, **result}
+        ok = result.pop("ok", 0)
+        return {"idle": idle, "after": after, "samples": samples, "ok": ok, "errors": sum(result.values()),
+                "error_kinds": result}  # fmt: skip
     finally:
         stop_stack(stack)
 
@@ -286,28 +313,38 @@ def soak_growth(r: dict[str, Any]) -> tuple[float, float, float]:
 def soak_markdown(r: dict[str, Any], args: argparse.Namespace, started: datetime, wall_s: float) -> str:
     warm, end, growth = soak_growth(r)
     i, a = r["idle"], r["after"]
-    rows = [f"| {s['t']:.0f} | {s['done']} | {s['rss_kib'] / 1024:.0f} | {s['threads']} | {s['fds']} | {s['tasks']} |"
+    rows = [f"| {s['t']:.0f} | {s['rss_kib'] / 1024:.0f} | {s['threads']} | {s['fds']} | {s['tasks']} |"
             for s in r["samples"]]  # fmt: skip
     if len(rows) > 14:
-        rows = [*rows[:6], "| … | | | | | |", *rows[-6:]]
+        rows = [*rows[:6], "| … | | | | |", *rows[-6:]]
     return "\n".join([
         BEGIN["soak"], "",
         machine_line(started, wall_s, quick=args.quick, rerun="`.venv/bin/python bench/abuse.py soak`"), "",
         f"{args.streams} concurrent streams (32 tokens each, ~{args.stream_s:g} s, then the next) for "
-        f"{args.minutes:g} min against a fast stand-in; per-caller cap off.", "",
-        f"- Streams completed: {r['ok']}; errors: {r['errors']}.",
+        f"{args.minutes:g} min against a fast stand-in, from {args.clients} load-generating processes; per-caller cap "
+        "off. On 2 cores the load generators, the stand-in and the gateway share the CPU: streams take longer than "
+        "the stand-in's pace, and the count of streams completed says as much about the load generators.", "",
+        f"- Streams completed: {r['ok']}; errors: {r['errors']} {json.dumps(r['error_kinds'], sort_keys=True)}.",
         f"- RSS after warm-up {warm / 1024:.0f} MiB, at the end {end / 1024:.0f} MiB: growth {growth:+.1f} % "
         "(bound: 10 %).",
         f"- Idle before → idle after: threads {i['threads']} → {a['threads']}, descriptors {i['fds']} → {a['fds']}, "
         f"asyncio tasks {i['tasks']} → {a['tasks']}.", "",
-        "| s | streams done | RSS MiB | threads | fds | asyncio tasks |", "|---:|---:|---:|---:|---:|---:|", *rows, "",
+        "| s | RSS MiB | threads | fds | asyncio tasks |", "|---:|---:|---:|---:|---:|", *rows, "",
         END["soak"], "",
     ])  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("what", choices=["abuse", "soak"], help="abuse: one greedy caller against another; soak: long run")
+    ap.add_argument(
+        "what",
+        choices=["abuse", "soak", "_client"],
+        help="abuse: one greedy caller against another; soak: long run (_client: soak's load generator)",
+    )
+    ap.add_argument("--clients", type=int, default=2, help="soak: load-generating processes")
+    ap.add_argument("--url", help=argparse.SUPPRESS)
+    ap.add_argument("--key", help=argparse.SUPPRESS)
+    ap.add_argument("--seconds", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--streams", type=int, help="concurrent streams (abuse: 500; soak: 2000; --quick: 200)")
     ap.add_argument("--minutes", type=float, help="soak: how long (default 10; --quick: 1)")
     ap.add_argument("--stream-s", type=float, help="how long one stream lasts (abuse: 8; soak: 1)")
@@ -327,6 +364,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.what == "_client":
+        result = asyncio.run(soak_client(args.url, args.key, args.streams, args.seconds))
+        args.json.write_text(json.dumps(result))
+        return 0
     started, t0 = datetime.now(UTC), time.monotonic()
     try:
         result = asyncio.run(run_abuse(args) if args.what == "abuse" else run_soak(args))
