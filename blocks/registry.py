@@ -97,6 +97,14 @@ class ClusterModelArgs(BaseModel):
     vllm_env: dict[str, str] = Field(default_factory=dict, description="Added to the model's vllm_env there")
 
 
+ModelKind = Literal["generate", "embed"]
+# The endpoints each kind of model serves (as usage rows name them).
+ENDPOINTS_BY_KIND: dict[str, tuple[str, ...]] = {
+    "generate": ("chat.completions", "completions"),
+    "embed": ("embeddings",),
+}
+
+
 class ModelSpec(AccessRules):
     name: str
     aliases: list[str] = Field(default_factory=list)
@@ -125,10 +133,47 @@ class ModelSpec(AccessRules):
         default=0, ge=0, le=19, description="Run vLLM at this niceness (for a machine shared with the gateway)"
     )
     owned_by: str = "first"
+    kind: ModelKind = Field(
+        default="generate",
+        description="generate: a text model (chat, completions); embed: an embedding model (vLLM pooling, embeddings)",
+    )
+    tool_call_parser: str | None = Field(
+        default=None,
+        description="vLLM's tool-call parser for this model (hermes, llama3_json, mistral, ...): turns tool calling on "
+        "(vLLM runs with --enable-auto-tool-choice --tool-call-parser <it>). tool_choice naming a function works "
+        "without it (guided decoding)",
+    )
+    structured_output: bool = Field(
+        default=True, description="response_format with a JSON schema (vLLM's guided decoding) is offered"
+    )
 
     @property
     def served(self) -> str:
         return self.served_name or self.name
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        """The gateway's endpoints this model serves (the names usage rows carry)."""
+        return ENDPOINTS_BY_KIND[self.kind]
+
+    def capabilities(self) -> dict[str, Any]:
+        """What agent and configuration tools ask of a model (on /v1/models)."""
+        generate = self.kind == "generate"
+        return {
+            "kind": self.kind, "endpoints": list(self.endpoints), "context_length": self.context_length,
+            "max_output_tokens": (self.max_output_tokens or self.context_length) if generate else None,
+            "tools": generate and self.tool_call_parser is not None, "tool_choice_function": generate,
+            "structured_output": generate and self.structured_output,
+        }  # fmt: skip
+
+    def vllm_args_on(self, cluster: str) -> list[str]:
+        """vLLM's arguments on ``cluster``: its own, and what the model's kind and tool parser need."""
+        args = list(self.on(cluster).vllm_args or [])
+        if self.tool_call_parser and "--tool-call-parser" not in args:
+            args += ["--enable-auto-tool-choice", "--tool-call-parser", self.tool_call_parser]
+        if self.kind == "embed" and "--runner" not in args and "--task" not in args:
+            args += ["--runner", "pooling"]
+        return args
 
     def on(self, cluster: str) -> ClusterModelArgs:
         """Path, port, arguments and environment of this model on ``cluster`` (its overrides applied)."""

@@ -128,7 +128,7 @@ class ExecutorBackend(ComputeBackend):
             "served_name": model.served,
             "model_path": here.path,
             "port": here.port,
-            "args": here.vllm_args,
+            "args": model.vllm_args_on(cluster.name),
             "env": here.vllm_env,
             "nice": model.nice,
             # Paths on the cluster: the gateway's own for the local cluster; for a remote one, what its endpoint's

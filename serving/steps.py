@@ -28,6 +28,9 @@ from serving.visibility import allowed
 log = logging.getLogger("first.inference")
 
 
+KIND_WORDS = {"generate": "a text generation model", "embed": "an embedding model"}
+
+
 def not_found(name: str) -> APIError:
     """The one answer for an unknown model and a hidden one, so the message can't tell them apart."""
     return APIError(
@@ -63,6 +66,10 @@ async def authorize(req: InferenceRequest, svc: Services, out: Outcome) -> Model
             param="model",
             code="model_access_denied",
         )
+    if req.endpoint not in model.endpoints:  # a chat request to an embedding model, or the other way round
+        raise APIError(400, f"The model '{model.name}' is {KIND_WORDS[model.kind]}: it serves "
+                       f"{', '.join('/v1/' + e.replace('.', '/') for e in model.endpoints)}, not /v1/"
+                       f"{req.endpoint.replace('.', '/')}.", param="model", code="unsupported_endpoint")  # fmt: skip
     asked, cap = requested_max_tokens(req.body), model.max_output_tokens or model.context_length
     if asked is not None and asked > cap:
         param = "max_completion_tokens" if getattr(req.body, "max_completion_tokens", None) else "max_tokens"

@@ -71,6 +71,7 @@ def registry(hanging: HangingBackendDouble) -> Registry:
             "m-hung": ModelSpec(name="m-hung", clusters=["hung"], path="-", aliases=["hung-alias"]),
             "secret": ModelSpec(name="secret", clusters=["down"], path="-", allowed_groups=["staff"], hidden=True),
             "staff-only": ModelSpec(name="staff-only", clusters=["down"], path="-", allowed_groups=["staff"]),
+            "embedder": ModelSpec(name="embedder", clusters=["down"], path="-", kind="embed"),
         },
     )
 
@@ -151,8 +152,32 @@ async def test_model_list_shows_only_what_the_caller_may_use(client, keys):
     bob = (await client.get("/v1/models", headers=_auth(keys["bob"]))).json()
     alice = (await client.get("/v1/models", headers=_auth(keys["alice"]))).json()
     assert bob["object"] == "list"
-    assert sorted(m["id"] for m in bob["data"]) == ["m-down", "m-hung"]
-    assert sorted(m["id"] for m in alice["data"]) == ["m-down", "m-hung", "secret", "staff-only"]
+    assert sorted(m["id"] for m in bob["data"]) == ["embedder", "m-down", "m-hung"]
+    assert sorted(m["id"] for m in alice["data"]) == ["embedder", "m-down", "m-hung", "secret", "staff-only"]
+
+
+async def test_one_model_with_its_capabilities_by_name_or_alias(client, keys):
+    """client.models.retrieve(id): the model's capabilities and its state per cluster; 404 in OpenAI's shape for
+    a model the caller may not use, hidden or not, as for one that does not exist."""
+    h = _auth(keys["bob"])
+    m = (await client.get("/v1/models/hung-alias", headers=h)).json()
+    assert m["id"] == "m-hung" and m["object"] == "model" and set(m["state"]) == {"hung"}
+    assert m["capabilities"] == {
+        "kind": "generate", "endpoints": ["chat.completions", "completions"], "context_length": 512,
+        "max_output_tokens": 512, "tools": False, "tool_choice_function": True, "structured_output": True,
+    }  # fmt: skip
+    e = (await client.get("/v1/models/embedder", headers=h)).json()
+    assert e["capabilities"]["endpoints"] == ["embeddings"] and not e["capabilities"]["tools"]
+    for name in ("staff-only", "secret", "nope"):
+        r = await client.get(f"/v1/models/{name}", headers=h)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert (await client.get("/v1/models/staff-only", headers=_auth(keys["alice"]))).status_code == 200
+
+
+async def test_a_chat_request_to_an_embedding_model_is_400(client, keys):
+    r = await client.post("/v1/chat/completions", json={**CHAT, "model": "embedder"}, headers=_auth(keys["bob"]))
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_endpoint"
+    assert "/v1/embeddings" in r.json()["error"]["message"]
 
 
 async def test_rate_limit_is_429_with_retry_after(client, keys):
