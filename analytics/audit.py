@@ -54,7 +54,7 @@ def prompt_of(body: Any) -> Any:
             {k: v for k, v in (("role", m.role), ("content", m.content), ("name", m.name)) if v is not None}
             for m in messages
         ]
-    return getattr(body, "prompt", None)
+    return getattr(body, "prompt", getattr(body, "input", None))
 
 
 def completion_of(pieces: dict[int, list[str]] | None) -> str | list[str] | None:

@@ -206,12 +206,93 @@ def _random_weights(vocab_size: int, seed: int) -> dict[str, np.ndarray]:
     return weights
 
 
+EMBED_SHAPE = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 512,
+}
+
+
+def _embed_config(vocab_size: int, ids: dict[str, int]) -> dict[str, object]:
+    """A BERT encoder (``BertModel``: vLLM serves it as an embedding model, ``/v1/embeddings``)."""
+    return {
+        "architectures": ["BertModel"],
+        "model_type": "bert",
+        "vocab_size": vocab_size,
+        **EMBED_SHAPE,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "type_vocab_size": 2,
+        "layer_norm_eps": 1e-12,
+        "initializer_range": INIT_STD,
+        "position_embedding_type": "absolute",
+        "torch_dtype": "float32",
+        "pad_token_id": ids[PAD_TOKEN],
+    }
+
+
+def _embed_weights(vocab_size: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    hidden, inter = EMBED_SHAPE["hidden_size"], EMBED_SHAPE["intermediate_size"]
+
+    def normal(*shape: int) -> np.ndarray:
+        return rng.standard_normal(shape, dtype=np.float32) * np.float32(INIT_STD)
+
+    def zeros(n: int) -> np.ndarray:
+        return np.zeros(n, dtype=np.float32)
+
+    def norm(prefix: str) -> dict[str, np.ndarray]:
+        return {f"{prefix}.weight": np.ones(hidden, dtype=np.float32), f"{prefix}.bias": zeros(hidden)}
+
+    weights: dict[str, np.ndarray] = {
+        "embeddings.word_embeddings.weight": normal(vocab_size, hidden),
+        "embeddings.position_embeddings.weight": normal(EMBED_SHAPE["max_position_embeddings"], hidden),
+        "embeddings.token_type_embeddings.weight": normal(2, hidden),
+        **norm("embeddings.LayerNorm"),
+    }
+    for i in range(EMBED_SHAPE["num_hidden_layers"]):
+        p = f"encoder.layer.{i}"
+        for name in ("query", "key", "value"):
+            weights[f"{p}.attention.self.{name}.weight"] = normal(hidden, hidden)
+            weights[f"{p}.attention.self.{name}.bias"] = zeros(hidden)
+        weights[f"{p}.attention.output.dense.weight"] = normal(hidden, hidden)
+        weights[f"{p}.attention.output.dense.bias"] = zeros(hidden)
+        weights.update(norm(f"{p}.attention.output.LayerNorm"))
+        weights[f"{p}.intermediate.dense.weight"] = normal(inter, hidden)
+        weights[f"{p}.intermediate.dense.bias"] = zeros(inter)
+        weights[f"{p}.output.dense.weight"] = normal(hidden, inter)
+        weights[f"{p}.output.dense.bias"] = zeros(hidden)
+        weights.update(norm(f"{p}.output.LayerNorm"))
+    return weights
+
+
+def _sentence_transformers_files(out: Path) -> None:
+    """Mean pooling and L2 normalisation, as sentence-transformers models declare them (vLLM reads these)."""
+    _write_json(out / "modules.json", [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ])  # fmt: skip
+    (out / "1_Pooling").mkdir()
+    _write_json(out / "1_Pooling" / "config.json", {
+        "word_embedding_dimension": EMBED_SHAPE["hidden_size"], "pooling_mode_cls_token": False,
+        "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,
+    })  # fmt: skip
+    (out / "2_Normalize").mkdir()
+    _write_json(out / "sentence_bert_config.json", {"max_seq_length": 512, "do_lower_case": False})
+
+
 def build_tiny_model(
     out_dir: Path,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    kind: str = "generate",
 ) -> Path:
-    """Write a HuggingFace-format tiny Llama model directory to ``out_dir``.
+    """Write a HuggingFace-format tiny model directory to ``out_dir``: a Llama for text generation, or with
+    ``kind="embed"`` a BERT encoder with mean pooling for embeddings (the same tokenizer).
 
     The directory is built beside ``out_dir`` and renamed into place, replacing
     any existing ``out_dir``. Returns ``out_dir``.
@@ -228,19 +309,26 @@ def build_tiny_model(
         report("writing tokenizer files")
         ids = _tokenizer_files(tokenizer, tmp)
 
-        report("writing config.json and generation_config.json")
-        _write_json(tmp / "config.json", _model_config(vocab_size, ids))
-        _write_json(
-            tmp / "generation_config.json",
-            {
-                "bos_token_id": ids[BOS_TOKEN],
-                "eos_token_id": ids[EOS_TOKEN],
-                "pad_token_id": ids[PAD_TOKEN],
-            },
-        )
+        if kind == "embed":
+            report("writing config.json and the pooling files (BERT, mean pooling, normalised)")
+            _write_json(tmp / "config.json", _embed_config(vocab_size, ids))
+            _sentence_transformers_files(tmp)
+            weights = _embed_weights(vocab_size, seed)
+        else:
+            report("writing config.json and generation_config.json")
+            _write_json(tmp / "config.json", _model_config(vocab_size, ids))
+            _write_json(
+                tmp / "generation_config.json",
+                {
+                    "bos_token_id": ids[BOS_TOKEN],
+                    "eos_token_id": ids[EOS_TOKEN],
+                    "pad_token_id": ids[PAD_TOKEN],
+                },
+            )
+            weights = _random_weights(vocab_size, seed)
 
         report(f"writing random weights (seed {seed})")
-        save_file(_random_weights(vocab_size, seed), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         # mkdtemp makes the directory 0700 and safetensors writes the file 0600.
         os.chmod(tmp / "model.safetensors", 0o644)
         os.chmod(tmp, 0o755)

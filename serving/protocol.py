@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Passthrough(BaseModel):
@@ -55,13 +55,42 @@ class CompletionRequest(_SamplingParams):
     best_of: int | None = Field(default=None, ge=1)
 
 
-def requested_max_tokens(req: ChatCompletionRequest | CompletionRequest) -> int | None:
+class EmbeddingRequest(_Passthrough):
+    """OpenAI embeddings: ``input`` as a string, a list of strings, token ids, or lists of token ids."""
+
+    model: str = Field(min_length=1)
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+
+    # What the pipeline asks of every request: an embedding never streams and generates nothing.
+    stream: Literal[False] | None = None
+    stream_options: None = None
+    n: None = None
+
+    @field_validator("input")
+    @classmethod
+    def _not_empty(cls, value: Any) -> Any:
+        if value == "" or value == []:
+            raise ValueError("input must not be empty")
+        if isinstance(value, list) and any(v == [] or v == "" for v in value):
+            raise ValueError("input must not contain empty items")
+        return value
+
+
+InferenceBody = ChatCompletionRequest | CompletionRequest | EmbeddingRequest
+
+
+def requested_max_tokens(req: InferenceBody) -> int | None:
+    if isinstance(req, EmbeddingRequest):
+        return None
     if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
         return req.max_completion_tokens
     return req.max_tokens
 
 
-def backend_body(req: ChatCompletionRequest | CompletionRequest, served_name: str) -> dict[str, Any]:
+def backend_body(req: InferenceBody, served_name: str) -> dict[str, Any]:
     """The body sent to vLLM: what the caller sent (vendor fields included), always asking for usage."""
     body = req.model_dump(exclude_unset=True, exclude_none=True)
     body["model"] = served_name
@@ -75,7 +104,7 @@ def backend_body(req: ChatCompletionRequest | CompletionRequest, served_name: st
 TEMPLATE_TOKENS_PER_MESSAGE = 32  # what a chat template may add around each message (role markers, headers)
 
 
-def token_estimate(req: ChatCompletionRequest | CompletionRequest, context_length: int) -> int:
+def token_estimate(req: InferenceBody, context_length: int) -> int:
     """Tokens to reserve against a tokens-per-minute limit before the request runs: an upper bound, so that
     the requests a limit admits together can never use more than it.
 
@@ -83,6 +112,11 @@ def token_estimate(req: ChatCompletionRequest | CompletionRequest, context_lengt
     ``TEMPLATE_TOKENS_PER_MESSAGE`` per message, or the count of token-id prompts; capped by the context.
     Completion: ``max_tokens`` (or what the context leaves) times ``n``. The reservation is settled with the
     real usage as soon as the request ends, so erring high only narrows a burst; it never overcharges."""
+    if isinstance(req, EmbeddingRequest):  # the inputs only: an embedding generates nothing
+        items = req.input if isinstance(req.input, list) else [req.input]
+        if items and isinstance(items[0], int):
+            return len(items)  # one list of token ids
+        return sum(len(i) if isinstance(i, list) else len(str(i).encode()) + 2 for i in items)
     if isinstance(req, ChatCompletionRequest):
         prompt = sum(len(_text(m.content).encode()) + TEMPLATE_TOKENS_PER_MESSAGE for m in req.messages)
     elif isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], str):

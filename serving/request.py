@@ -14,15 +14,15 @@ from core.principal import Principal
 from core.settings import Settings
 from serving.limits import RateLimiter, Reservation
 from serving.live_state import LiveState
-from serving.protocol import ChatCompletionRequest, CompletionRequest
+from serving.protocol import InferenceBody
 
 
 @dataclass
 class InferenceRequest:
     request_id: str
-    endpoint: str  # "chat.completions" | "completions"
+    endpoint: str  # "chat.completions" | "completions" | "embeddings"
     path: str  # backend path, e.g. "/v1/chat/completions"
-    body: ChatCompletionRequest | CompletionRequest
+    body: InferenceBody
     principal: Principal
     warm_wait_s: float | None = None  # the caller's bound on waiting for a cold model (X-First-Warm-Wait)
     pinned: str | None = None  # a cluster the caller chose (X-First-Cluster, or a "cluster/model" name)

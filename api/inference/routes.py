@@ -11,11 +11,15 @@ from api.request_ids import request_id
 from core.errors import APIError
 from core.principal import Principal
 from serving.pipeline import serve
-from serving.protocol import ChatCompletionRequest, CompletionRequest
+from serving.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, InferenceBody
 from serving.request import InferenceRequest, Services
 
 # Inference routes and their endpoint names (usage rows, flow runs); rejections on them are metered too.
-INFERENCE_PATHS = {"/v1/chat/completions": "chat.completions", "/v1/completions": "completions"}
+INFERENCE_PATHS = {
+    "/v1/chat/completions": "chat.completions",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+}
 
 
 class InferenceController(Controller):
@@ -32,10 +36,15 @@ class InferenceController(Controller):
         """OpenAI (legacy) text completions, streaming (SSE) or not."""
         return await _serve(request, data, "completions", services, principal_of(request))
 
+    @post("/v1/embeddings", status_code=200, summary="Create embeddings")
+    async def embeddings(self, request: Request, data: EmbeddingRequest, services: Services) -> Response:
+        """OpenAI embeddings from an embedding model (``kind: embed``): input as a string, a list of strings or
+        token ids; ``encoding_format`` float or base64; ``dimensions`` where the model supports it. Metered by its
+        prompt tokens."""
+        return await _serve(request, data, "embeddings", services, principal_of(request))
 
-async def _serve(
-    request: Request, body: ChatCompletionRequest | CompletionRequest, endpoint: str, svc: Services, who: Principal
-) -> Response:
+
+async def _serve(request: Request, body: InferenceBody, endpoint: str, svc: Services, who: Principal) -> Response:
     wait = request.headers.get("x-first-warm-wait")
     try:
         warm_wait_s = float(wait) if wait is not None else None

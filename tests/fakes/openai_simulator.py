@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import math
 import socket
 import threading
 import time
@@ -125,7 +126,7 @@ class OpenAISimulatorDouble:
             return await self._json(send, 200 if self.healthy else 503, {} if self.healthy else {"status": "down"})
         if method == "GET" and path == "/v1/models":
             return await self._json(send, 200, {"object": "list", "data": [{"id": self.name, "object": "model"}]})
-        if method != "POST" or path not in ("/v1/chat/completions", "/v1/completions"):
+        if method != "POST" or path not in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
             return await self._json(send, 404, _error(f"no route {method} {path}", "NotFoundError", 404))
         self.requests += 1
         mode = self.fail_mode
@@ -142,6 +143,10 @@ class OpenAISimulatorDouble:
             req = json.loads(body or b"{}")
         except ValueError:
             return await self._json(send, 400, _error("the body is not JSON", "BadRequestError", 400))
+        if path == "/v1/embeddings":
+            await asyncio.sleep(self.latency_s)
+            self.served += 1
+            return await self._json(send, 200, self._embeddings(req))
         chat = path == "/v1/chat/completions"
         if self._sem is None or self._sem_capacity != self.capacity:
             self._sem, self._sem_capacity = asyncio.Semaphore(self.capacity), self.capacity
@@ -158,6 +163,31 @@ class OpenAISimulatorDouble:
             finally:
                 self.active -= 1
         return None
+
+    @staticmethod
+    def _embeddings(req: dict) -> dict:
+        """Like vLLM's: one vector per input (a hash of it, unit length), ``dimensions`` long (default 8), floats or
+        base64 float32; usage counts words (or token ids) as prompt tokens."""
+        import base64
+        import hashlib
+        import struct
+
+        items = req.get("input")
+        items = items if isinstance(items, list) and items and not isinstance(items[0], int) else [items]
+        size = int(req.get("dimensions") or 8)
+        data, tokens = [], 0
+        for i, item in enumerate(items):
+            tokens += len(item) if isinstance(item, list) else max(1, len(str(item).split()))
+            digest = hashlib.sha256(json.dumps(item).encode()).digest() * (size // 32 + 1)
+            vec = [b - 127.5 for b in digest[:size]]
+            norm = math.sqrt(sum(v * v for v in vec)) or 1.0
+            vec = [v / norm for v in vec]
+            encoded: Any = vec
+            if req.get("encoding_format") == "base64":
+                encoded = base64.b64encode(struct.pack(f"<{size}f", *vec)).decode()
+            data.append({"object": "embedding", "index": i, "embedding": encoded})
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}
+        return {"object": "list", "model": req.get("model"), "data": data, "usage": usage}
 
     @staticmethod
     async def _json(send: Any, status: int, doc: dict) -> None:
