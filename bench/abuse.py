@@ -259,7 +259,10 @@ async def soak_client(url: str, key: str, streams: int, seconds: float) -> dict[
 
 
 async def run_soak(args: argparse.Namespace) -> dict[str, Any]:
-    stack = start_stack({"fast": args.stream_s}, env={"FIRST_MAX_INFLIGHT_PER_CALLER": "0"})
+    env = {"FIRST_MAX_INFLIGHT_PER_CALLER": "0"}
+    if args.header_timeout_s is not None:
+        env["FIRST_HEADER_TIMEOUT_S"] = str(args.header_timeout_s)
+    stack = start_stack({"fast": args.stream_s}, env=env)
     try:
         async with httpx.AsyncClient(base_url=stack.gw.url, timeout=120) as client:
             pid = stack.gw.proc.pid  # type: ignore[union-attr]
@@ -342,6 +345,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="abuse: one greedy caller against another; soak: long run (_client: soak's load generator)",
     )
     ap.add_argument("--clients", type=int, default=2, help="soak: load-generating processes")
+    ap.add_argument("--header-timeout-s", type=float, help="soak: the gateway's FIRST_HEADER_TIMEOUT_S (default 10)")
     ap.add_argument("--url", help=argparse.SUPPRESS)
     ap.add_argument("--key", help=argparse.SUPPRESS)
     ap.add_argument("--seconds", type=float, help=argparse.SUPPRESS)
