@@ -16,9 +16,14 @@ from core.errors import APIError
 log = logging.getLogger("first.api")
 
 
-def error_response(error: APIError, headers: dict[str, str] | None = None) -> Response:
-    """The response for an error: its status, OpenAI's body, and its headers (plus ``headers``)."""
-    return Response(content=error.body(), status_code=error.status, headers={**error.headers, **(headers or {})})
+# Routes whose errors take Anthropic's shape ({"type": "error", "error": {"type", "message"}}), not OpenAI's.
+ANTHROPIC_PATHS = frozenset({"/v1/messages"})
+
+
+def error_response(error: APIError, headers: dict[str, str] | None = None, anthropic: bool = False) -> Response:
+    """The response for an error: its status, OpenAI's body (or Anthropic's), and its headers (plus ``headers``)."""
+    body = error.anthropic_body() if anthropic else error.body()
+    return Response(content=body, status_code=error.status, headers={**error.headers, **(headers or {})})
 
 
 def _validation_param(detail: Any) -> tuple[str | None, str]:
@@ -48,7 +53,7 @@ def handle_exception(request: Request, exc: Exception) -> Response:
                 error = APIError(
                     503, "The gateway could not record this request's usage; try again.", code="usage_spool"
                 )
-        return error_response(error)
+        return error_response(error, anthropic=request.scope.get("path") in ANTHROPIC_PATHS)
     except Exception:
         log.exception("the error handler failed on %r", exc)
         return Response(content=_INTERNAL.body(), status_code=500)

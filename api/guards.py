@@ -26,7 +26,8 @@ async def authenticate(connection: ASGIConnection, _: BaseRouteHandler) -> None:
     lately is refused (429, no usage row) unless its credential is already known to be good."""
     auth: Authenticator = connection.app.state.authenticator
     throttle: FailedAuthThrottle = connection.app.state.auth_throttle
-    token = bearer_token(connection.headers.get("authorization"))
+    # The anthropic client sends its key as x-api-key; every other client as a bearer token.
+    token = bearer_token(connection.headers.get("authorization")) or connection.headers.get("x-api-key") or None
     address = connection.client.host if connection.client else "-"
     wait = throttle.retry_after(address)
     if wait:

@@ -100,7 +100,7 @@ class ClusterModelArgs(BaseModel):
 ModelKind = Literal["generate", "embed"]
 # The endpoints each kind of model serves (as usage rows name them).
 ENDPOINTS_BY_KIND: dict[str, tuple[str, ...]] = {
-    "generate": ("chat.completions", "completions"),
+    "generate": ("chat.completions", "completions", "responses", "messages"),
     "embed": ("embeddings",),
 }
 

@@ -153,6 +153,16 @@ def _readable_within(response: Any, seconds: float) -> bool:
         return True
 
 
+def _is_content(chunk: dict[str, Any]) -> bool:
+    """Generated content (what time to first token waits for), in any of the streams vLLM serves: OpenAI's chunks
+    (choices), the Responses API's ``*.delta`` events, Anthropic's ``content_block_delta``."""
+    choices = chunk.get("choices")
+    if choices:
+        return any((c.get("delta") or {}).get("content") or c.get("text") for c in choices)
+    kind = str(chunk.get("type") or "")
+    return (kind.endswith(".delta") and bool(chunk.get("delta"))) or kind == "content_block_delta"
+
+
 def openai_stream(
     base_url: str,
     path: str,
@@ -252,9 +262,7 @@ def openai_stream(
                 if content_sent:
                     flush = len(batch) >= batch_chunks or now >= deadline
                 else:
-                    flush = content_sent = any(
-                        (c.get("delta") or {}).get("content") or c.get("text") for c in chunk.get("choices") or []
-                    )
+                    flush = content_sent = _is_content(chunk)
                 if flush:
                     post(batch)
                     sent += len(batch)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -79,12 +80,72 @@ class EmbeddingRequest(_Passthrough):
         return value
 
 
-InferenceBody = ChatCompletionRequest | CompletionRequest | EmbeddingRequest
+class ResponsesRequest(_Passthrough):
+    """OpenAI's Responses API (vLLM serves it). ``input`` a string or a list of items; ``instructions``; tools;
+    streaming as typed events. Not offered: ``previous_response_id`` and ``background`` (see ``unsupported``)."""
+
+    model: str = Field(min_length=1)
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    text: dict[str, Any] | None = None
+    stream: bool | None = False
+    previous_response_id: str | None = None
+    store: bool | None = None
+    background: bool | None = None
+    user: str | None = None
+
+    stream_options: None = None
+    n: None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(param, why) for a feature the gateway does not offer, else None."""
+        if self.previous_response_id:
+            return "previous_response_id", (
+                "The gateway does not keep responses: a follow-up may run on another server than the one that "
+                "answered. Send the conversation so far as `input` items instead (with `store: false`)."
+            )
+        if self.background:
+            return "background", "Background responses are not offered; stream the response instead."
+        return None
+
+
+class AnthropicMessage(_Passthrough):
+    role: Literal["user", "assistant"]
+    content: str | list[dict[str, Any]]
+
+
+class MessagesRequest(_Passthrough):
+    """Anthropic's Messages API (vLLM serves it): ``max_tokens`` is required, as Anthropic requires it."""
+
+    model: str = Field(min_length=1)
+    messages: list[AnthropicMessage] = Field(min_length=1)
+    max_tokens: int = Field(ge=1)
+    system: str | list[dict[str, Any]] | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=1.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0)
+    stop_sequences: list[str] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: dict[str, Any] | None = None
+    stream: bool | None = False
+
+    stream_options: None = None
+    n: None = None
+
+
+InferenceBody = ChatCompletionRequest | CompletionRequest | EmbeddingRequest | ResponsesRequest | MessagesRequest
 
 
 def requested_max_tokens(req: InferenceBody) -> int | None:
     if isinstance(req, EmbeddingRequest):
         return None
+    if isinstance(req, ResponsesRequest):
+        return req.max_output_tokens
     if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
         return req.max_completion_tokens
     return req.max_tokens
@@ -94,7 +155,9 @@ def backend_body(req: InferenceBody, served_name: str) -> dict[str, Any]:
     """The body sent to vLLM: what the caller sent (vendor fields included), always asking for usage."""
     body = req.model_dump(exclude_unset=True, exclude_none=True)
     body["model"] = served_name
-    if req.stream:
+    if isinstance(req, ResponsesRequest):
+        body["store"] = False  # a stored response would live in one server's memory: the gateway keeps none
+    if req.stream and isinstance(req, ChatCompletionRequest | CompletionRequest):
         opts = dict(body.get("stream_options") or {})
         opts["include_usage"] = True
         body["stream_options"] = opts
@@ -118,7 +181,17 @@ def token_estimate(req: InferenceBody, context_length: int) -> int:
             return len(items)  # one list of token ids
         return sum(len(i) if isinstance(i, list) else len(str(i).encode()) + 2 for i in items)
     if isinstance(req, ChatCompletionRequest):
-        prompt = sum(len(_text(m.content).encode()) + TEMPLATE_TOKENS_PER_MESSAGE for m in req.messages)
+        # Every message's text, and what else it carries (tool_calls, tool results); the tools and the response
+        # format are in the prompt too.
+        prompt = sum(len(_text(m.content).encode()) + _json_len(m.model_extra) + TEMPLATE_TOKENS_PER_MESSAGE
+                     for m in req.messages) + _json_len(req.tools) + _json_len(req.response_format)  # fmt: skip
+    elif isinstance(req, ResponsesRequest):
+        items = [req.input] if isinstance(req.input, str) else req.input
+        prompt = sum(_json_len(i) + TEMPLATE_TOKENS_PER_MESSAGE for i in items)
+        prompt += _json_len(req.instructions) + _json_len(req.tools) + _json_len(req.text)
+    elif isinstance(req, MessagesRequest):
+        prompt = sum(_json_len(m.content) + TEMPLATE_TOKENS_PER_MESSAGE for m in req.messages)
+        prompt += _json_len(req.system) + _json_len(req.tools)
     elif isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], str):
         prompt = sum(len(p) if isinstance(p, list) else 1 for p in req.prompt)  # token ids
     else:
@@ -127,6 +200,13 @@ def token_estimate(req: InferenceBody, context_length: int) -> int:
     prompt = min(prompt, context_length)
     completion = requested_max_tokens(req) or max(context_length - prompt, 1)
     return prompt + completion * (req.n or 1)
+
+
+def _json_len(value: Any) -> int:
+    """Bytes of a value as the model's prompt may carry it (a string as it is, anything else as JSON)."""
+    if not value:
+        return 0
+    return len(value.encode()) if isinstance(value, str) else len(json.dumps(value, ensure_ascii=False).encode())
 
 
 def _text(content: str | list[dict[str, Any]] | None) -> str:

@@ -22,6 +22,7 @@ from serving.live_state import Instance, fault_scope
 from serving.protocol import backend_body, requested_max_tokens, token_estimate
 from serving.request import InferenceRequest, Outcome, Services
 from serving.results import ResultChannel
+from serving.shapes import SHAPES, merge_usage
 from serving.tracing import step
 from serving.visibility import allowed
 
@@ -194,8 +195,9 @@ async def execute(req: InferenceRequest, inst: Instance, svc: Services, channel:
             await _stream(req, chunks, channel, out, svc.settings.relay_idle_timeout_s)
         else:
             response = await backend.complete(inst.model, inst.base_url or "", req.path, body)
-            response["model"] = req.body.model
-            out.usage = dict(response.get("usage") or {})
+            shape = SHAPES[req.endpoint]
+            shape.rename(response, req.body.model)
+            out.usage = shape.usage(response) or {}
             if out.completion is not None:
                 out.completion = audit.response_texts(response)
             channel.respond(response)  # held by the handler until usage is recorded
@@ -221,23 +223,24 @@ async def _stream(req: InferenceRequest, chunks: Any, channel: ResultChannel, ou
 
 
 async def _forward(req: InferenceRequest, chunks: Any, channel: ResultChannel, out: Outcome, stall_s: float) -> None:
+    shape = SHAPES[req.endpoint]
+    for_caller = req.include_usage or not shape.gateway_asks_usage  # usage the caller sees, not only the meter
     async for chunk in chunks:
         if channel.abandoned:  # the caller is gone: stop here, and the cluster stops generating
             out.status, out.error_type = 499, "client_disconnected"
             log.info("request %s: the caller left mid-stream; stopping it on the cluster", req.request_id)
             return
-        if chunk.get("usage") and not chunk.get("choices"):
-            out.usage = dict(chunk["usage"])
-            if not req.include_usage:
-                continue  # we asked for usage for metering; the caller did not
-        chunk["model"] = req.body.model
+        usage = shape.usage(chunk)
+        if usage:
+            out.usage = merge_usage(out.usage, usage)
+        if not for_caller and shape.usage_only(chunk):
+            continue  # we asked for usage for metering; the caller did not
+        shape.rename(chunk, req.body.model)
         if out.completion is not None:
             audit.chunk_texts(chunk, out.completion)
-        if out.ttft_ms is None and any(
-            (c.get("delta") or {}).get("content") or c.get("text") for c in chunk.get("choices") or []
-        ):
+        if out.ttft_ms is None and shape.has_content(chunk):
             out.ttft_ms = (time.perf_counter() - req.t0) * 1000
-        if not req.include_usage and chunk.get("usage"):
+        if not for_caller and chunk.get("usage"):
             chunk.pop("usage", None)
         out.streamed = True
         await channel.chunk(chunk, stall_s)

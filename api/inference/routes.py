@@ -11,14 +11,24 @@ from api.request_ids import request_id
 from core.errors import APIError
 from core.principal import Principal
 from serving.pipeline import serve
-from serving.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, InferenceBody
+from serving.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    InferenceBody,
+    MessagesRequest,
+    ResponsesRequest,
+)
 from serving.request import InferenceRequest, Services
+from serving.shapes import SHAPES
 
 # Inference routes and their endpoint names (usage rows, flow runs); rejections on them are metered too.
 INFERENCE_PATHS = {
     "/v1/chat/completions": "chat.completions",
     "/v1/completions": "completions",
     "/v1/embeddings": "embeddings",
+    "/v1/responses": "responses",
+    "/v1/messages": "messages",
 }
 
 
@@ -35,6 +45,23 @@ class InferenceController(Controller):
     async def completions(self, request: Request, data: CompletionRequest, services: Services) -> Response:
         """OpenAI (legacy) text completions, streaming (SSE) or not."""
         return await _serve(request, data, "completions", services, principal_of(request))
+
+    @post("/v1/responses", status_code=200, summary="Create a response (OpenAI's Responses API)")
+    async def responses(self, request: Request, data: ResponsesRequest, services: Services) -> Response:
+        """OpenAI's Responses API, streaming (typed events) or not: `input` as a string or a list of items,
+        `instructions`, `tools`. The gateway keeps no responses: `previous_response_id` and `background` are 400
+        (send the conversation as `input` items); `store` is always false on the model server."""
+        unsupported = data.unsupported()
+        if unsupported is not None:
+            raise APIError(400, unsupported[1], param=unsupported[0], code="unsupported_parameter")
+        return await _serve(request, data, "responses", services, principal_of(request))
+
+    @post("/v1/messages", status_code=200, summary="Create a message (Anthropic's Messages API)")
+    async def messages(self, request: Request, data: MessagesRequest, services: Services) -> Response:
+        """Anthropic's Messages API, streaming (Anthropic's event names) or not. The credential may come as
+        `x-api-key` (what the anthropic client sends) or `Authorization: Bearer`; `anthropic-version` is accepted.
+        Errors on this route are in Anthropic's shape."""
+        return await _serve(request, data, "messages", services, principal_of(request))
 
     @post("/v1/embeddings", status_code=200, summary="Create embeddings")
     async def embeddings(self, request: Request, data: EmbeddingRequest, services: Services) -> Response:
@@ -58,4 +85,4 @@ async def _serve(request: Request, body: InferenceBody, endpoint: str, svc: Serv
     headers = {"X-Request-Id": req.request_id}
     if channel.cluster:
         headers["X-First-Cluster"] = channel.cluster
-    return to_response(result, headers)
+    return to_response(result, headers, SHAPES[endpoint], anthropic=endpoint == "messages")

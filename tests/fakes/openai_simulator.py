@@ -126,7 +126,7 @@ class OpenAISimulatorDouble:
             return await self._json(send, 200 if self.healthy else 503, {} if self.healthy else {"status": "down"})
         if method == "GET" and path == "/v1/models":
             return await self._json(send, 200, {"object": "list", "data": [{"id": self.name, "object": "model"}]})
-        if method != "POST" or path not in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+        if method != "POST" or path not in ROUTES:
             return await self._json(send, 404, _error(f"no route {method} {path}", "NotFoundError", 404))
         self.requests += 1
         mode = self.fail_mode
@@ -147,6 +147,8 @@ class OpenAISimulatorDouble:
             await asyncio.sleep(self.latency_s)
             self.served += 1
             return await self._json(send, 200, self._embeddings(req))
+        if path in ("/v1/responses", "/v1/messages"):
+            return await self._typed(send, req, path, receive)
         chat = path == "/v1/chat/completions"
         if self._sem is None or self._sem_capacity != self.capacity:
             self._sem, self._sem_capacity = asyncio.Semaphore(self.capacity), self.capacity
@@ -163,6 +165,37 @@ class OpenAISimulatorDouble:
             finally:
                 self.active -= 1
         return None
+
+    async def _typed(self, send: Any, req: dict, path: str, receive: Any) -> None:
+        """The Responses API and Anthropic's Messages API, as vLLM answers them: a whole response, or (stream) the
+        typed events, each an ``event:`` line and a ``data:`` line, at the double's pace."""
+        responses = path == "/v1/responses"
+        prompt = max(1, len(json.dumps(req.get("input") if responses else req.get("messages")).split()))
+        n = int((req.get("max_output_tokens") if responses else req.get("max_tokens")) or DEFAULT_MAX_TOKENS)
+        tokens = text_tokens(n)
+        events = _responses_events(req, prompt, tokens) if responses else _messages_events(req, prompt, tokens)
+        if not req.get("stream"):
+            await asyncio.sleep(self.latency_s)
+            self.served += 1
+            return await self._json(send, 200, events[-1]["response"] if responses else _message(req, prompt, tokens))
+        headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        gone = asyncio.ensure_future(receive())
+        pause = self.latency_s / max(len(tokens), 1)
+        try:
+            for event in events:
+                if str(event["type"]).endswith("delta") and "text" in json.dumps(event):
+                    await asyncio.sleep(pause)
+                    if gone.done():
+                        self.streams_aborted += 1
+                        return
+                    self.tokens_generated += 1
+                data = f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+            self.served += 1
+        finally:
+            gone.cancel()
 
     @staticmethod
     def _embeddings(req: dict) -> dict:
@@ -261,6 +294,127 @@ class OpenAISimulatorDouble:
             await event({**head, "choices": [], "usage": usage})
         await event("[DONE]")
         await send({"type": "http.response.body", "body": b""})
+
+
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages")
+
+
+def _responses_events(req: dict, prompt: int, tokens: list[str]) -> list[dict]:
+    """The Responses API's stream for ``tokens``; the last event's ``response`` is the whole (non-stream) answer."""
+    text = "".join(tokens)
+    usage = {
+        "input_tokens": prompt,
+        "output_tokens": len(tokens),
+        "total_tokens": prompt + len(tokens),
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": 0},
+    }
+    item = {
+        "type": "message",
+        "id": "msg_sim",
+        "role": "assistant",
+        "status": "completed",
+        "content": [{"type": "output_text", "text": text, "annotations": []}],
+    }
+    base = {
+        "id": "resp_sim",
+        "object": "response",
+        "created_at": int(time.time()),
+        "model": req.get("model"),
+        "output": [],
+        "status": "in_progress",
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "usage": None,
+    }
+    done = {**base, "status": "completed", "output": [item], "usage": usage}
+    events: list[dict] = [{"type": "response.created", "response": base}]
+    events.append(
+        {
+            "type": "response.output_item.added",
+            "output_index": 0,
+            "item": {**item, "status": "in_progress", "content": []},
+        }
+    )
+    events.append(
+        {
+            "type": "response.content_part.added",
+            "item_id": "msg_sim",
+            "output_index": 0,
+            "content_index": 0,
+            "part": {"type": "output_text", "text": "", "annotations": []},
+        }
+    )
+    for piece in tokens:
+        events.append(
+            {
+                "type": "response.output_text.delta",
+                "item_id": "msg_sim",
+                "output_index": 0,
+                "content_index": 0,
+                "delta": piece,
+                "logprobs": [],
+            }
+        )
+    events.append(
+        {
+            "type": "response.output_text.done",
+            "item_id": "msg_sim",
+            "output_index": 0,
+            "content_index": 0,
+            "text": text,
+            "logprobs": [],
+        }
+    )
+    events.append(
+        {
+            "type": "response.content_part.done",
+            "item_id": "msg_sim",
+            "output_index": 0,
+            "content_index": 0,
+            "part": item["content"][0],
+        }
+    )
+    events.append({"type": "response.output_item.done", "output_index": 0, "item": item})
+    events.append({"type": "response.completed", "response": done})
+    for n, event in enumerate(events):
+        event["sequence_number"] = n
+    return events
+
+
+def _message(req: dict, prompt: int, tokens: list[str]) -> dict:
+    return {
+        "id": "msg_sim",
+        "type": "message",
+        "role": "assistant",
+        "model": req.get("model"),
+        "content": [{"type": "text", "text": "".join(tokens)}],
+        "stop_reason": "max_tokens",
+        "stop_sequence": None,
+        "usage": {"input_tokens": prompt, "output_tokens": len(tokens)},
+    }
+
+
+def _messages_events(req: dict, prompt: int, tokens: list[str]) -> list[dict]:
+    start = {**_message(req, prompt, []), "stop_reason": None, "usage": {"input_tokens": prompt, "output_tokens": 1}}
+    events: list[dict] = [
+        {"type": "message_start", "message": start},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+    ]
+    events += [
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}} for piece in tokens
+    ]
+    events += [
+        {"type": "content_block_stop", "index": 0},
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "max_tokens", "stop_sequence": None},
+            "usage": {"output_tokens": len(tokens)},
+        },
+        {"type": "message_stop"},
+    ]
+    return events
 
 
 def _error(message: str, kind: str, code: int) -> dict:
