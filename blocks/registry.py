@@ -225,7 +225,8 @@ class Registry(BaseModel):
 
     @classmethod
     def embedded_default(cls, settings: Settings) -> Registry:
-        """One local cluster and the tiny demo model that `first model build-tiny` writes."""
+        """One local cluster, the tiny demo model and the tiny embedding model that `first model build-tiny` writes
+        (the embedding model is warmed on first use)."""
         tiny = ModelSpec(
             name="tiny",
             aliases=["first-tiny"],
@@ -246,7 +247,15 @@ class Registry(BaseModel):
             # core when they need one: the endpoint hop fell from ~2.7 to ~1.1 ms (docs/benchmarks.md).
             nice=10,
         )
-        return cls(clusters={"local": ClusterSpec(name="local", transport="local")}, models={"tiny": tiny})
+        # The embedding model beside it (`first model build-tiny --kind embed`): a BERT encoder, mean pooling.
+        embed = tiny.model_copy(update={
+            "name": "tiny-embed", "aliases": [], "path": str(settings.models_dir / "tiny-embed"),
+            "port": settings.vllm_port_base + 1, "kind": "embed", "idle_timeout_s": 1800,
+            "vllm_args": ["--max-model-len", "512", "--enforce-eager", "--dtype", "float32"],
+        })  # fmt: skip
+        return cls(
+            clusters={"local": ClusterSpec(name="local", transport="local")}, models={"tiny": tiny, "tiny-embed": embed}
+        )
 
     async def save_blocks(self) -> None:
         for c in self.clusters.values():

@@ -231,6 +231,8 @@ def _embed_config(vocab_size: int, ids: dict[str, int]) -> dict[str, object]:
         "position_embedding_type": "absolute",
         "torch_dtype": "float32",
         "pad_token_id": ids[PAD_TOKEN],
+        # Its vectors may be cut to these lengths (renormalised): `dimensions` in an embeddings request.
+        "matryoshka_dimensions": [32, 64, 128],
     }
 
 

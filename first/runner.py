@@ -124,16 +124,18 @@ class Runner:
         return proc
 
     def ensure_model(self) -> None:
-        reg = Registry.embedded_default(self.s)
-        tiny = Path(reg.models["tiny"].path)
-        if (tiny / "model.safetensors").exists():
-            console.print(f"[green]✓[/green] demo model at {tiny}")
-            return
+        """The two models of the embedded default: `tiny` (text) and `tiny-embed` (embeddings), built once."""
         from compute.tiny_model import build_tiny_model
 
-        with console.status("building the tiny demo model (tokenizer + random-weight Llama)…"):
-            build_tiny_model(tiny, seed=0)
-        console.print(f"[green]✓[/green] built the demo model at {tiny}")
+        reg = Registry.embedded_default(self.s)
+        for name, kind, what in (("tiny", "generate", "random-weight Llama"), ("tiny-embed", "embed", "BERT")):
+            path = Path(reg.models[name].path)
+            if (path / "model.safetensors").exists():
+                console.print(f"[green]✓[/green] model '{name}' at {path}")
+                continue
+            with console.status(f"building the model '{name}' (tokenizer + {what})…"):
+                build_tiny_model(path, seed=0, kind=kind)
+            console.print(f"[green]✓[/green] built the model '{name}' at {path}")
 
     def start_vllm_early(self) -> None:
         """Start vLLM now (it takes ~30-60 s on CPU); the warm-up flow below then follows it to /health."""

@@ -16,9 +16,17 @@ app = typer.Typer(help="Models the project builds itself.", no_args_is_help=True
 def build_tiny(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the model into")],
     seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same bytes")] = 0,
+    kind: Annotated[str, typer.Option(help="generate: the Llama text model; embed: the BERT embedding model")] = (
+        "generate"
+    ),
 ) -> None:
-    """Build the tiny demo model (byte-level BPE + a 0.8 M-parameter Llama with random weights)."""
+    """Build a tiny model with random weights that vLLM CPU serves offline: the demo text model (byte-level BPE and
+    a 0.8 M-parameter Llama), or with --kind embed the embedding model (the same tokenizer, a BERT encoder with
+    mean pooling)."""
     from compute.tiny_model import build_tiny_model
 
-    path = build_tiny_model(out_dir, seed=seed, progress=lambda m: err.print(f"[dim]·[/dim] {m}"))
+    if kind not in ("generate", "embed"):
+        err.print(f"[red]--kind is generate or embed, not {kind!r}[/red]")
+        raise typer.Exit(2)
+    path = build_tiny_model(out_dir, seed=seed, progress=lambda m: err.print(f"[dim]·[/dim] {m}"), kind=kind)
     err.print(f"[green]tiny model written to {path}[/green]")

@@ -19,7 +19,7 @@ app = typer.Typer(help="Clusters and models (Prefect Blocks).", no_args_is_help=
 def registry_init(
     force: Annotated[bool, typer.Option(help="Overwrite existing blocks of the same names")] = False,
 ) -> None:
-    """Save the embedded default (cluster 'local', model 'tiny') as Prefect Blocks, unless blocks exist."""
+    """Save the embedded default (cluster 'local', models 'tiny' and 'tiny-embed') as Prefect Blocks, unless blocks exist."""
     from blocks.registry import ClusterBlock, ModelBlock, Registry
 
     async def go() -> None:
@@ -32,7 +32,7 @@ def registry_init(
             err.print(f"registry already has {len(existing.models)} model(s); left as is (--force to reset)")
             return
         await Registry.embedded_default(get_settings()).save_blocks()
-        err.print("saved the embedded default registry as blocks (cluster 'local', model 'tiny')")
+        err.print("saved the embedded default registry as blocks (cluster 'local', models 'tiny' and 'tiny-embed')")
 
     asyncio.run(go())
 

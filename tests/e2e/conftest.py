@@ -81,13 +81,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         return p
 
     try:
-        subprocess.run(
-            [str(BIN / "first"), "model", "build-tiny", str(settings.models_dir / "tiny")],
-            env=env,
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
+        for name, kind in (("tiny", "generate"), ("tiny-embed", "embed")):
+            subprocess.run(
+                [str(BIN / "first"), "model", "build-tiny", str(settings.models_dir / name), "--kind", kind],
+                env=env,
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
         prefect = spawn(
             "prefect", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)]
         )

@@ -89,7 +89,7 @@ def test_chat_streaming_completions_and_models(stack: Stack) -> None:
     )
     assert streamed[-1].usage.completion_tokens == 6
 
-    assert [m.id for m in c.models.list()] == ["tiny"]
+    assert [m.id for m in c.models.list()] == ["tiny", "tiny-embed"]
 
 
 def test_vendor_fields_pass_through(stack: Stack) -> None:
