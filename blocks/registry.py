@@ -59,6 +59,19 @@ class ClusterSpec(AccessRules):
     name: str
     transport: Transport = "local"
     base_url: str | None = Field(default=None, description="For transport 'http': an OpenAI-compatible URL")
+    api_key_secret: str | None = Field(
+        default=None,
+        description="For transport 'http': the name of a Prefect Secret block holding the upstream API's key (sent as "
+        "a bearer token); the key itself is never in this block",
+    )
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="For transport 'http': extra headers sent upstream (e.g. an organisation id)"
+    )
+    health_path: str = Field(
+        default="/health",
+        description="For transport 'http': the path that answers 200 when it is ready (vLLM: /health; a hosted "
+        "OpenAI-compatible API: /v1/models)",
+    )
     endpoint_id: str | None = Field(default=None, description="For transport 'globus-compute': the endpoint's id")
     function_ids: dict[str, str] = Field(
         default_factory=dict,
@@ -234,7 +247,18 @@ class Registry(BaseModel):
             path=str(settings.models_dir / "tiny"),
             port=settings.vllm_port_base,
             # float32: on this CPU kind vLLM's default bfloat16 path killed the worker on the first request.
-            vllm_args=["--max-model-len", "512", "--enforce-eager", "--dtype", "float32"],
+            # Structured output without free whitespace: with random weights a JSON grammar that allows it fills
+            # max_tokens with blanks before it closes.
+            vllm_args=[
+                "--max-model-len",
+                "512",
+                "--enforce-eager",
+                "--dtype",
+                "float32",
+                "--structured-outputs-config",
+                '{"backend": "xgrammar", "disable_any_whitespace": true}',
+            ],
+            tool_call_parser="hermes",
             vllm_env={
                 "VLLM_CPU_KVCACHE_SPACE": str(settings.vllm_kv_cache_gib),
                 "VLLM_HOST_IP": "127.0.0.1",
@@ -250,7 +274,7 @@ class Registry(BaseModel):
         # The embedding model beside it (`first model build-tiny --kind embed`): a BERT encoder, mean pooling.
         embed = tiny.model_copy(update={
             "name": "tiny-embed", "aliases": [], "path": str(settings.models_dir / "tiny-embed"),
-            "port": settings.vllm_port_base + 1, "kind": "embed", "idle_timeout_s": 1800,
+            "port": settings.vllm_port_base + 1, "kind": "embed", "idle_timeout_s": 1800, "tool_call_parser": None,
             "vllm_args": ["--max-model-len", "512", "--enforce-eager", "--dtype", "float32"],
         })  # fmt: skip
         return cls(

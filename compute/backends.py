@@ -22,6 +22,7 @@ import httpx
 from globus_compute_sdk.errors import TaskExecutionFailed
 
 from blocks.registry import ClusterSpec, ModelSpec
+from blocks.secrets import read_secret
 from compute import functions
 from compute.executors import ExecutorPool
 from compute.failures import backend_error, task_failed
@@ -227,7 +228,9 @@ def _unreachable(base_url: str, exc: httpx.HTTPError) -> dict[str, Any]:
 
 
 class DirectHTTPBackend(ComputeBackend):
-    """A cluster that exposes an OpenAI-compatible URL the gateway can reach (no lifecycle control)."""
+    """A cluster that exposes an OpenAI-compatible URL the gateway can reach: a vLLM someone else runs, or a hosted
+    OpenAI-compatible API (its key from a Prefect Secret block, extra headers, readiness at ``health_path``). No
+    lifecycle control: FIRST neither starts nor stops what is behind the URL."""
 
     manages_lifecycle = False
 
@@ -255,22 +258,37 @@ class DirectHTTPBackend(ComputeBackend):
     def client(self) -> httpx.AsyncClient:
         return next(self._turn)
 
+    async def headers(self) -> dict[str, str]:
+        """What every upstream call carries: the block's extra headers and, if it names one, the API key."""
+        headers = dict(self.cluster.headers)
+        if self.cluster.api_key_secret:
+            try:
+                headers["Authorization"] = f"Bearer {await read_secret(self.cluster.api_key_secret)}"
+            except Exception as exc:  # no such block, or Prefect unreachable: the cluster cannot be used now
+                raise APIError(503, f"Cluster '{self.cluster.name}': its API key could not be read",
+                               code="cluster_unreachable", detail=repr(exc)) from exc  # fmt: skip
+        return headers
+
     async def status(self, model: ModelSpec) -> dict[str, Any]:
         try:
-            ok = (await self.client.get(self.base_url + "/health", timeout=5)).status_code == 200
-        except httpx.HTTPError as exc:
+            r = await self.client.get(self.base_url + self.cluster.health_path, headers=await self.headers(), timeout=5)
+        except (httpx.HTTPError, APIError) as exc:
             return {"state": "failed", "base_url": self.base_url, "detail": repr(exc)}
-        return {"state": "hot" if ok else "starting", "base_url": self.base_url}
+        if r.status_code in (401, 403):
+            why = f"{self.cluster.health_path} answered {r.status_code}: check the cluster's API key"
+            return {"state": "failed", "base_url": self.base_url, "detail": why}
+        return {"state": "hot" if r.status_code == 200 else "starting", "base_url": self.base_url}
 
     async def start(self, model: ModelSpec) -> dict[str, Any]:
         return await self.status(model)
 
     async def stop(self, model: ModelSpec) -> dict[str, Any]:
-        return {"state": "hot", "detail": "a direct-HTTP cluster is managed outside FIRST"}
+        return {"state": "hot", "detail": "a direct-HTTP cluster (its own vLLM, or a hosted API) is run outside FIRST: "
+                "FIRST neither starts nor stops it"}  # fmt: skip
 
     async def complete(self, model: ModelSpec, base_url: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
         try:
-            r = await self.client.post(base_url + path, json=body)
+            r = await self.client.post(base_url + path, json=body, headers=await self.headers())
         except httpx.HTTPError as exc:
             raise backend_error(
                 functions.backend_unreachable(base_url, exc, isinstance(exc, httpx.TimeoutException)),
@@ -289,7 +307,7 @@ class DirectHTTPBackend(ComputeBackend):
     ) -> AsyncIterator[dict]:
         where = f"Cluster '{self.cluster.name}'"
         try:
-            async with self.client.stream("POST", base_url + path, json=body) as r:
+            async with self.client.stream("POST", base_url + path, json=body, headers=await self.headers()) as r:
                 if r.status_code != 200:
                     await r.aread()
                     try:
@@ -323,6 +341,9 @@ CONNECTION_FIELDS = (
     "login_endpoint_id",
     "function_ids",
     "user_endpoint_config",
+    "api_key_secret",
+    "headers",
+    "health_path",
 )
 
 

@@ -19,7 +19,8 @@ app = typer.Typer(help="Clusters and models (Prefect Blocks).", no_args_is_help=
 def registry_init(
     force: Annotated[bool, typer.Option(help="Overwrite existing blocks of the same names")] = False,
 ) -> None:
-    """Save the embedded default (cluster 'local', models 'tiny' and 'tiny-embed') as Prefect Blocks, unless blocks exist."""
+    """Save the embedded default (cluster 'local', models 'tiny' and 'tiny-embed') as Prefect Blocks, unless blocks
+    exist."""
     from blocks.registry import ClusterBlock, ModelBlock, Registry
 
     async def go() -> None:

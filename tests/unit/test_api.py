@@ -163,7 +163,8 @@ async def test_one_model_with_its_capabilities_by_name_or_alias(client, keys):
     m = (await client.get("/v1/models/hung-alias", headers=h)).json()
     assert m["id"] == "m-hung" and m["object"] == "model" and set(m["state"]) == {"hung"}
     assert m["capabilities"] == {
-        "kind": "generate", "endpoints": ["chat.completions", "completions"], "context_length": 512,
+        "kind": "generate", "endpoints": ["chat.completions", "completions", "responses", "messages"],
+        "context_length": 512,
         "max_output_tokens": 512, "tools": False, "tool_choice_function": True, "structured_output": True,
     }  # fmt: skip
     e = (await client.get("/v1/models/embedder", headers=h)).json()
