@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import httpx
 import openai
 import pytest
+from prefect.blocks.system import Secret
 from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
 from blocks.registry import ClusterSpec, ModelSpec, RateLimits, Registry
@@ -48,7 +49,10 @@ def globus_gateway(stack: Stack) -> Iterator[GlobusGateway]:
     assert r.status_code == 200, r.text
     with FakeGlobusServer() as fake:
         pro = fake.group_id("pro")
-        direct = ClusterSpec(name="vllm-direct", transport="http", base_url=stack.vllm_url)
+        # vLLM wants its own key: the direct cluster reads it from a Prefect Secret block, as an upstream API's.
+        vllm_key = json.loads((stack.settings.instances_dir / "local" / "tiny.json").read_text())["api_key"]
+        direct = ClusterSpec(name="vllm-direct", transport="http", base_url=stack.vllm_url,
+                             api_key_secret="tiny-vllm-key")  # fmt: skip
         served = {"served_name": "tiny", "path": "-", "clusters": ["vllm-direct"], "context_length": 512}
         reg = Registry(
             clusters={"vllm-direct": direct},
@@ -64,6 +68,7 @@ def globus_gateway(stack: Stack) -> Iterator[GlobusGateway]:
             {PREFECT_API_URL: stack.prefect_api, PREFECT_API_AUTH_STRING: stack.env["PREFECT_API_AUTH_STRING"]}
         ):
             asyncio.run(reg.save_blocks())
+            asyncio.run(Secret(value=vllm_key).save("tiny-vllm-key", overwrite=True))
         env = {**stack.env, "FIRST_GLOBUS_CLIENT_SECRET": fake.client_secret}
         configure = [
             str(BIN / "first"), "globus", "configure", "--client-id", fake.client_id, "--auth-url", fake.url,
