@@ -119,7 +119,8 @@ def test_an_upstream_openai_compatible_api_with_its_key_in_a_secret_block(stack:
     readiness is GET /v1/models; the model is mapped to the upstream's name; extra headers go along."""
     with OpenAISimulatorDouble(latency_s=0.0, name="upstream", api_key="sk-upstream-123") as upstream:
         cluster = ClusterSpec(name="hosted", transport="http", base_url=upstream.base_url, health_path="/v1/models",
-                              api_key_secret="hosted-api-key", headers={"OpenAI-Organization": "org-first"})  # fmt: skip
+                              api_key_secret="hosted-api-key",
+                              headers={"OpenAI-Organization": "org-first"})  # fmt: skip
         model = ModelSpec(name="hosted-model", served_name="gpt-upstream", clusters=["hosted"], path="-")
         settings = {PREFECT_API_URL: stack.prefect_api, PREFECT_API_AUTH_STRING: stack.env["PREFECT_API_AUTH_STRING"]}
         with temporary_settings(settings):
@@ -133,7 +134,8 @@ def test_an_upstream_openai_compatible_api_with_its_key_in_a_secret_block(stack:
         assert r.model == "hosted-model" and r.usage.completion_tokens == 5
         assert upstream.served == 1  # it got through the key check
         block = httpx.get(f"{stack.prefect_api}/block_types/slug/first-cluster/block_documents/name/hosted",
-                          auth=tuple(stack.env["PREFECT_API_AUTH_STRING"].split(":", 1)), timeout=30).json()  # fmt: skip
+                          auth=tuple(stack.env["PREFECT_API_AUTH_STRING"].split(":", 1)),
+                          timeout=30).json()  # fmt: skip
         assert "sk-upstream-123" not in json.dumps(block)  # the cluster block names the secret, never holds it
 
 
