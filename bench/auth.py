@@ -60,6 +60,7 @@ from bench.common import (
     p95,
     port_free,
     tree_cpu_s,
+    vllm_key,
     write_section,
 )
 from bench.overhead import Stack, Target, alternate_c1, alternate_throughput, bodies, burst, chat, make_client
@@ -311,7 +312,7 @@ async def measure_gateways(stack: Stack, fake: FakeGlobusServer, args: argparse.
     for c in checks:
         log(f"  [green]✓[/green] {c}")
     targets = [
-        Target("direct", make_client(f"http://127.0.0.1:{stack.vllm_port}/v1", stack.api_key)),
+        Target("direct", make_client(f"http://127.0.0.1:{stack.vllm_port}/v1", vllm_key(stack.home))),
         Target("local", make_client(urls["local"] + "/v1", stack.api_key)),
         Target("globus", make_client(urls["globus"] + "/v1", token)),
     ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
 import random
@@ -179,3 +180,8 @@ def failure_code(exc: BaseException) -> int:
         return 1
     console.print_exception()
     return 1
+
+
+def vllm_key(home: Path, model: str = "tiny", cluster: str = "local") -> str:
+    """The API key start_vllm gave the model's vLLM (in its state file): what a direct call to vLLM must send."""
+    return json.loads((home / "instances" / cluster / f"{model}.json").read_text())["api_key"]

@@ -59,6 +59,7 @@ from bench.common import (
     stop_group,
     tail,
     tree_cpu_s,
+    vllm_key,
     write_section,
 )  # fmt: skip
 from core.settings import Settings, prefect_env
@@ -489,6 +490,105 @@ async def measure(setting: str, url: str, stack: Stack, direct: Target, args: ar
         await gw.client.aclose()
 
 
+# ---- the rest of the API surface: embeddings and a Responses stream ----
+
+API_BEGIN = "<!-- bench/overhead.py api surface: begin (generated; rerun the script to replace this section) -->"
+API_END = "<!-- bench/overhead.py api surface: end -->"
+
+
+async def embed_call(t: Target, payload: bytes) -> float:
+    t0 = time.perf_counter()
+    r = await t.client.post("/embeddings", content=payload)
+    ms = (time.perf_counter() - t0) * 1000
+    if r.status_code != 200 or len(r.json()["data"]) != 4:
+        raise BenchError(f"HTTP {r.status_code}: {r.text[:200]}")
+    return ms
+
+
+async def responses_ttft(t: Target, payload: bytes) -> float:
+    """ms until the first ``response.output_text.delta`` event of a Responses stream (read to its end)."""
+    t0 = time.perf_counter()
+    first: float | None = None
+    async with t.client.stream("POST", "/responses", content=payload) as r:
+        if r.status_code != 200:
+            await r.aread()
+            raise BenchError(f"HTTP {r.status_code}: {r.text[:200]}")
+        async for line in r.aiter_lines():
+            if first is None and line.startswith("data:") and '"response.output_text.delta"' in line:
+                first = (time.perf_counter() - t0) * 1000
+    if first is None:
+        raise BenchError("the Responses stream had no output_text delta")
+    return first
+
+
+async def measure_api_surface(url: str, stack: Stack, args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
+    """Embeddings (4 inputs) at c=1 and a Responses stream's time to first token, vLLM directly against the
+    gateway, alternating blocks as for chat. The first embeddings call warms tiny-embed up (through the gateway)."""
+    gw = Target("gateway", make_client(url + "/v1", stack.api_key))
+    texts = ["federated inference", "across HPC clusters", "with one API", "metered per request"]
+    embed = json.dumps({"model": "tiny-embed", "input": texts}).encode()
+    stream = json.dumps({"model": "tiny", "input": "Summarize federated inference in one line.",
+                         "max_output_tokens": args.max_tokens, "stream": True}).encode()  # fmt: skip
+    try:
+        log("  api surface: warming tiny-embed up through the gateway (its first request)")
+        await embed_call(gw, embed)
+        direct_embed = Target("direct", make_client(f"http://127.0.0.1:{stack.vllm_port + 1}/v1",
+                                                     vllm_key(stack.home, "tiny-embed")))  # fmt: skip
+        direct_chat = Target("direct", make_client(f"http://127.0.0.1:{stack.vllm_port}/v1", vllm_key(stack.home)))
+        for t, tw in ((direct_embed, gw), (direct_chat, gw)):
+            for _ in range(args.warmup):
+                await (embed_call(t, embed) if t is direct_embed else responses_ttft(t, stream))
+                await (embed_call(tw, embed) if t is direct_embed else responses_ttft(tw, stream))
+        out = {}
+        log(f"  embeddings, c=1: {args.requests} calls per target")
+        out["embeddings"], _ = await alternate_c1(
+            [direct_embed, gw], lambda t: embed_call(t, embed), args.requests, args.block, args.point_budget
+        )
+        log(f"  Responses stream, time to first delta, c=1: {args.requests} calls per target")
+        out["responses"], _ = await alternate_c1(
+            [direct_chat, gw], lambda t: responses_ttft(t, stream), args.requests, args.block, args.point_budget
+        )
+        errors = [*direct_embed.errors, *direct_chat.errors, *gw.errors]
+        if errors:
+            log(f"  [yellow]{len(errors)} failed calls[/yellow]: {errors[:3]}")
+        await direct_embed.client.aclose()
+        await direct_chat.client.aclose()
+        return out
+    finally:
+        await gw.client.aclose()
+
+
+def api_markdown(samples: dict[str, dict[str, list[float]]], args: argparse.Namespace) -> str:
+    rows = ["| call | n per target | p50 direct / gateway (ms) | added p50 (ms) [95% CI] | ratio |",
+            "|---|---:|---|---|---:|"]  # fmt: skip
+    what = {"embeddings": "embeddings, 4 inputs (`tiny-embed`)",
+            "responses": f"Responses stream, time to first delta (`tiny`, {args.max_tokens} tokens)"}  # fmt: skip
+    for name, s in samples.items():
+        lo, hi = diff_ci(s["direct"], s["gateway"])
+        d, g = median(s["direct"]), median(s["gateway"])
+        n = min(len(s["direct"]), len(s["gateway"]))
+        added = f"{fmt(g - d, '+.1f')} [{fmt(lo, '+.1f')}, {fmt(hi, '+.1f')}]"
+        rows.append(f"| {what[name]} | {n} | {fmt(d)} / {fmt(g)} | {added} | {fmt(g / d, '.2f')}x |")
+    return (
+        "\n".join(
+            [
+                API_BEGIN,
+                "### The rest of the API surface (`bench/overhead.py`)",
+                "",
+                "The same method as chat above, in the same run, through a gateway with the default `sample` "
+                "tracking: embeddings from the tiny embedding model (vLLM CPU, its own server) and a Responses-API "
+                "stream from `tiny` (time to the first `response.output_text.delta` event), vLLM directly against "
+                "the gateway, alternating "
+                f"blocks of {args.block} calls at concurrency 1.",
+                "",
+                *rows,
+                API_END,
+            ]
+        )
+        + "\n"
+    )
+
+
 # ---- output ----
 
 
@@ -627,12 +727,12 @@ def markdown(results: list[Result], args: argparse.Namespace, started: datetime,
 # ---- main ----
 
 
-async def run_all(stack: Stack, args: argparse.Namespace) -> list[Result]:
-    direct = Target("direct", make_client(f"http://127.0.0.1:{stack.vllm_port}/v1", stack.api_key))
+async def run_all(stack: Stack, args: argparse.Namespace) -> tuple[list[Result], dict[str, Any]]:
+    direct = Target("direct", make_client(f"http://127.0.0.1:{stack.vllm_port}/v1", vllm_key(stack.home)))
     results = []
     try:
         for i, setting in enumerate(args.settings):
-            port = stack.port + 2 + i
+            port = stack.port + 3 + i
             log(f"[bold]setting {setting}[/bold]: starting a gateway on :{port} with FIRST_FLOW_TRACKING={setting}")
             url = await asyncio.to_thread(stack.start_gateway, setting, port, args.sample_rate)
             try:
@@ -640,9 +740,16 @@ async def run_all(stack: Stack, args: argparse.Namespace) -> list[Result]:
             finally:
                 await asyncio.to_thread(stack.stop_gateway, setting)
             log(f"  setting {setting} took {results[-1].seconds:.0f} s")
+        port = stack.port + 3 + len(args.settings)
+        log(f"[bold]API surface[/bold]: a gateway on :{port} with FIRST_FLOW_TRACKING=sample")
+        url = await asyncio.to_thread(stack.start_gateway, "sample", port, args.sample_rate)
+        try:
+            api = await measure_api_surface(url, stack, args)
+        finally:
+            await asyncio.to_thread(stack.stop_gateway, "sample")
     finally:
         await direct.client.aclose()
-    return results
+    return results, api
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -667,7 +774,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--point-budget", type=float, default=300, help="seconds after which a point stops early")
     ap.add_argument("--keep", action="store_true", help="keep the temporary state folder (logs) after a clean run")
     ap.add_argument("--prefect-port", type=int, default=4390)
-    ap.add_argument("--port", type=int, default=8390, help="gateway of `first run`; vLLM gets +1, the others +2..")
+    ap.add_argument(
+        "--port", type=int, default=8390, help="`first run`'s gateway; vLLM +1 (tiny), +2 (tiny-embed); gateways +3.."
+    )
     ap.add_argument("--start-timeout", type=float, default=420, help="seconds to wait for `first run` to be ready")
     ap.add_argument("--target-added-ms", type=float, default=5.0)
     ap.add_argument("--target-tput-ratio", type=float, default=0.9)
@@ -688,7 +797,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    ports = [args.prefect_port, args.port, args.port + 1, *(args.port + 2 + i for i in range(len(args.settings)))]
+    ports = [args.prefect_port, args.port, args.port + 1, args.port + 2,
+             *(args.port + 3 + i for i in range(len(args.settings) + 1))]  # fmt: skip
     busy = [p for p in ports if not port_free(p)]
     if busy:
         console.print(f"[red]ports in use: {busy}[/red] (choose others with --prefect-port / --port)")
@@ -700,10 +810,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     stack = Stack(home, args.prefect_port, args.port)
     results: list[Result] = []
+    api: dict[str, Any] = {}
     code = 0
     try:
         stack.start(args.start_timeout)
-        results = asyncio.run(run_all(stack, args))
+        results, api = asyncio.run(run_all(stack, args))
     except (KeyboardInterrupt, Exception) as exc:
         code = failure_code(exc)
     finally:
@@ -722,8 +833,12 @@ def main(argv: list[str] | None = None) -> int:
         print_table(results, args)
         for n in notes(results):
             console.print(f"[yellow]note:[/yellow] {n}")
+        if api:
+            console.print(api_markdown(api, args))
         if args.write and code == 0:
             write_section(args.out, markdown(results, args, started, wall_s), BEGIN, END)
+            if api:
+                write_section(args.out, api_markdown(api, args), API_BEGIN, API_END)
             log(f"wrote the section in {args.out}")
         elif not args.write:
             log(f"--quick: {args.out} left alone (give --out to write it)")
