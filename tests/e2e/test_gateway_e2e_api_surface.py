@@ -126,7 +126,7 @@ def test_an_upstream_openai_compatible_api_with_its_key_in_a_secret_block(stack:
         model = ModelSpec(name="hosted-model", served_name="gpt-upstream", clusters=["hosted"], path="-")
         settings = {PREFECT_API_URL: stack.prefect_api, PREFECT_API_AUTH_STRING: stack.env["PREFECT_API_AUTH_STRING"]}
         with temporary_settings(settings):
-            asyncio.run(Secret(value="sk-upstream-123").save("hosted-api-key", overwrite=True))
+            Secret(value="sk-upstream-123").save("hosted-api-key", overwrite=True)
             asyncio.run(Registry(clusters={"hosted": cluster}, models={"hosted-model": model}).save_blocks())
         c = oai(stack)
         deadline = time.monotonic() + 30  # running gateways re-read the blocks every few seconds

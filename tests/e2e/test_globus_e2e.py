@@ -68,7 +68,7 @@ def globus_gateway(stack: Stack) -> Iterator[GlobusGateway]:
             {PREFECT_API_URL: stack.prefect_api, PREFECT_API_AUTH_STRING: stack.env["PREFECT_API_AUTH_STRING"]}
         ):
             asyncio.run(reg.save_blocks())
-            asyncio.run(Secret(value=vllm_key).save("tiny-vllm-key", overwrite=True))
+            Secret(value=vllm_key).save("tiny-vllm-key", overwrite=True)
         env = {**stack.env, "FIRST_GLOBUS_CLIENT_SECRET": fake.client_secret}
         configure = [
             str(BIN / "first"), "globus", "configure", "--client-id", fake.client_id, "--auth-url", fake.url,
