@@ -153,8 +153,8 @@ class ModelSpec(AccessRules):
     tool_call_parser: str | None = Field(
         default=None,
         description="vLLM's tool-call parser for this model (hermes, llama3_json, mistral, ...): turns tool calling on "
-        "(vLLM runs with --enable-auto-tool-choice --tool-call-parser <it>). tool_choice naming a function works "
-        "without it (guided decoding)",
+        "(vLLM runs with --enable-auto-tool-choice --tool-call-parser <it>); vLLM also needs it for a tool_choice "
+        "that names a function",
     )
     structured_output: bool = Field(
         default=True, description="response_format with a JSON schema (vLLM's guided decoding) is offered"
@@ -175,7 +175,7 @@ class ModelSpec(AccessRules):
         return {
             "kind": self.kind, "endpoints": list(self.endpoints), "context_length": self.context_length,
             "max_output_tokens": (self.max_output_tokens or self.context_length) if generate else None,
-            "tools": generate and self.tool_call_parser is not None, "tool_choice_function": generate,
+            "tools": generate and self.tool_call_parser is not None,
             "structured_output": generate and self.structured_output,
         }  # fmt: skip
 

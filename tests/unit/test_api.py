@@ -165,7 +165,7 @@ async def test_one_model_with_its_capabilities_by_name_or_alias(client, keys):
     assert m["capabilities"] == {
         "kind": "generate", "endpoints": ["chat.completions", "completions", "responses", "messages"],
         "context_length": 512,
-        "max_output_tokens": 512, "tools": False, "tool_choice_function": True, "structured_output": True,
+        "max_output_tokens": 512, "tools": False, "structured_output": True,
     }  # fmt: skip
     e = (await client.get("/v1/models/embedder", headers=h)).json()
     assert e["capabilities"]["endpoints"] == ["embeddings"] and not e["capabilities"]["tools"]
