@@ -252,17 +252,20 @@ class UsageSpool:
         if self._pid != os.getpid():  # forked without register_at_fork
             self._reset_after_fork()
         with self._lock:
-            held = b"".join(self._backlog)
             try:
+                if self._backlog:  # first one held row: while the disk stays full, a failure costs one small write
+                    self._write_locked(self._backlog[0])
+                    del self._backlog[0]
+                held = b"".join(self._backlog)
                 self._write_locked(held + line)
             except OSError:
-                if hold and line:
-                    kept = self._backlog = (held + line).splitlines(keepends=True)
-                    if len(kept) > self.max_backlog:
-                        self.dropped += len(kept) - self.max_backlog
+                if hold and line:  # one row (``append``)
+                    self._backlog.append(line)
+                    if len(self._backlog) > self.max_backlog:
+                        del self._backlog[0]
+                        self.dropped += 1
                         log.error("usage spool: %d rows dropped, %d kept in memory (writes keep failing)",
                                   self.dropped, self.max_backlog)  # fmt: skip
-                        del kept[: len(kept) - self.max_backlog]
                 if self.failing_since is None:
                     self.failing_since = time.monotonic()
                 raise
