@@ -8,6 +8,12 @@ from __future__ import annotations
 from typing import Any
 
 
+def _normalised(u: dict[str, Any], prompt_key: str, completion_key: str) -> dict[str, int]:
+    prompt, completion = int(u.get(prompt_key) or 0), int(u.get(completion_key) or 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": int(u.get("total_tokens") or prompt + completion)}  # fmt: skip
+
+
 class Shape:
     """OpenAI's chat completions, completions and embeddings."""
 
@@ -18,11 +24,7 @@ class Shape:
     def usage(self, doc: dict[str, Any]) -> dict[str, int] | None:
         """The usage a response or a stream event reports (None: none here), normalised."""
         u = doc.get("usage")
-        if not u:
-            return None
-        prompt, completion = int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)
-        return {"prompt_tokens": prompt, "completion_tokens": completion,
-                "total_tokens": int(u.get("total_tokens") or prompt + completion)}  # fmt: skip
+        return _normalised(u, "prompt_tokens", "completion_tokens") if u else None
 
     def usage_only(self, chunk: dict[str, Any]) -> bool:
         """A stream event that only carries usage (the gateway asked for it; the caller may not have)."""
@@ -45,11 +47,7 @@ class ResponsesShape(Shape):
 
     def usage(self, doc: dict[str, Any]) -> dict[str, int] | None:
         u = (doc.get("response") or {}).get("usage") if "response" in doc else doc.get("usage")
-        if not u:
-            return None
-        prompt, completion = int(u.get("input_tokens") or 0), int(u.get("output_tokens") or 0)
-        return {"prompt_tokens": prompt, "completion_tokens": completion,
-                "total_tokens": int(u.get("total_tokens") or prompt + completion)}  # fmt: skip
+        return _normalised(u, "input_tokens", "output_tokens") if u else None
 
     def usage_only(self, chunk: dict[str, Any]) -> bool:
         return False

@@ -13,9 +13,12 @@ other settings. Either way a test can kill, restart and inspect a real server pr
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,23 @@ def http_registry_yaml(clusters: dict[str, str], models: dict[str, list[str]]) -
         "models": [{"name": name, "path": "-", "clusters": list(on)} for name, on in models.items()],
     }
     return yaml.safe_dump(doc, sort_keys=False)
+
+
+@contextlib.contextmanager
+def stand_in_instance(home: Path, cluster: str, model: str, base_url: str, port: int) -> Iterator[None]:
+    """The state file start_vllm would have written for ``model`` on the local cluster ``cluster``, its server the
+    stand-in at ``base_url`` and its process a sleeping one: the gateway routes to it as to a hot vLLM, through the
+    local compute endpoint and the cluster functions."""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+    try:
+        state_dir = home / "instances" / cluster
+        state_dir.mkdir(parents=True, exist_ok=True)
+        state = {"pid": sleeper.pid, "port": port, "base_url": base_url, "log": "/dev/null", "model": model}
+        (state_dir / f"{model}.json").write_text(json.dumps(state))
+        yield
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
 def tail(path: Path, n: int = 40) -> str:

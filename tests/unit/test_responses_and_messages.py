@@ -5,9 +5,6 @@ routes as vLLM does); tests/e2e/test_api_surface.py drives the real vLLM CPU ser
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +18,7 @@ from analytics.store import UsageStore
 from core.settings import Settings
 from serving.auth import KeyStore
 from tests.fakes.openai_simulator import OpenAISimulatorDouble
-from tests.gateway_factory import GatewayProcess
+from tests.gateway_factory import GatewayProcess, stand_in_instance
 
 
 class Stack:
@@ -38,13 +35,10 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     home = Path(tmp_path_factory.mktemp("api-surface")) / "home"
-    with OpenAISimulatorDouble(latency_s=0.05, capacity=32, name="sim") as sim:
-        sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(900)"])
-        state_dir = home / "instances" / "relayed"
-        state_dir.mkdir(parents=True)
-        (state_dir / "m-relayed.json").write_text(json.dumps({
-            "pid": sleeper.pid, "port": sim.port, "base_url": sim.base_url, "log": "/dev/null", "model": "m-relayed",
-        }))  # fmt: skip
+    with (
+        OpenAISimulatorDouble(latency_s=0.05, capacity=32, name="sim") as sim,
+        stand_in_instance(home, "relayed", "m-relayed", sim.base_url, sim.port),
+    ):
         registry = home / "registry.yaml"
         registry.write_text(yaml.safe_dump({
             "clusters": [{"name": "direct", "transport": "http", "base_url": sim.base_url},
@@ -59,7 +53,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             yield Stack(gw, key, home)
         finally:
             gw.stop()
-            sleeper.kill()
 
 
 @pytest.mark.parametrize("model", ["m", "m-relayed"])
