@@ -272,5 +272,7 @@ class GlobusAuthenticator:
                 log.error("Globus Auth rejected the gateway's client credentials (%s): check the block", exc)
                 raise GlobusUnavailable("the gateway's Globus client was refused (operators: check it)") from None
             raise GlobusUnavailable(f"{what}: HTTP {exc.http_status}") from None
+        except globus_sdk.GlobusTimeoutError:  # the SDK's bound and ours race: both say the same thing
+            raise GlobusUnavailable(f"{what}: no answer within {self.config.timeout_s:g} s") from None
         except globus_sdk.NetworkError as exc:
             raise GlobusUnavailable(f"{what}: {type(exc).__name__}") from None
