@@ -5,11 +5,12 @@ line per request to ``FIRST_HOME/audit/<YYYY-MM-DD>.jsonl`` (the UTC day the req
 
     {"request_id", "ts", "time", "user", "model", "cluster", "endpoint", "status", "prompt", "completion"}
 
-``prompt`` is the chat messages (role, content, name) or the completions prompt; ``completion`` is the generated
-text (streams: the deltas put together), a list of texts when the caller asked for several choices, or null when
-nothing was generated.  One file per day makes retention a file deletion: :meth:`AuditLog.enforce_retention` (run
-daily by the ``audit-retention`` flow) deletes the days older than ``FIRST_AUDIT_RETENTION_DAYS``, and
-:meth:`AuditLog.purge` deletes chosen days on request.
+``prompt`` is the chat or Anthropic messages (role, content, name; a separate ``system`` first), the completions
+prompt, or the Responses and embeddings input; ``completion`` is the generated text (streams: the deltas put
+together; Responses' ``output_text`` and Anthropic's ``text`` blocks too), a list of texts when the caller asked
+for several choices, or null when nothing was generated (embeddings). One file per day makes retention a file
+deletion: :meth:`AuditLog.enforce_retention` (run daily by the ``audit-retention`` flow) deletes the days older
+than ``FIRST_AUDIT_RETENTION_DAYS``, and :meth:`AuditLog.purge` deletes chosen days on request.
 
 Files are created ``0600`` in a ``0700`` folder (they hold what users typed). Each line is one ``write(2)`` on a
 file opened with ``O_APPEND``, so several gateway processes may append to the same day.
@@ -47,13 +48,19 @@ class AuditEntry(msgspec.Struct, kw_only=True):
 
 
 def prompt_of(body: Any) -> Any:
-    """The prompt of a ChatCompletionRequest (its messages) or CompletionRequest (its prompt), as plain JSON."""
+    """The prompt of a request as plain JSON: chat and Anthropic Messages their messages (with a ``system`` entry
+    first where the request has one apart), completions their prompt, Responses and embeddings their input."""
     messages = getattr(body, "messages", None)
     if messages is not None:
-        return [
-            {k: v for k, v in (("role", m.role), ("content", m.content), ("name", m.name)) if v is not None}
+        system = getattr(body, "system", None)
+        head = [{"role": "system", "content": system}] if system else []
+        return head + [
+            {k: v for k, v in (("role", m.role), ("content", m.content), ("name", getattr(m, "name", None))) if v}
             for m in messages
         ]
+    instructions = getattr(body, "instructions", None)
+    if instructions:
+        return {"instructions": instructions, "input": body.input}
     return getattr(body, "prompt", getattr(body, "input", None))
 
 
@@ -66,8 +73,21 @@ def completion_of(pieces: dict[int, list[str]] | None) -> str | list[str] | None
 
 
 def response_texts(response: dict[str, Any]) -> dict[int, list[str]]:
-    """Pieces per choice index of a non-streaming OpenAI response (chat ``message.content`` or ``text``)."""
+    """Text pieces per choice index of a whole answer: OpenAI's chat (``message.content``) and completions
+    (``text``); a Responses object (its ``output_text`` parts); an Anthropic message (its ``text`` blocks)."""
     out: dict[int, list[str]] = {}
+    if response.get("object") == "response":
+        for item in response.get("output") or []:
+            parts = item.get("content") if isinstance(item, dict) else None
+            for part in parts or []:
+                if isinstance(part, dict) and part.get("type") == "output_text":
+                    out.setdefault(0, []).append(part.get("text") or "")
+        return out
+    if response.get("type") == "message":
+        for block in response.get("content") or []:
+            if isinstance(block, dict) and block.get("type") == "text":
+                out.setdefault(0, []).append(block.get("text") or "")
+        return out
     for n, choice in enumerate(response.get("choices") or []):
         text = (choice.get("message") or {}).get("content") if "message" in choice else choice.get("text")
         out.setdefault(int(choice.get("index", n)), []).append(text or "")
@@ -75,7 +95,18 @@ def response_texts(response: dict[str, Any]) -> dict[int, list[str]]:
 
 
 def chunk_texts(chunk: dict[str, Any], pieces: dict[int, list[str]]) -> None:
-    """Add a stream chunk's text deltas to ``pieces`` (per choice index)."""
+    """Add a stream chunk's text deltas to ``pieces`` (per choice index): OpenAI's chunks, Responses' typed
+    ``response.output_text.delta`` events and Anthropic's ``content_block_delta`` text deltas."""
+    kind = chunk.get("type")
+    if kind == "response.output_text.delta":
+        if chunk.get("delta"):
+            pieces.setdefault(0, []).append(chunk["delta"])
+        return
+    if kind == "content_block_delta":
+        delta = chunk.get("delta") or {}
+        if delta.get("type") == "text_delta" and delta.get("text"):
+            pieces.setdefault(0, []).append(delta["text"])
+        return
     for n, choice in enumerate(chunk.get("choices") or []):
         text = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
         if text:

@@ -174,7 +174,28 @@ def _model_config(vocab_size: int, ids: dict[str, int]) -> dict[str, object]:
     }
 
 
-def _random_weights(vocab_size: int, seed: int) -> dict[str, np.ndarray]:
+# A constant first channel in every token embedding: the residual stream keeps it, so it acts as a bias the
+# output head can read. With it blank tokens (spaces, newlines only) score far below every other token.
+BIAS_CHANNEL = 1.0
+BLANK_TOKEN_PENALTY = 2.0
+
+
+def _blank_token_ids(tokenizer: Tokenizer) -> list[int]:
+    """Ids of the tokens that decode to whitespace only."""
+    blank = []
+    for i in range(tokenizer.get_vocab_size()):
+        text = tokenizer.decode([i], skip_special_tokens=False)
+        if text and not text.strip():
+            blank.append(i)
+    return blank
+
+
+def _random_weights(vocab_size: int, seed: int, blank_ids: list[int] | None = None) -> dict[str, np.ndarray]:
+    """Random Llama weights, except for one thing: blank tokens never win a greedy choice.
+
+    A JSON grammar (a forced tool call, ``response_format``) allows free whitespace between tokens; random weights
+    that like a blank token fill ``max_tokens`` with it before the JSON closes. Real models don't.
+    """
     rng = np.random.default_rng(seed)
     hidden = MODEL_SHAPE["hidden_size"]
     inter = MODEL_SHAPE["intermediate_size"]
@@ -203,6 +224,9 @@ def _random_weights(vocab_size: int, seed: int) -> dict[str, np.ndarray]:
         weights[f"{p}.post_attention_layernorm.weight"] = ones(hidden)
     weights["model.norm.weight"] = ones(hidden)
     weights["lm_head.weight"] = normal(vocab_size, hidden)
+    if blank_ids:
+        weights["model.embed_tokens.weight"][:, 0] = BIAS_CHANNEL
+        weights["lm_head.weight"][blank_ids, 0] = -BLANK_TOKEN_PENALTY
     return weights
 
 
@@ -327,7 +351,7 @@ def build_tiny_model(
                     "pad_token_id": ids[PAD_TOKEN],
                 },
             )
-            weights = _random_weights(vocab_size, seed)
+            weights = _random_weights(vocab_size, seed, _blank_token_ids(tokenizer))
 
         report(f"writing random weights (seed {seed})")
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})

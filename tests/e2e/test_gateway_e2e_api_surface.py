@@ -50,6 +50,22 @@ def test_embeddings_from_the_tiny_embedding_model(stack: Stack) -> None:
     assert e.value.body["code"] == "unsupported_endpoint"
 
 
+def test_langchain_embeddings_and_chat_as_the_readme_shows(stack: Stack) -> None:
+    """The README's LangChain lines, as written: no tokenizer download (``check_embedding_ctx_length=False``)."""
+    from langchain_openai import ChatOpenAI, OpenAIEmbeddings
+
+    base, key = stack.base_url + "/v1", stack.keys["alice"]
+    emb = OpenAIEmbeddings(model="tiny-embed", base_url=base, api_key=key, check_embedding_ctx_length=False)
+    docs = emb.embed_documents(["first document", "second document"])
+    assert len(docs) == 2 and all(len(v) == 128 for v in docs) and docs[0] != docs[1]
+    assert len(emb.embed_query("a question")) == 128
+    chat = ChatOpenAI(model="tiny", base_url=base, api_key=key, max_tokens=8, max_retries=0)
+    reply = chat.invoke("Say hello")
+    assert isinstance(reply.content, str) and reply.usage_metadata["output_tokens"] > 0
+    pieces = list(chat.stream("Say hello"))
+    assert len(pieces) > 1 and "".join(p.content for p in pieces)
+
+
 def test_model_details(stack: Stack) -> None:
     c = oai(stack)
     c.chat.completions.create(model="tiny", messages=MSG, max_tokens=1)  # hot (if this file runs alone)
@@ -99,6 +115,55 @@ def test_structured_output_follows_the_json_schema(stack: Stack) -> None:
     )  # fmt: skip
     doc = json.loads(r.choices[0].message.content)
     assert doc["answer"] in ("yes", "no") and 0 <= doc["n"] <= 9 and set(doc) == {"answer", "n"}
+
+
+SET_UNIT = {"type": "function", "function": {
+    "name": "set_unit", "description": "Choose the unit of the forecast.", "strict": True,
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["unit", "loud"],
+                   "properties": {"unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                                  "loud": {"type": "boolean"}}},
+}}  # fmt: skip
+
+
+def _valid_set_unit_arguments(arguments: str) -> bool:
+    args = json.loads(arguments)
+    unit_ok = args.get("unit") in ("celsius", "fahrenheit")
+    return set(args) == {"unit", "loud"} and unit_ok and isinstance(args["loud"], bool)
+
+
+def test_a_forced_tool_call_has_arguments_that_match_the_schema(stack: Stack) -> None:
+    """``tool_choice`` names a function: vLLM's guided decoding (the hermes parser's structural tag, arguments pinned
+    because the tool is ``strict``) makes even random weights call it with schema-valid arguments, through the
+    gateway, whole and streamed."""
+    c = oai(stack)
+    forced = {"type": "function", "function": {"name": "set_unit"}}
+    r = c.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Forecast for Chicago?"}], tools=[SET_UNIT],
+        tool_choice=forced, max_tokens=64, temperature=0,
+    )  # fmt: skip
+    (call,) = r.choices[0].message.tool_calls
+    assert call.type == "function" and call.function.name == "set_unit" and call.id
+    assert _valid_set_unit_arguments(call.function.arguments)
+    assert r.choices[0].finish_reason in ("stop", "tool_calls")
+
+    names, arguments, ids = [], "", set()
+    stream = c.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Forecast for Chicago?"}], tools=[SET_UNIT],
+        tool_choice=forced, max_tokens=64, temperature=0, stream=True, stream_options={"include_usage": True},
+    )  # fmt: skip
+    usage = None
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            for delta in choice.delta.tool_calls or []:
+                if delta.id:
+                    ids.add(delta.id)
+                if delta.function and delta.function.name:
+                    names.append(delta.function.name)
+                arguments += (delta.function.arguments or "") if delta.function else ""
+    assert names == ["set_unit"] and len(ids) == 1
+    assert json.loads(arguments) == json.loads(call.function.arguments)  # the same greedy call, in pieces
+    assert usage is not None and usage.completion_tokens > 0
 
 
 def test_sampling_parameters_give_vllms_own_answer(stack: Stack) -> None:

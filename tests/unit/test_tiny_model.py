@@ -148,13 +148,29 @@ def test_weights_have_hf_llama_names_shapes_and_init(model_dir: Path) -> None:
     weights = load_file(str(model_dir / "model.safetensors"))
     assert {k: v.shape for k, v in weights.items()} == expected
     assert all(v.dtype == np.float32 for v in weights.values())
+    # Channel 0 of the embeddings and of the output head is the blank-token bias (checked below); the rest is random.
     for name, value in weights.items():
         if name.endswith("norm.weight"):
             np.testing.assert_array_equal(value, np.ones_like(value))
         else:
-            assert abs(float(value.mean())) < 0.002, name
-            assert 0.018 < float(value.std()) < 0.022, name
+            rest = value[:, 1:] if name in ("model.embed_tokens.weight", "lm_head.weight") else value
+            assert abs(float(rest.mean())) < 0.002, name
+            assert 0.018 < float(rest.std()) < 0.022, name
     assert not np.array_equal(weights["model.embed_tokens.weight"], weights["lm_head.weight"])
+
+
+def test_blank_tokens_are_pushed_down_through_a_constant_bias_channel(model_dir: Path) -> None:
+    """Every embedding carries the constant channel; only whitespace-only tokens weigh it negatively, so a JSON
+    grammar's free whitespace never wins a greedy choice."""
+    weights = load_file(str(model_dir / "model.safetensors"))
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    np.testing.assert_array_equal(weights["model.embed_tokens.weight"][:, 0], 1.0)
+    head = weights["lm_head.weight"][:, 0]
+    blank = [i for i in range(len(head)) if (t := tokenizer.decode([i], skip_special_tokens=False)) and not t.strip()]
+    assert {tokenizer.decode([i]) for i in blank} >= {" ", "\n", "    "}
+    assert (head[blank] == -2.0).all()
+    others = np.delete(head, blank)
+    assert float(np.abs(others).max()) < 0.2  # random, like the rest of the head
 
 
 @pytest.mark.parametrize(

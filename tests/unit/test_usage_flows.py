@@ -325,6 +325,39 @@ async def test_audit_mode_keeps_text_in_the_audit_log_and_never_in_usage(setting
     assert not any("periwinkle" in str(v) or plain in str(v) for row in rows.iter_rows() for v in row)
 
 
+async def test_audit_mode_keeps_the_text_of_responses_and_anthropic_messages(settings: Settings, sim) -> None:
+    """The Responses API and Anthropic's Messages, whole and streamed: their prompts (with ``instructions`` and
+    ``system``) and generated text are in the audit log, in the same form as chat's."""
+    settings = settings.model_copy(update={"audit_mode": True})
+    key = KeyStore(settings.keys_db).create("alice", ["staff"])[0]
+    auth = {"Authorization": f"Bearer {key}"}
+    resp = {"model": "m", "input": PROMPT, "instructions": "be brief", "max_output_tokens": 4}
+    msgs = {"model": "m", "system": "be brief", "max_tokens": 6, "messages": [{"role": "user", "content": PROMPT}]}
+    texts = []
+    async with AsyncTestClient(app=create_gateway(settings, _registry(sim))) as client:
+        for path, body in (("/v1/responses", resp), ("/v1/messages", msgs)):
+            r = await client.post(path, json=body, headers=auth)
+            assert r.status_code == 200, r.text
+            doc = r.json()
+            texts.append(
+                doc["output"][0]["content"][0]["text"] if path.endswith("responses") else doc["content"][0]["text"]
+            )
+            r = await client.post(path, json={**body, "stream": True}, headers=auth)
+            assert r.status_code == 200, r.text
+            events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+            deltas = [e["delta"] for e in events if e.get("type") == "response.output_text.delta"] + [
+                e["delta"]["text"] for e in events if e.get("type") == "content_block_delta"
+            ]
+            texts.append("".join(deltas))
+    assert all(texts)
+    [(day, _)] = AuditLog(settings.audit_dir).days()
+    entries = list(AuditLog(settings.audit_dir).entries(day))
+    assert [e["endpoint"] for e in entries] == ["responses", "responses", "messages", "messages"]
+    assert [e["completion"] for e in entries] == texts
+    assert entries[0]["prompt"] == {"instructions": "be brief", "input": PROMPT}
+    assert entries[2]["prompt"] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": PROMPT}]
+
+
 async def test_without_audit_mode_no_text_is_kept(settings: Settings, sim) -> None:
     await _requests(settings, sim)
     assert not settings.audit_dir.exists()
