@@ -22,3 +22,4 @@ class UsageRecord(msgspec.Struct, kw_only=True):
     status: int = 200  # HTTP status the caller got
     error_type: str | None = None  # OpenAI error type when status >= 400
     cold_start: bool = False  # the request waited for a warm-up
+    batch_id: str | None = None  # a batch's line: the batch (interactive requests: null)

@@ -33,6 +33,7 @@ COLUMNS: dict[str, tuple[str, pa.DataType, str]] = {
     "status": ("INTEGER NOT NULL", pa.int32(), "INTEGER"),
     "error_type": ("VARCHAR", pa.string(), "VARCHAR"),
     "cold_start": ("BOOLEAN NOT NULL", pa.bool_(), "BOOLEAN"),
+    "batch_id": ("VARCHAR", pa.string(), "VARCHAR"),
 }
 USAGE_COLUMNS: tuple[str, ...] = tuple(COLUMNS)
 if UsageRecord.__struct_fields__ != USAGE_COLUMNS:  # pragma: no cover - guards schema drift
@@ -108,9 +109,13 @@ def migrate(con: duckdb.DuckDBPyConnection) -> None:
         if keys:
             log.info("migrating the usage table: dropping its primary-key index (ingestion dedupes by time window)")
             con.execute(DDL[0].replace("TABLE IF NOT EXISTS usage", "TABLE usage_migrated"))
-            con.execute(f"INSERT INTO usage_migrated SELECT {COLUMN_LIST} FROM usage ORDER BY ts")
+            had = {r[0] for r in con.execute("SELECT column_name FROM duckdb_columns() WHERE table_name = 'usage'")
+                   .fetchall()}  # fmt: skip
+            cols = ", ".join(f'"{c}"' for c in USAGE_COLUMNS if c in had)
+            con.execute(f"INSERT INTO usage_migrated ({cols}) SELECT {cols} FROM usage ORDER BY ts")
             con.execute("DROP TABLE usage")
             con.execute("ALTER TABLE usage_migrated RENAME TO usage")
+        con.execute('ALTER TABLE usage ADD COLUMN IF NOT EXISTS "batch_id" VARCHAR')  # a file from before batches
         if not rollups_match(con):
             log.info("rebuilding the usage rollups (usage_daily, usage_latency_hist) from every usage row")
             refresh_rollups(con, None)

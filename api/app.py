@@ -24,7 +24,9 @@ from litestar.openapi import OpenAPIConfig
 
 from analytics.records import UsageRecord
 from analytics.spool import UsageSpool
+from api.batches import BatchesController
 from api.errors import handle_exception
+from api.files import FilesController
 from api.guards import AUTH_THROTTLED
 from api.inference.routes import INFERENCE_PATHS, InferenceController
 from api.metrics import metrics_registry
@@ -41,6 +43,9 @@ from core.errors import APIError
 from core.principal import Principal
 from core.settings import Settings
 from serving.auth_setup import build_authenticator, follow_globus_block
+from serving.batches.files import FileStore
+from serving.batches.store import BatchStore
+from serving.batches.tokens import BatchTokens, WithBatchCredentials
 from serving.fleet_sync import follow_fleet
 from serving.globus_auth import GlobusAuthenticator
 from serving.limits import FailedAuthThrottle, RateLimiter
@@ -91,6 +96,8 @@ def create_app(
         svc = Services(
             settings=settings, registry=reg, live=live, backends=backends, spool=UsageSpool(settings.spool_dir),
             limiter=RateLimiter(), control=control,
+            files=FileStore(settings.batches_root, settings.max_file_bytes, settings.file_quota_bytes),
+            batches=BatchStore(settings.batches_root),
         )  # fmt: skip
         if control is not None:
             live.warm_runner = control.warm_runner(svc)
@@ -102,7 +109,8 @@ def create_app(
                                                       for c in m.clusters if c in reg.clusters]))]  # fmt: skip
         if registry is None and prefect:
             background.append(asyncio.create_task(follow_fleet(svc, app.state.gateway_id)))
-        auth = app.state.authenticator = await build_authenticator(settings, globus)
+        auth = await build_authenticator(settings, globus)
+        app.state.authenticator = WithBatchCredentials(auth, BatchTokens(settings.batch_secret_path), svc.batches)
         app.state.on_rejected = _record_rejected
         app.state.auth_throttle = throttle
         if isinstance(auth, GlobusAuthenticator) and globus is None:
@@ -121,7 +129,16 @@ def create_app(
             await backends.close()
 
     return Litestar(
-        route_handlers=[InferenceController, ModelsController, StatusController, UsageController, health, relay_post],
+        route_handlers=[
+            InferenceController,
+            ModelsController,
+            StatusController,
+            UsageController,
+            FilesController,
+            BatchesController,
+            health,
+            relay_post,
+        ],
         lifespan=[lifespan],
         exception_handlers={Exception: handle_exception},
         before_send=[stamp_request_id],

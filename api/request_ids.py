@@ -21,6 +21,11 @@ def request_id(scope: Any) -> str:
     return rid
 
 
+def set_request_id(scope: Any, rid: str) -> None:
+    """Give the request a chosen id (a batch's line: its batch and line, so a line sent twice has one usage row)."""
+    scope.setdefault("state", {})[_KEY] = rid
+
+
 async def stamp_request_id(message: Any, scope: Any) -> None:
     """Litestar ``before_send`` hook: add the header to the start of every HTTP response."""
     if message["type"] != "http.response.start":

@@ -18,3 +18,4 @@ class Principal:
     identity_providers: tuple[str, ...] = ()  # Globus: domains of the identities signed in this session
     expires_at: float | None = None  # Globus: the token's expiry (epoch seconds)
     auth: str = "local"  # "local" | "globus"
+    batch_id: str | None = None  # a batch's line, sent by its run-batch flow run on the owner's behalf

@@ -93,10 +93,39 @@ class Settings(BaseSettings):
         description="Keep each request's prompt and completion text in FIRST_HOME/audit/<day>.jsonl (never in usage)",
     )
     audit_retention_days: int = Field(default=30, ge=0, description="Days of audit files audit-retention keeps")
+    # ---- files and batches (/v1/files, /v1/batches, the run-batch flow) ----
+    batch_dir: Path | None = Field(
+        default=None, description="Where uploaded files, batches and their results live (default FIRST_HOME/batches;"
+        " a shared file system when gateways and workers run on several hosts)",
+    )  # fmt: skip
+    max_file_bytes: int = Field(default=200 * 2**20, ge=1, description="Largest file one upload may be (bytes)")
+    file_quota_bytes: int = Field(default=2 * 2**30, ge=1, description="Bytes of files one user may keep at once")
+    max_batch_lines: int = Field(default=150_000, ge=1, description="Lines one batch input file may have")
+    max_active_batches: int = Field(default=4, ge=1, description="Batches one user may have not yet finished")
+    max_queued_lines: int = Field(
+        default=300_000, ge=1, description="Lines of one user's unfinished batches, all together"
+    )
+    batch_concurrency: int = Field(default=8, ge=1, description="Lines of one batch in flight at once")
+    batch_chunk_lines: int = Field(default=500, ge=1, description="Lines per chunk task of a run-batch flow run")
+    batch_share: float = Field(
+        default=0.5, gt=0.0, le=1.0, description="Share of an instance's request slots (its cluster's "
+        "max_concurrency) that batch lines may hold; interactive requests never wait for them",
+    )  # fmt: skip
+    batch_retention_days: int = Field(default=30, ge=1, description="Days batch-retention keeps finished batches")
 
     @property
     def gateway_url(self) -> str:
         return self.public_url or f"http://{self.host}:{self.port}"
+
+    @property
+    def batches_root(self) -> Path:
+        return self.batch_dir or self.home / "batches"
+
+    @property
+    def batch_secret_path(self) -> Path:
+        """The secret batch credentials are signed with: beside the batches, where every gateway and worker
+        reads them."""
+        return self.batches_root / ".batch-secret"
 
     @property
     def keys_db(self) -> Path:

@@ -20,6 +20,7 @@ DEPLOYMENTS = (
     "ingest-usage/ingest-usage",
     "usage-report/usage-report",
     "audit-retention/audit-retention",
+    "run-batch/run-batch",
 )
 # The ones prefect.yaml schedules (tests pause them, to trigger them when they choose).
 SCHEDULED = (

@@ -13,6 +13,7 @@ from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.deployments import run_deployment
 
 from blocks.registry import ClusterSpec, ModelSpec
 from core.settings import FlowTracking, Settings
@@ -21,6 +22,8 @@ from flows.lifecycle_tasks import FleetContext, use_gateway
 from flows.recorder import FlowRecorder
 from serving.request import InferenceRequest, Outcome, Services
 from serving.tracing import step_runner
+
+BATCH_DEPLOYMENT = "run-batch/run-batch"
 
 _tasks: dict[str, Any] = {}
 
@@ -79,6 +82,14 @@ class PrefectControlPlane:
     def record(self, req: InferenceRequest, out: Outcome) -> None:
         if self.recorder is not None:
             self.recorder.submit(req, out)
+
+    async def start_batch(self, batch_id: str, run_name: str, gateway_url: str) -> str:
+        if not os.environ.get("PREFECT_API_URL"):  # never an ephemeral server: no worker would ever run it
+            raise RuntimeError("this gateway has no Prefect server (PREFECT_API_URL is not set)")
+        parameters = {"batch_id": batch_id, "gateway_url": gateway_url}
+        run = await run_deployment(BATCH_DEPLOYMENT, parameters=parameters, timeout=0, flow_run_name=run_name,
+                                   tags=["batch"])  # fmt: skip
+        return str(run.id)
 
     def stats(self) -> dict[str, int] | None:
         if self.recorder is None:

@@ -63,6 +63,14 @@ class Instance:
     warm_started: float | None = None
     warm_ups: int = 0
     breaker: Breaker | None = None  # this model's server on this cluster (LiveState.instance_breaker)
+    batch_slots: asyncio.Semaphore | None = None  # batch lines in flight here (made on the first one)
+
+    def batch_lane(self, share: float) -> asyncio.Semaphore:
+        """The slots batch lines share on this instance: ``share`` of its cluster's ``max_concurrency`` (at least
+        one). Interactive requests never wait for them; batch lines wait here instead of crowding them out."""
+        if self.batch_slots is None:
+            self.batch_slots = asyncio.Semaphore(max(1, int(share * self.cluster.max_concurrency)))
+        return self.batch_slots
 
     @property
     def key(self) -> str:

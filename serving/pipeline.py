@@ -105,7 +105,11 @@ async def _run_on_clusters(
         try:
             out.cold_start = await ensure_warm(req, inst, svc) or out.cold_start
             warmed = True
-            await execute(req, inst, svc, channel, out)
+            if req.principal.batch_id is None:
+                await execute(req, inst, svc, channel, out)
+            else:  # a batch's line waits for one of the instance's batch slots; interactive requests never do
+                async with inst.batch_lane(svc.settings.batch_share):
+                    await execute(req, inst, svc, channel, out)
             return
         except APIError as exc:
             if channel.started or exc.code not in FAILOVER_CODES:

@@ -12,6 +12,8 @@ from blocks.registry import ClusterSpec, ModelSpec, Registry
 from compute.backends import Backends
 from core.principal import Principal
 from core.settings import Settings
+from serving.batches.files import FileStore
+from serving.batches.store import BatchStore
 from serving.limits import RateLimiter, Reservation
 from serving.live_state import LiveState
 from serving.protocol import InferenceBody
@@ -81,6 +83,11 @@ class ControlPlane(Protocol):
         """Flow records written and dropped so far (on /health)."""
         ...
 
+    async def start_batch(self, batch_id: str, run_name: str, gateway_url: str) -> str:
+        """Start the batch's ``run-batch`` flow run (a deployment run a worker picks up), which sends its lines to
+        ``gateway_url``; return the run's id."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -95,3 +102,5 @@ class Services:
     spool: UsageSpool
     limiter: RateLimiter
     control: ControlPlane | None = None
+    files: FileStore | None = None  # /v1/files and /v1/batches (made by the API at startup)
+    batches: BatchStore | None = None

@@ -77,6 +77,8 @@ async def authorize(req: InferenceRequest, svc: Services, out: Outcome) -> Model
         raise APIError(400, f"'{param}' may be at most {cap} for model '{model.name}'; this request asks for {asked}.",
                        param=param, code="max_tokens_too_large")  # fmt: skip
     out.tokens_reserved = token_estimate(req.body, model.context_length)
+    if p.batch_id is not None:
+        return model  # a batch's line: paced by its batch lane (``execute``), never by its owner's interactive limits
     limits = [Limit(f"model:{model.name}:{p.user}", model.limits_for(p.groups), f"model {model.name}")]
     if p.rpm:
         limits.append(Limit(f"key:{p.key_id or p.user}", RateLimits(rpm=p.rpm), "your API key"))
@@ -275,6 +277,7 @@ async def record_usage(req: InferenceRequest, out: Outcome, svc: Services) -> Us
         status=out.status,
         error_type=out.error_type,
         cold_start=out.cold_start,
+        batch_id=req.principal.batch_id,
     )
     try:  # a stream's answer is already out: if the disk is full its row is held in memory, never lost
         svc.spool.append(record, hold=out.streamed)

@@ -7,7 +7,7 @@ from litestar import Controller, Request, Response, post
 
 from api.guards import DEPENDENCIES, authenticate, principal_of
 from api.inference.sse import to_response
-from api.request_ids import request_id
+from api.request_ids import request_id, set_request_id
 from core.errors import APIError
 from core.principal import Principal
 from serving.pipeline import serve
@@ -77,6 +77,9 @@ async def _serve(request: Request, body: InferenceBody, endpoint: str, svc: Serv
         warm_wait_s = float(wait) if wait is not None else None
     except ValueError:
         raise APIError(400, "X-First-Warm-Wait must be a number of seconds", param="X-First-Warm-Wait") from None
+    line = request.headers.get("x-first-batch-line")
+    if who.batch_id is not None and line is not None and line.isdigit():
+        set_request_id(request.scope, f"{who.batch_id}-{int(line)}")
     req = InferenceRequest(
         request_id=request_id(request.scope), endpoint=endpoint, path=f"/v1/{endpoint.replace('.', '/')}",
         body=body, principal=who, warm_wait_s=warm_wait_s, pinned=request.headers.get("x-first-cluster") or None,
