@@ -1,11 +1,15 @@
 """Which usage rows a report covers: a time window (UTC; since inclusive, until exclusive), user, model,
-cluster and group, as SQL with parameters."""
+cluster, group and traffic (interactive or batch), as SQL with parameters."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
 from typing import Any
+
+# Interactive requests and batch lines, told apart by a usage row's batch_id.
+TRAFFIC_SQL = "(CASE WHEN batch_id IS NULL THEN 'interactive' ELSE 'batch' END)"
+TRAFFIC_KINDS = ("interactive", "batch")
 
 
 class UsageQueryError(ValueError):
@@ -37,8 +41,11 @@ class UsageFilter:
     model: str | None = None
     cluster: str | None = None
     group: str | None = None
+    traffic: str | None = None  # "interactive" (no batch) or "batch" (batch lines)
 
     def __post_init__(self) -> None:
+        if self.traffic is not None and self.traffic not in TRAFFIC_KINDS:
+            raise ValueError(f"traffic must be one of {', '.join(TRAFFIC_KINDS)}, not {self.traffic!r}")
         object.__setattr__(self, "since", _as_utc(self.since))
         object.__setattr__(self, "until", _as_utc(self.until))
 
@@ -68,6 +75,9 @@ class UsageFilter:
         if self.group is not None:
             clauses.append('list_contains("groups", $group)')
             params["group"] = self.group
+        if self.traffic is not None:
+            clauses.append(f"{TRAFFIC_SQL} = $traffic")
+            params["traffic"] = self.traffic
         return ("WHERE " + " AND ".join(clauses) if clauses else ""), params
 
     def and_(self, condition: str) -> tuple[str, dict[str, Any]]:

@@ -4,13 +4,13 @@ percentiles exact from raw rows or from the 2% latency histograms."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
 import polars as pl
 
-from analytics.filters import UsageFilter
+from analytics.filters import TRAFFIC_SQL, UsageFilter
 from analytics.schema import DAY_SQL, HIST_BASE, HIST_SELECT, ROLLUP_SELECT, rollup_sql, rollups_match
 from analytics.store import UsageStore
 
@@ -30,6 +30,7 @@ SUMMARY_BY: dict[str, str] = {
     "cluster": "cluster",
     "endpoint": "endpoint",
     "day": DAY_SQL,
+    "traffic": TRAFFIC_SQL,  # interactive or batch
 }
 _HIST_KEYS = frozenset({"day", "model", "cluster"})  # what usage_latency_hist is kept per
 
@@ -86,6 +87,9 @@ def _dims(f: UsageFilter, *, hist: bool = False) -> tuple[list[str], dict[str, A
 def _source(f: UsageFilter, rollups: bool, *, hist: bool = False) -> tuple[str, dict[str, Any]]:
     """SQL for rollup-shaped rows (``usage_daily``'s columns, or ``usage_latency_hist``'s with ``hist``)
     covering exactly the rows ``f`` matches."""
+    if f.traffic is not None and not hist:  # the rollup rows carry it as a column, the raw rows derive it
+        src, params = _source(replace(f, traffic=None), rollups)
+        return f"SELECT * FROM ({src}) t WHERE traffic = $traffic", {**params, "traffic": f.traffic}
     template, table = (HIST_SELECT, "usage_latency_hist") if hist else (ROLLUP_SELECT, "usage_daily")
     dims, params = _dims(f, hist=hist)
     if not rollups:  # every row from `usage` (rollups missing or stale)
@@ -140,6 +144,7 @@ def _percentiles(
         or matched <= store.exact_percentile_rows
         or f.user is not None
         or f.group is not None
+        or f.traffic is not None  # the histograms are not kept per traffic
         or not set(keys) <= _HIST_KEYS
     )
     key_cols = [f"{SUMMARY_BY[k]} AS {ident(k)}" for k in keys]

@@ -39,6 +39,7 @@ __all__ = [
     "UsageQueryError",
     "by_cluster",
     "by_model",
+    "by_traffic",
     "cluster_latency",
     "daily",
     "errors",
@@ -186,8 +187,14 @@ def daily(store: UsageStore, f: UsageFilter = _ALL) -> pl.DataFrame:
     )  # fmt: skip
 
 
+def by_traffic(store: UsageStore, f: UsageFilter = _ALL) -> pl.DataFrame:
+    """Interactive requests against batch lines: :func:`summary` per ``traffic`` (``interactive``, ``batch``)."""
+    return summary(store, f, by=("traffic",))
+
+
 REPORTS: dict[str, Callable[..., pl.DataFrame]] = {
     "summary": summary,
+    "by-traffic": by_traffic,
     "top-users": top_users,
     "by-model": by_model,
     "by-cluster": by_cluster,

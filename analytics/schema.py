@@ -11,6 +11,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from analytics.filters import TRAFFIC_SQL
 from analytics.records import UsageRecord
 
 log = logging.getLogger("analytics.store")
@@ -60,7 +61,8 @@ DDL = (
       cluster VARCHAR, endpoint VARCHAR NOT NULL,
       requests BIGINT NOT NULL, errors BIGINT NOT NULL, streams BIGINT NOT NULL, ok_streams BIGINT NOT NULL,
       cold_starts BIGINT NOT NULL, prompt_tokens BIGINT NOT NULL, completion_tokens BIGINT NOT NULL,
-      total_tokens BIGINT NOT NULL, first_ts TIMESTAMPTZ NOT NULL, last_ts TIMESTAMPTZ NOT NULL
+      total_tokens BIGINT NOT NULL, first_ts TIMESTAMPTZ NOT NULL, last_ts TIMESTAMPTZ NOT NULL,
+      traffic VARCHAR NOT NULL DEFAULT 'interactive'
     )""",
     """
     CREATE TABLE IF NOT EXISTS usage_latency_hist (
@@ -76,7 +78,7 @@ ROLLUP_SELECT = f"""
            count(*) FILTER (WHERE stream) AS streams, count(*) FILTER (WHERE stream AND status < 400) AS ok_streams,
            count(*) FILTER (WHERE cold_start) AS cold_starts, sum(prompt_tokens) AS prompt_tokens,
            sum(completion_tokens) AS completion_tokens, sum(total_tokens) AS total_tokens,
-           min(ts) AS first_ts, max(ts) AS last_ts
+           min(ts) AS first_ts, max(ts) AS last_ts, {TRAFFIC_SQL} AS traffic
     FROM usage {{where}}
     GROUP BY ALL
 """
@@ -116,6 +118,7 @@ def migrate(con: duckdb.DuckDBPyConnection) -> None:
             con.execute("DROP TABLE usage")
             con.execute("ALTER TABLE usage_migrated RENAME TO usage")
         con.execute('ALTER TABLE usage ADD COLUMN IF NOT EXISTS "batch_id" VARCHAR')  # a file from before batches
+        con.execute("ALTER TABLE usage_daily ADD COLUMN IF NOT EXISTS traffic VARCHAR DEFAULT 'interactive'")
         if not rollups_match(con):
             log.info("rebuilding the usage rollups (usage_daily, usage_latency_hist) from every usage row")
             refresh_rollups(con, None)

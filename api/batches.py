@@ -88,7 +88,7 @@ class BatchesController(Controller):
                            code="batches_unavailable") from None  # fmt: skip
 
         def started(b: Batch) -> None:
-            b.flow_run_id, b.flow_run_name = run_id, name
+            b.flow_run_id, b.flow_run_name, b.runs = run_id, name, 1
 
         return store.update(batch.id, started).public()
 

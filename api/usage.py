@@ -38,12 +38,13 @@ class UsageController(Controller):
         cluster: str | None = None,
         group: str | None = None,
         user: str | None = None,
+        traffic: str | None = None,
         limit: int = 10,
     ) -> dict[str, Any]:
-        """One usage report (summary, top-users, by-model, by-cluster, latency, errors, daily) over the usage
-        table, filtered by time (since inclusive, until exclusive: ISO 8601 or a span before now such as 12h or
-        7d), model, cluster, group and user. Callers see only their own usage; admins see everyone's and may pick
-        a user.
+        """One usage report (summary, by-traffic, top-users, by-model, by-cluster, latency, errors, daily) over the
+        usage table, filtered by time (since inclusive, until exclusive: ISO 8601 or a span before now such as 12h
+        or 7d), model, cluster, group, user and traffic (`interactive` requests or `batch` lines). Callers see
+        only their own usage; admins see everyone's and may pick a user.
 
         The gateway only reads the table: the ingest-usage deployment moves the usage spool into it every
         minute, so the last minute or so of requests may be missing."""
@@ -64,9 +65,11 @@ class UsageController(Controller):
             raise APIError(403, "You may only see your own usage (admins see everyone's).", param="user",
                            code="usage_forbidden")  # fmt: skip
         now = datetime.now(UTC)
+        if traffic not in (None, "", "interactive", "batch"):
+            raise APIError(400, "'traffic' must be 'interactive' or 'batch'.", param="traffic")
         f = UsageFilter(
             since=_bound(since, "since", now), until=_bound(until, "until", now), user=user, model=model or None,
-            cluster=cluster or None, group=group or None,
+            cluster=cluster or None, group=group or None, traffic=traffic or None,
         )  # fmt: skip
         caller = principal.key_id or principal.user
         limit_rpm = services.settings.usage_rpm

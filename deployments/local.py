@@ -21,6 +21,7 @@ DEPLOYMENTS = (
     "usage-report/usage-report",
     "audit-retention/audit-retention",
     "run-batch/run-batch",
+    "batch-retention/batch-retention",
 )
 # The ones prefect.yaml schedules (tests pause them, to trigger them when they choose).
 SCHEDULED = (
@@ -29,6 +30,7 @@ SCHEDULED = (
     "ingest-usage/ingest-usage",
     "usage-report/usage-report",
     "audit-retention/audit-retention",
+    "batch-retention/batch-retention",
 )
 _PREFECT = str(Path(sys.executable).parent / "prefect")
 

@@ -17,12 +17,14 @@ each line of the input appears in exactly one of them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import secrets
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifa
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext, TaskRunContext
 
+from core.errors import APIError
 from core.settings import Settings, get_settings
 from serving.batches.files import FileStore
 from serving.batches.lines import BatchLine, read_lines
@@ -115,6 +118,7 @@ def validate(batch_id: str) -> Batch:
     batches, files = _stores(settings)
 
     def start(b: Batch) -> None:
+        b.heartbeat_at = time.time()
         if b.status == "validating":
             b.status, b.in_progress_at = "in_progress", int(time.time())
 
@@ -198,6 +202,7 @@ async def _sync(batches: BatchStore, batch_id: str, results: Results, state: dic
     """Write the counts and usage so far into the batch; read back whether it was cancelled or expired."""
 
     def counts(b: Batch) -> None:
+        b.heartbeat_at = time.time()
         b.request_counts.completed, b.request_counts.failed = results.completed, results.failed
         b.usage = dict(results.usage)
         state["status"] = b.status
@@ -311,3 +316,98 @@ async def run_batch(batch_id: str, gateway_url: str | None = None) -> dict[str, 
     elif batch.status == "cancelling":
         batch = finalize(batch_id, "cancelling")
     return batch.public()
+
+
+# ---- housekeeping ----
+
+STALE_S = 120.0  # a running batch whose flow run wrote nothing for this long lost its worker
+
+
+@dataclass
+class Housekeeping:
+    resumed: list[str] = field(default_factory=list)
+    expired: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+
+
+def orphans(batches: BatchStore, now: float, stale_s: float = STALE_S) -> list[Batch]:
+    """Running batches whose flow run stopped writing progress: its worker died (or its run was lost)."""
+    return [b for b in batches.all() if b.status in ("in_progress", "cancelling", "finalizing")
+            and (b.heartbeat_at or b.created_at) < now - stale_s]  # fmt: skip
+
+
+def expire_waiting(batches: BatchStore, now: float) -> list[str]:
+    """Batches whose window passed before any run started (no worker took them): ``expired``, every line in the
+    error file as ``batch_expired``."""
+    ended = []
+    for b in batches.all():
+        if b.status == "validating" and now > b.expires_at:
+            finalize.fn(b.id, "expired")
+            ended.append(b.id)
+    return ended
+
+
+def delete_old(batches: BatchStore, files: FileStore, now: float, keep_days: int, dry_run: bool) -> list[str]:
+    """Finished batches older than ``keep_days`` (by when they ended), with their input, output and error files."""
+    gone = []
+    for b in batches.all():
+        ended = b.completed_at or b.cancelled_at or b.expired_at or b.failed_at
+        if b.active or ended is None or ended > now - keep_days * 86400:
+            continue
+        gone.append(b.id)
+        if dry_run:
+            continue
+        for file_id in (b.input_file_id, b.output_file_id, b.error_file_id):
+            if file_id:
+                with contextlib.suppress(APIError):
+                    files.delete(file_id, None)
+        batches.delete(b.id)
+    return gone
+
+
+@flow(name="batch-retention", log_prints=True)
+async def batch_retention(retention_days: int | None = None, dry_run: bool = False) -> dict[str, list[str]]:
+    """Every 5 minutes: resume the batches whose worker died (a new run-batch run carries on from the lines
+    already answered), expire the batches whose completion_window passed before a worker took them, and delete the
+    batches (and their input, output and error files) that ended more than FIRST_BATCH_RETENTION_DAYS ago.
+
+    Args:
+        retention_days: Days to keep a finished batch (default: FIRST_BATCH_RETENTION_DAYS).
+        dry_run: Only report what would be resumed, expired and deleted.
+    """
+    settings = get_settings()
+    batches, files = _stores(settings)
+    now, out = time.time(), Housekeeping()
+    for b in orphans(batches, now):
+        out.resumed.append(b.id)
+        if not dry_run:
+            await _resume(batches, b)
+    if not dry_run:
+        out.expired = expire_waiting(batches, now)
+    keep = settings.batch_retention_days if retention_days is None else retention_days
+    out.deleted = delete_old(batches, files, now, keep, dry_run)
+    _logger().info("resumed %s, expired %s, deleted %s%s", out.resumed or "none", out.expired or "none",
+                   out.deleted or "none", " (dry run)" if dry_run else "")  # fmt: skip
+    return {"resumed": out.resumed, "expired": out.expired, "deleted": out.deleted}
+
+
+async def _resume(batches: BatchStore, b: Batch) -> None:
+    """A new run-batch run for the batch; the dead run is marked crashed, so the UI tells the story."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.states import Crashed
+
+    name = f"{(b.flow_run_name or b.id).split(' (resumed')[0]} (resumed {b.runs + 1})"
+    run = await run_deployment("run-batch/run-batch", parameters={"batch_id": b.id}, timeout=0,
+                               flow_run_name=name, tags=["batch"])  # fmt: skip
+    if b.flow_run_id:
+        async with get_client() as client:
+            with contextlib.suppress(Exception):  # it may have ended meanwhile; the new run carries on anyway
+                await client.set_flow_run_state(b.flow_run_id, Crashed(message=f"its worker stopped; resumed as "
+                                                                       f"{name}"), force=True)  # fmt: skip
+
+    def resumed(x: Batch) -> None:
+        x.flow_run_id, x.flow_run_name, x.runs, x.heartbeat_at = str(run.id), name, x.runs + 1, time.time()
+
+    batches.update(b.id, resumed)
+    _logger().warning("batch %s lost its worker; resumed as flow run %s", b.id, name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from first.cli import functions, globus, keys, login, model, registry, running, usage
+from first.cli import batches, functions, globus, keys, login, model, registry, running, usage
 
 app = typer.Typer(
     help="FIRST: an OpenAI-compatible inference gateway for HPC clusters, with Prefect as its control plane.",
@@ -26,6 +26,7 @@ app.command()(running.gateway)
 app.add_typer(keys.app, name="keys")
 app.add_typer(model.app, name="model")
 app.add_typer(usage.app, name="usage")
+app.add_typer(batches.app, name="batches")
 app.add_typer(registry.app, name="registry")
 app.command("apply")(registry.apply)
 app.add_typer(globus.app, name="globus")

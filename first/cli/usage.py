@@ -54,7 +54,13 @@ def _when(value: str | None, option: str) -> datetime | None:
 
 
 def _usage_filter(
-    since: str | None, until: str | None, user: str | None, model: str | None, cluster: str | None, group: str | None
+    since: str | None,
+    until: str | None,
+    user: str | None,
+    model: str | None,
+    cluster: str | None,
+    group: str | None,
+    traffic: str | None = None,
 ) -> UsageFilter:
     from analytics.reports import UsageFilter
 
@@ -65,6 +71,7 @@ def _usage_filter(
         model=model,
         cluster=cluster,
         group=group,
+        traffic=traffic,
     )
 
 
@@ -101,14 +108,16 @@ def _report(
     fmt: OutputFormat,
     output: Path | None,
     ingest: bool,
+    traffic: str | None = None,
     **options: object,
 ) -> None:
     from analytics.reports import run_report
 
     _check_output(fmt, output)
-    f = _usage_filter(since, until, user, model, cluster, group)
+    f = _usage_filter(since, until, user, model, cluster, group, traffic)
     df = run_report(_usage_store(ingest), name, f, **options)
-    emit(df, fmt, output, _title(name, since, until, user=user, model=model, cluster=cluster, group=group))
+    emit(df, fmt, output, _title(name, since, until, user=user, model=model, cluster=cluster, group=group,
+                                 traffic=traffic))  # fmt: skip
 
 
 @app.command("ingest")
@@ -132,9 +141,13 @@ def usage_summary(
     by: Annotated[
         str,
         typer.Option(
-            help="Group rows by a comma-separated list of user, model, cluster, endpoint, day; 'none' for one row"
+            help="Group rows by a comma-separated list of user, model, cluster, endpoint, day, traffic "
+            "(interactive or batch); 'none' for one row"
         ),
     ] = "user,model",
+    traffic: Annotated[
+        str | None, typer.Option(help="Only 'interactive' requests or only 'batch' lines (default: both)")
+    ] = None,
     fmt: UsageFmt = OutputFormat.table,
     output: UsageOutput = None,
     ingest: UsageIngest = True,
@@ -143,7 +156,7 @@ def usage_summary(
 
     One row per user and model by default; --by none gives one overall row.
     Examples: first usage summary --since 1d; first usage summary --by none --since 2026-01-01 --format json;
-    first usage summary --by day,model --model tiny --format csv -o daily.csv
+    first usage summary --by day,model --model tiny --format csv -o daily.csv; first usage summary --by traffic
     """
     from analytics.reports import SUMMARY_BY
 
@@ -153,9 +166,11 @@ def usage_summary(
         raise typer.BadParameter(
             f"choose from {', '.join(SUMMARY_BY)} or none, not {', '.join(bad)}", param_hint="--by"
         )
+    if traffic not in (None, "interactive", "batch"):
+        raise typer.BadParameter("choose interactive or batch", param_hint="--traffic")
     _report(
         "summary", since=since, until=until, user=user, model=model, cluster=cluster, group=group,
-        fmt=fmt, output=output, ingest=ingest, by=keys,
+        fmt=fmt, output=output, ingest=ingest, by=keys, traffic=traffic,
     )  # fmt: skip
 
 

@@ -68,8 +68,10 @@ class Batch(msgspec.Struct, kw_only=True):
     owner: dict[str, Any] = msgspec.field(default_factory=dict)  # the creator's Principal, as a dict
     flow_run_id: str | None = None
     flow_run_name: str | None = None
+    heartbeat_at: float | None = None  # the flow run's last sign of life (it writes progress every second)
+    runs: int = 0  # flow runs started for it: more than one after a resume
 
-    PRIVATE = ("owner", "flow_run_id", "flow_run_name")
+    PRIVATE = ("owner", "flow_run_id", "flow_run_name", "heartbeat_at", "runs")
 
     @property
     def user(self) -> str:
@@ -89,6 +91,8 @@ class Batch(msgspec.Struct, kw_only=True):
         out = msgspec.to_builtins(self)
         for private in self.PRIVATE:
             out.pop(private, None)
+        out["usage"] = {**self.usage, "input_tokens_details": {"cached_tokens": 0},
+                        "output_tokens_details": {"reasoning_tokens": 0}}  # fmt: skip
         return out
 
 
@@ -141,7 +145,8 @@ class BatchStore:
         return batch
 
     def update(self, batch_id: str, change: Callable[[Batch], None]) -> Batch:
-        """Apply ``change`` to the batch under its lock and save it."""
+        """Apply ``change`` to the batch under its lock and save it (404 for a batch that does not exist)."""
+        self.get(batch_id)
         with self._locked(batch_id):
             batch = self.get(batch_id)
             change(batch)
@@ -173,7 +178,10 @@ class BatchStore:
 
     @contextlib.contextmanager
     def _locked(self, batch_id: str) -> Iterator[None]:
-        fd = os.open(self.folder(batch_id) / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(self.folder(batch_id) / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except FileNotFoundError:  # deleted (batch-retention) since it was read
+            raise not_found(batch_id) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

@@ -4,8 +4,10 @@ vLLM CPU server with the tiny model. Everything lives in a temporary FIRST home 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -152,3 +154,24 @@ def prefect_flow_runs(stack: Stack, flow_name: str) -> list[dict]:
 
 def dump(obj: object) -> str:
     return json.dumps(obj, indent=1, default=str)[:2000]
+
+
+def start_make_run(home: Path) -> tuple[subprocess.Popen, dict[str, Any], dict[str, str]]:
+    """`make run` on FIRST_HOME ``home`` with free ports, as a new user runs it: (the make process, its ready
+    line, its environment). Stop it as Ctrl-C does: ``os.killpg(make.pid, signal.SIGINT)``."""
+    env = {**os.environ, "FIRST_HOME": str(home), "FIRST_PORT": str(free_port()),
+           "FIRST_VLLM_PORT_BASE": str(free_port())}  # fmt: skip
+    for name in ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_API_AUTH_STRING", "PREFECT_SERVER_API_AUTH_STRING"):
+        env.pop(name, None)
+    make = subprocess.Popen(
+        ["make", "run", f"RUN_ARGS=--prefect-port {free_port()}"], cwd=REPO_ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+    )  # fmt: skip
+    for line in make.stdout:  # type: ignore[union-attr]
+        if line.startswith('{"ready"'):
+            return make, json.loads(line), env
+    code = make.poll()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(make.pid, signal.SIGINT)
+    make.wait(timeout=120)
+    raise AssertionError(f"make run exited ({code}) without printing its ready line")

@@ -13,8 +13,7 @@ import httpx
 import openai
 import pytest
 
-from first.runner import free_port
-from tests.e2e.conftest import REPO_ROOT
+from tests.e2e.conftest import REPO_ROOT, start_make_run
 
 pytestmark = pytest.mark.e2e
 
@@ -43,33 +42,9 @@ def _processes_mentioning(text: str) -> list[int]:
 
 def test_make_run_serves_then_ctrl_c_stops_everything(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    env = {
-        **os.environ,
-        "FIRST_HOME": str(home),
-        "FIRST_PORT": str(free_port()),
-        "FIRST_VLLM_PORT_BASE": str(free_port()),
-    }
-    env.pop("PREFECT_API_URL", None)
-    env.pop("PREFECT_HOME", None)
-    env.pop("PREFECT_API_AUTH_STRING", None)
-    env.pop("PREFECT_SERVER_API_AUTH_STRING", None)
     t0 = time.monotonic()
-    make = subprocess.Popen(
-        ["make", "run", f"RUN_ARGS=--prefect-port {free_port()}"],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        start_new_session=True,
-    )
+    make, ready, env = start_make_run(home)
     try:
-        ready = None
-        for line in make.stdout:  # type: ignore[union-attr]
-            if line.startswith('{"ready"'):
-                ready = json.loads(line)
-                break
-        assert ready, f"make run exited ({make.poll()}) without printing its ready line"
         started_in = time.monotonic() - t0
         c = openai.OpenAI(base_url=ready["base_url"], api_key=ready["api_key"], max_retries=0)
         r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)

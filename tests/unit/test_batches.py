@@ -259,3 +259,62 @@ async def test_a_batch_credential_works_only_for_its_live_batch(flow_env: Stack)
     store.update(batch_id, lambda b: setattr(b, "status", "cancelled"))
     assert httpx.post(stack.gw.url + "/v1/chat/completions", json=body,
                       headers={"Authorization": f"Bearer {tokens.issue(batch_id)}"}).status_code == 401  # fmt: skip
+
+
+# ---- housekeeping (batch-retention) and the operators' listing ----
+
+
+def test_housekeeping_finds_orphans_expires_waiting_batches_and_deletes_old_ones(flow_env: Stack) -> None:
+    import time
+
+    from serving.batches.files import FileStore
+
+    stack = flow_env
+    now = time.time()
+    running, store = _new_batch(stack, 2)
+    store.update(running, lambda b: (setattr(b, "status", "in_progress"), setattr(b, "heartbeat_at", now - 5)))
+    dead, _ = _new_batch(stack, 2)
+    store.update(dead, lambda b: (setattr(b, "status", "in_progress"), setattr(b, "heartbeat_at", now - 600)))
+    assert [b.id for b in batch_flow.orphans(store, now)] == [dead]  # no sign of life for 10 minutes
+
+    waiting, _ = _new_batch(stack, 3)  # no worker ever took it, and its window passed
+    store.update(waiting, lambda b: setattr(b, "expires_at", int(now) - 1))
+    assert batch_flow.expire_waiting(store, now) == [waiting]
+    expired = store.get(waiting)
+    assert expired.status == "expired" and expired.expired_at and expired.request_counts.failed == 3
+    errors = [json.loads(x) for x in stack.client().files.content(expired.error_file_id).read().splitlines()]
+    assert {e["error"]["code"] for e in errors} == {"batch_expired"} and len(errors) == 3
+
+    files = FileStore(stack.home / "batches", 10**9, 10**9)
+    assert batch_flow.delete_old(store, files, now, keep_days=1, dry_run=False) == []  # ended just now
+    later = now + 2 * 86400
+    assert waiting in batch_flow.delete_old(store, files, later, keep_days=1, dry_run=True)
+    assert store.get(waiting)  # a dry run deletes nothing
+    assert waiting in batch_flow.delete_old(store, files, later, keep_days=1, dry_run=False)
+    with pytest.raises(openai.NotFoundError):
+        stack.client().batches.retrieve(waiting)
+    with pytest.raises(openai.NotFoundError):
+        stack.client().files.retrieve(expired.error_file_id)
+    with pytest.raises(openai.NotFoundError):
+        stack.client().files.retrieve(expired.input_file_id)
+
+
+def test_operators_list_every_batch_and_cancel_one(flow_env: Stack) -> None:
+    import subprocess
+    import sys
+
+    stack = flow_env
+    batch_id, store = _new_batch(stack, 2, user="bob")
+    env = {"FIRST_HOME": str(stack.home), "PATH": "/usr/bin:/bin", "COLUMNS": "250"}
+    first = [str(Path(sys.executable).parent / "first")]
+    shown = subprocess.run([*first, "batches", "list", "--active"], env=env, capture_output=True, text=True,
+                           timeout=60)  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    row = next(line for line in shown.stdout.splitlines() if batch_id in line)
+    assert "bob" in row and "validating" in row and "0/2" in row
+    done = subprocess.run([*first, "batches", "cancel", batch_id], env=env, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert done.returncode == 0 and store.get(batch_id).status == "cancelling"
+    again = subprocess.run([*first, "batches", "cancel", "batch_" + "f" * 24], env=env, capture_output=True,
+                           text=True, timeout=60)  # fmt: skip
+    assert again.returncode == 1 and "No such batch" in again.stderr

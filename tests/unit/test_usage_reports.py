@@ -276,7 +276,16 @@ def test_daily(store: UsageStore) -> None:
 
 
 def test_reports_registry_and_run_report(store: UsageStore) -> None:
-    assert list(reports.REPORTS) == ["summary", "top-users", "by-model", "by-cluster", "latency", "errors", "daily"]
+    assert list(reports.REPORTS) == [
+        "summary",
+        "by-traffic",
+        "top-users",
+        "by-model",
+        "by-cluster",
+        "latency",
+        "errors",
+        "daily",
+    ]
     assert reports.run_report(store, "top_users", UsageFilter(group="staff"), limit=1)["user"].to_list() == ["dave"]
     with pytest.raises(ValueError, match="unknown report"):
         reports.run_report(store, "nope")

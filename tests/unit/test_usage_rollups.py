@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
+import msgspec
 import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
@@ -48,6 +49,7 @@ def synthetic(n: int, seed: int = 3) -> list[UsageRecord]:
                 latency_ms=round(rng.lognormvariate(6.0, 0.6), 3), ttft_ms=round(rng.lognormvariate(4, 0.5), 3)
                 if stream else None, status=rng.choice([500, 429, 400]) if err else 200,
                 error_type="api_error" if err else None, cold_start=rng.random() < 0.01,
+                batch_id=f"batch_{i % 3:024x}" if rng.random() < 0.25 else None,
             )
         )  # fmt: skip
     return out
@@ -88,11 +90,14 @@ FILTERS = [
     UsageFilter(model="m-b", cluster="polaris"),
     UsageFilter(group="staff", until=T0 + timedelta(days=4, minutes=1)),
     UsageFilter(cluster="nowhere"),
+    UsageFilter(traffic="batch", since=T0 + timedelta(hours=30), until=T0 + timedelta(days=3, hours=7)),
+    UsageFilter(traffic="interactive", model="m-a"),
 ]
 REPORT_CALLS = {
     "summary": lambda s, f: reports.summary(s, f),
     "summary by day, cluster": lambda s, f: reports.summary(s, f, by=("day", "cluster")),
     "summary by user, endpoint": lambda s, f: reports.summary(s, f, by=("user", "endpoint")),
+    "by-traffic": reports.by_traffic,
     "top-users": lambda s, f: reports.top_users(s, f, limit=5),
     "by-model": reports.by_model,
     "by-cluster": reports.by_cluster,
@@ -123,6 +128,8 @@ def _polars_filter(f: UsageFilter) -> pl.Expr:
             e &= pl.col(col) == value
     if f.group is not None:
         e &= pl.col("groups").list.contains(f.group)
+    if f.traffic is not None:
+        e &= pl.col("batch_id").is_null() if f.traffic == "interactive" else pl.col("batch_id").is_not_null()
     return e
 
 
@@ -209,6 +216,27 @@ def test_an_old_database_with_a_primary_key_and_no_rollups_is_migrated(tmp_path:
     assert_frame_equal(reports.summary(migrated), before)
     assert_frame_equal(reports.daily(migrated), reports.daily(store))
     assert migrated.ingest(tmp_path / "spool") == 0  # nothing left, nothing doubled
+
+
+def test_a_database_from_before_batches_gets_the_traffic_split(tmp_path: Path) -> None:
+    """A usage file written before batch_id existed: the first read-write connection adds the column (its rows
+    are interactive), and the rollups carry the traffic from then on."""
+    from analytics.schema import COLUMNS as _COLUMNS
+
+    store = ingest(tmp_path / "new.duckdb", tmp_path / "spool", [
+        msgspec.structs.replace(r, batch_id=None) for r in synthetic(300, seed=9)])  # fmt: skip
+    old = tmp_path / "old.duckdb"
+    cols = [c for c in _COLUMNS if c != "batch_id"]
+    with duckdb.connect(str(old)) as con:
+        con.execute(f"ATTACH '{store.db_path}' AS new (READ_ONLY)")
+        con.execute("CREATE TABLE usage (" + ", ".join(f'"{c}" {_COLUMNS[c][0]}' for c in cols) + ")")
+        con.execute(f"INSERT INTO usage SELECT {', '.join(repr(c).replace(chr(39), chr(34)) for c in cols)} "
+                    "FROM new.usage")  # fmt: skip
+    migrated = UsageStore(old)
+    assert migrated.count() == 300
+    split = reports.by_traffic(migrated)
+    assert split["traffic"].to_list() == ["interactive"] and split["requests"][0] == 300
+    assert reports.summary(migrated, UsageFilter(traffic="batch"))["requests"][0] == 0
 
 
 def _old_ddl() -> str:
