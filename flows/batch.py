@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -38,7 +39,7 @@ from prefect.context import FlowRunContext, TaskRunContext
 from core.errors import APIError
 from core.settings import Settings, get_settings
 from serving.batches.files import FileStore
-from serving.batches.lines import BatchLine, read_lines
+from serving.batches.lines import BatchLine, read_lines, read_lines_at
 from serving.batches.store import Batch, BatchStore
 from serving.batches.tokens import BatchTokens
 
@@ -132,40 +133,64 @@ def validate(batch_id: str) -> Batch:
 
 
 @task(name="plan", cache_policy=NO_CACHE)
-def plan(batch_id: str, chunk_lines: int) -> list[tuple[int, int]]:
-    """Chunks (first and last position among the input's requests, from 0) that still hold unanswered lines."""
+def plan(batch_id: str, chunk_lines: int) -> list[Chunk]:
+    """The chunks of the input (``chunk_lines`` requests each) that still hold unanswered lines. The lines
+    answered so far are read back from the results files here, at the start of every run of the batch."""
     settings = get_settings()
     batches, files = _stores(settings)
     batch = batches.get(batch_id)
-    done = Results(batches.folder(batch_id)).done
-    todo = [i for i, (_, raw) in enumerate(read_lines(files.data_path(batch.input_file_id)))
-            if _custom_id(raw) not in done]  # fmt: skip
-    chunks: list[tuple[int, int]] = []
-    for i in todo:
-        if chunks and i < chunks[-1][0] + chunk_lines:
-            chunks[-1] = (chunks[-1][0], i)
+    results = _RESULTS[batch_id] = Results(batches.folder(batch_id))
+    chunks: list[Chunk] = []
+    todo = 0
+    for i, (n, raw, offset) in enumerate(read_lines_at(files.data_path(batch.input_file_id))):
+        if _custom_id(raw) in results.done:
+            continue
+        todo += 1
+        if chunks and i < chunks[-1].first + chunk_lines:
+            chunks[-1].last = i
         else:
-            chunks.append((i, i))
-    _logger().info("%d of %d lines to run, in %d chunks", len(todo), batch.request_counts.total, len(chunks))
+            chunks.append(Chunk(first=i, last=i, offset=offset, line=n))
+    _logger().info("%d of %d lines to run, in %d chunks", todo, batch.request_counts.total, len(chunks))
     return chunks
+
+
+@dataclass
+class Chunk:
+    """Requests ``first`` to ``last`` (positions among the input's requests, from 0); the first of them is line
+    ``line`` of the file, at byte ``offset``."""
+
+    first: int
+    last: int
+    offset: int
+    line: int
+
+
+# The results of the batches this process runs, read from disk by ``plan`` at the start of each run.
+_RESULTS: dict[str, Results] = {}
+
+
+def _results(batches: BatchStore, batch_id: str) -> Results:
+    if batch_id not in _RESULTS:
+        _RESULTS[batch_id] = Results(batches.folder(batch_id))
+    return _RESULTS[batch_id]
 
 
 def _custom_id(raw: bytes) -> str:
     return str(msgspec.json.decode(raw, type=BatchLine).custom_id)
 
 
-@task(name="run-chunk", task_run_name="lines {first}-{last}", cache_policy=NO_CACHE)
-async def run_chunk(batch_id: str, first: int, last: int, gateway_url: str, progress: Any = None) -> str:
+@task(name="run-chunk", task_run_name="lines {chunk.first}-{chunk.last}", cache_policy=NO_CACHE)
+async def run_chunk(batch_id: str, chunk: Chunk, gateway_url: str, progress: Any = None) -> str:
     """Send the chunk's unanswered lines through the gateway, ``batch_concurrency`` at a time; stop sending when
     the batch is cancelled or its window passes. Returns the batch's state."""
     settings = get_settings()
     batches, files = _stores(settings)
     batch = batches.get(batch_id)
-    results = Results(batches.folder(batch_id))
+    results = _results(batches, batch_id)
     token = BatchTokens(settings.batch_secret_path).issue(batch_id)
     state = {"status": batch.status, "expired": False}
-    lines = [(n, raw) for i, (n, raw) in enumerate(read_lines(files.data_path(batch.input_file_id)))
-             if first <= i <= last]  # fmt: skip
+    lines = list(itertools.islice(read_lines(files.data_path(batch.input_file_id), chunk.offset, chunk.line),
+                                  chunk.last - chunk.first + 1))  # fmt: skip
     gate = asyncio.Semaphore(settings.batch_concurrency)
     timeout = httpx.Timeout(settings.request_timeout_s + settings.warm_wait_s, connect=10)
     async with httpx.AsyncClient(base_url=gateway_url, timeout=timeout,
@@ -248,11 +273,10 @@ def finalize(batch_id: str, state: str) -> Batch:
     ``expired``: an expired batch's unanswered lines go to its error file as ``batch_expired``)."""
     settings = get_settings()
     batches, files = _stores(settings)
-    folder = batches.folder(batch_id)
     batch = batches.get(batch_id)
     if not batch.active:
         return batch
-    results = Results(folder)
+    results = _RESULTS.pop(batch_id, None) or Results(batches.folder(batch_id))
     if state == "expired":
         for _, raw in read_lines(files.data_path(batch.input_file_id)):
             line = msgspec.json.decode(raw, type=BatchLine)
@@ -308,8 +332,8 @@ async def run_batch(batch_id: str, gateway_url: str | None = None) -> dict[str, 
         key = "batch-" + batch_id.replace("_", "-").lower()
         progress = await acreate_progress_artifact(0.0, key=key, description=f"{batch.request_counts.total} lines")
         state = batch.status
-        for first, last in plan(batch_id, settings.batch_chunk_lines):
-            state = await run_chunk(batch_id, first, last, gateway_url or settings.gateway_url, progress)
+        for chunk in plan(batch_id, settings.batch_chunk_lines):
+            state = await run_chunk(batch_id, chunk, gateway_url or settings.gateway_url, progress)
             if state in ("cancelling", "expired"):
                 break
         batch = finalize(batch_id, state)

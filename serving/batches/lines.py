@@ -42,12 +42,22 @@ def bad_line(n: int, why: str) -> APIError:
     return APIError(400, f"line {n}: {why}", param="file", code="invalid_batch_line")
 
 
-def read_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(line number from 1, raw line) for each non-blank line, read as a stream."""
+def read_lines(path: Path, offset: int = 0, first_n: int = 1) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line) for each non-blank line, read as a stream; from byte ``offset``, where the line
+    number is ``first_n``."""
+    for n, raw, _ in read_lines_at(path, offset, first_n):
+        yield n, raw
+
+
+def read_lines_at(path: Path, offset: int = 0, first_n: int = 1) -> Iterator[tuple[int, bytes, int]]:
+    """:func:`read_lines` with each line's byte offset (where a later read may start)."""
     with open(path, "rb") as fh:
-        for n, raw in enumerate(fh, 1):
+        fh.seek(offset)
+        at = offset
+        for n, raw in enumerate(fh, first_n):
             if raw.strip():
-                yield n, raw
+                yield n, raw, at
+            at += len(raw)
 
 
 def check_input_file(path: Path, who: Principal, registry: Registry, max_lines: int) -> tuple[int, str]:

@@ -170,8 +170,8 @@ async def _run(batch_id: str, url: str) -> dict:
     batch = batch_flow.validate.fn(batch_id)
     assert batch.status == "in_progress"
     state = batch.status
-    for first, last in batch_flow.plan.fn(batch_id, 10):
-        state = await batch_flow.run_chunk.fn(batch_id, first, last, url)
+    for chunk in batch_flow.plan.fn(batch_id, 10):
+        state = await batch_flow.run_chunk.fn(batch_id, chunk, url)
     return batch_flow.finalize.fn(batch_id, state).public()
 
 
@@ -204,13 +204,14 @@ async def test_a_batch_resumes_after_a_crash_without_answering_a_line_twice(flow
     batch_id, store = _new_batch(stack, 30)
     batch_flow.validate.fn(batch_id)
     chunks = batch_flow.plan.fn(batch_id, 10)
-    assert chunks == [(0, 9), (10, 19), (20, 29)]
-    await batch_flow.run_chunk.fn(batch_id, 0, 9, stack.gw.url)
+    assert [(c.first, c.last, c.line) for c in chunks] == [(0, 9, 1), (10, 19, 11), (20, 29, 21)]
+    await batch_flow.run_chunk.fn(batch_id, chunks[0], stack.gw.url)
     # the worker dies in the middle of writing line 11's answer
     with open(store.folder(batch_id) / "output.jsonl", "ab") as fh:
         fh.write(b'{"id": "batch_req_x", "custom_id": "q10", "respo')
     sent_before = stack.sim.requests
-    assert batch_flow.plan.fn(batch_id, 10) == [(10, 19), (20, 29)]  # the partial line is dropped, q10 runs again
+    again = batch_flow.plan.fn(batch_id, 10)  # the partial line is dropped: q10 runs again
+    assert [(c.first, c.last) for c in again] == [(10, 19), (20, 29)]
     done = await _run(batch_id, stack.gw.url)
     assert stack.sim.requests - sent_before == 20
     out = [json.loads(x) for x in stack.client().files.content(done["output_file_id"]).read().splitlines()]
@@ -221,12 +222,13 @@ async def test_a_cancelled_batch_keeps_what_was_answered(flow_env: Stack) -> Non
     stack = flow_env
     batch_id, _ = _new_batch(stack, 20)
     batch_flow.validate.fn(batch_id)
-    await batch_flow.run_chunk.fn(batch_id, 0, 9, stack.gw.url)
+    first, second = batch_flow.plan.fn(batch_id, 10)
+    await batch_flow.run_chunk.fn(batch_id, first, stack.gw.url)
     r = stack.client().batches.cancel(batch_id)
     assert r.status == "cancelling" and r.cancelling_at
     with pytest.raises(openai.NotFoundError):
         stack.client("bob").batches.cancel(batch_id)
-    state = await batch_flow.run_chunk.fn(batch_id, 10, 19, stack.gw.url)
+    state = await batch_flow.run_chunk.fn(batch_id, second, stack.gw.url)
     assert state == "cancelling"
     done = batch_flow.finalize.fn(batch_id, state).public()
     assert done["status"] == "cancelled" and done["cancelled_at"]
@@ -318,3 +320,21 @@ def test_operators_list_every_batch_and_cancel_one(flow_env: Stack) -> None:
     again = subprocess.run([*first, "batches", "cancel", "batch_" + "f" * 24], env=env, capture_output=True,
                            text=True, timeout=60)  # fmt: skip
     assert again.returncode == 1 and "No such batch" in again.stderr
+
+
+async def test_chunks_start_at_their_own_byte_offset_past_blank_lines(flow_env: Stack) -> None:
+    stack = flow_env
+    data = b"\n".join(jsonl([chat_line(i)]) for i in range(7))  # a blank line between every two requests
+    f = stack.client().files.create(file=("gaps.jsonl", io.BytesIO(b"\n" + data)), purpose="batch")
+    store = BatchStore(stack.home / "batches")
+    b = store.create(owner=Principal(user="alice"), endpoint="/v1/chat/completions", input_file_id=f.id,
+                     window="1h", lines=7, model="m", metadata=None)  # fmt: skip
+    batch_flow.validate.fn(b.id)
+    chunks = batch_flow.plan.fn(b.id, 3)
+    assert [(c.first, c.last, c.line) for c in chunks] == [(0, 2, 2), (3, 5, 8), (6, 6, 14)]
+    for chunk in chunks:
+        await batch_flow.run_chunk.fn(b.id, chunk, stack.gw.url)
+    done = batch_flow.finalize.fn(b.id, "in_progress").public()
+    out = [json.loads(x) for x in stack.client().files.content(done["output_file_id"]).read().splitlines()]
+    assert sorted(x["custom_id"] for x in out) == [f"q{i}" for i in range(7)]
+    assert {x["response"]["request_id"] for x in out} == {f"{b.id}-{2 + 2 * i}" for i in range(7)}  # file lines
