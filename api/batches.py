@@ -88,7 +88,7 @@ class BatchesController(Controller):
                            code="batches_unavailable") from None  # fmt: skip
 
         def started(b: Batch) -> None:
-            b.flow_run_id, b.flow_run_name, b.runs = run_id, name, 1
+            b.flow_run_id, b.flow_run_name, b.runs, b.gateway_url = run_id, name, 1, settings.gateway_url
 
         return store.update(batch.id, started).public()
 

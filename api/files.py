@@ -37,7 +37,9 @@ class FilesController(Controller):
     guards = [authenticate]
     dependencies = DEPENDENCIES
 
-    @post("/v1/files", status_code=200, summary="Upload a file")
+    # No framework cap on the body: the upload goes to disk as it arrives, and FIRST_MAX_FILE_BYTES (or the owner's
+    # quota) ends it with 413 as soon as it is passed.
+    @post("/v1/files", status_code=200, summary="Upload a file", request_max_body_size=None)
     async def upload(self, request: Request, services: Services) -> dict[str, Any]:
         """multipart/form-data with `file` and `purpose` (`batch` for a batch input file, which is checked line by
         line: a bad line is a 400 that names it). Larger than the gateway's limit, or past your quota: 413."""

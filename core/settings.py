@@ -111,6 +111,10 @@ class Settings(BaseSettings):
         default=0.5, gt=0.0, le=1.0, description="Share of an instance's request slots (its cluster's "
         "max_concurrency) that batch lines may hold; interactive requests never wait for them",
     )  # fmt: skip
+    batch_nice: int = Field(
+        default=10, ge=0, le=19, description="Niceness of a run-batch flow run's process: on a host it shares with a "
+        "gateway, batch work yields the CPU to interactive requests first",
+    )  # fmt: skip
     batch_retention_days: int = Field(default=30, ge=1, description="Days batch-retention keeps finished batches")
 
     @property

@@ -184,6 +184,7 @@ async def run_chunk(batch_id: str, chunk: Chunk, gateway_url: str, progress: Any
     """Send the chunk's unanswered lines through the gateway, ``batch_concurrency`` at a time; stop sending when
     the batch is cancelled or its window passes. Returns the batch's state."""
     settings = get_settings()
+    _yield_cpu(settings.batch_nice)
     batches, files = _stores(settings)
     batch = batches.get(batch_id)
     results = _results(batches, batch_id)
@@ -217,6 +218,18 @@ async def run_chunk(batch_id: str, chunk: Chunk, gateway_url: str, progress: Any
             watcher.cancel()
     await _sync(batches, batch_id, results, state, progress)
     return "expired" if state["expired"] else str(state["status"])
+
+
+_niced = False
+
+
+def _yield_cpu(niceness: int) -> None:
+    """Lower this process's CPU priority once: batch work waits for interactive work on a shared host."""
+    global _niced
+    if not _niced and niceness:
+        with contextlib.suppress(OSError):
+            os.nice(niceness)
+        _niced = True
 
 
 def _stopping(state: dict[str, Any]) -> bool:
@@ -333,7 +346,8 @@ async def run_batch(batch_id: str, gateway_url: str | None = None) -> dict[str, 
         progress = await acreate_progress_artifact(0.0, key=key, description=f"{batch.request_counts.total} lines")
         state = batch.status
         for chunk in plan(batch_id, settings.batch_chunk_lines):
-            state = await run_chunk(batch_id, chunk, gateway_url or settings.gateway_url, progress)
+            state = await run_chunk(batch_id, chunk, gateway_url or batch.gateway_url or settings.gateway_url,
+                                    progress)  # fmt: skip
             if state in ("cancelling", "expired"):
                 break
         batch = finalize(batch_id, state)
@@ -405,7 +419,7 @@ async def batch_retention(retention_days: int | None = None, dry_run: bool = Fal
     for b in orphans(batches, now):
         out.resumed.append(b.id)
         if not dry_run:
-            await _resume(batches, b)
+            await _resume_or_end(batches, b)
     if not dry_run:
         out.expired = expire_waiting(batches, now)
     keep = settings.batch_retention_days if retention_days is None else retention_days
@@ -415,15 +429,27 @@ async def batch_retention(retention_days: int | None = None, dry_run: bool = Fal
     return {"resumed": out.resumed, "expired": out.expired, "deleted": out.deleted}
 
 
-async def _resume(batches: BatchStore, b: Batch) -> None:
-    """A new run-batch run for the batch; the dead run is marked crashed, so the UI tells the story."""
+async def _resume_or_end(batches: BatchStore, b: Batch) -> None:
+    """A batch whose run went silent. If an operator cancelled that run (in the UI), the batch ends ``cancelled``
+    with what it finished; otherwise a new run-batch run carries on, and the dead run is marked crashed, so the
+    UI tells the story."""
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.states import Crashed
 
+    old_state = None
+    if b.flow_run_id:
+        async with get_client() as client:
+            with contextlib.suppress(Exception):
+                old_state = (await client.read_flow_run(b.flow_run_id)).state_type
+    if old_state is not None and old_state.value in ("CANCELLED", "CANCELLING"):
+        batches.update(b.id, lambda x: setattr(x, "status", "cancelling"))
+        finalize.fn(b.id, "cancelling")
+        _logger().info("batch %s: its run was cancelled; the batch is cancelled", b.id)
+        return
     name = f"{(b.flow_run_name or b.id).split(' (resumed')[0]} (resumed {b.runs + 1})"
-    run = await run_deployment("run-batch/run-batch", parameters={"batch_id": b.id}, timeout=0,
-                               flow_run_name=name, tags=["batch"])  # fmt: skip
+    run = await run_deployment("run-batch/run-batch", parameters={"batch_id": b.id, "gateway_url": b.gateway_url},
+                               timeout=0, flow_run_name=name, tags=["batch"])  # fmt: skip
     if b.flow_run_id:
         async with get_client() as client:
             with contextlib.suppress(Exception):  # it may have ended meanwhile; the new run carries on anyway

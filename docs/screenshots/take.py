@@ -21,6 +21,10 @@ Writes, at 1440x900:
                           /runs/flow-run/<id>?tab=Artifacts when the run made none)
     blocks.png            /blocks
     cluster-block.png     /blocks/block/<id>                 (a FIRST Cluster block, "local" first)
+    batch-task-runs.png   /runs/flow-run/<id>?tab=Task%20Runs (the latest finished run-batch run)
+    batch-progress.png    /artifacts/artifact/<id>           (its progress artifact)
+The Prefect API's password is read from --auth-file (`make run` writes FIRST_HOME/prefect-api-auth) and given to
+the UI as its login does (localStorage "prefect-password"). --only NAME,... takes only those screenshots.
 The ids come from the server's REST API (POST /api/flow_runs/filter, /api/artifacts/filter,
 /api/block_documents/filter).
 """
@@ -28,6 +32,7 @@ The ids come from the server's REST API (POST /api/flow_runs/filter, /api/artifa
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import shutil
 import subprocess
@@ -37,12 +42,14 @@ import urllib.request
 from pathlib import Path
 
 WIDTH, HEIGHT = 1440, 900
+AUTH: str | None = None  # the Prefect API's "user:password", when it has one
 
 
 def api(ui: str, path: str, body: dict) -> list[dict]:
-    req = urllib.request.Request(
-        f"{ui}/api{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
+    headers = {"Content-Type": "application/json"}
+    if AUTH:
+        headers["Authorization"] = "Basic " + base64.b64encode(AUTH.encode()).decode()
+    req = urllib.request.Request(f"{ui}/api{path}", data=json.dumps(body).encode(), headers=headers)
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.load(r)
 
@@ -78,6 +85,18 @@ def find_pages(ui: str) -> list[tuple[str, str, list[str]]]:
         print(f"  run {run['name']} made no artifact: taking its Artifacts tab", file=sys.stderr)
         pages.append(("warm-up-artifact.png", f"/runs/flow-run/{run['id']}?tab=Artifacts", [run["name"]]))
 
+    batches = api(ui, "/flow_runs/filter", {"flows": {"name": {"any_": ["run-batch"]}},
+                                             "flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}},
+                                             "sort": "EXPECTED_START_TIME_DESC", "limit": 1})  # fmt: skip
+    if batches:
+        run = batches[0]
+        pages.append(("batch-task-runs.png", f"/runs/flow-run/{run['id']}?tab=Task%20Runs", ["finalize"]))
+        arts = api(ui, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}})
+        if arts:
+            pages.append(("batch-progress.png", f"/artifacts/artifact/{arts[0]['id']}", [arts[0]["key"] or ""]))
+    else:
+        print("  no finished run-batch run: skipping the batch screenshots", file=sys.stderr)
+
     blocks = api(ui, "/block_documents/filter", {"block_types": {"slug": {"any_": ["first-cluster"]}}})
     pages.append(("blocks.png", "/blocks", [b["name"] for b in blocks[:1]]))
     if blocks:
@@ -95,6 +114,9 @@ def shoot_playwright(ui: str, out: Path, pages, chromium: str, settle_s: float) 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium)
         ctx = browser.new_context(viewport={"width": WIDTH, "height": HEIGHT})
+        if AUTH:  # what the UI's login page stores
+            token = base64.b64encode(AUTH.encode()).decode()
+            ctx.add_init_script(f"window.localStorage.setItem('prefect-password', '{token}')")
         page = ctx.new_page()
         for name, path, texts in pages:
             t0 = time.monotonic()
@@ -132,11 +154,23 @@ def main() -> None:
     ap.add_argument("--cli", action="store_true", help="use chromium --screenshot instead of Playwright")
     ap.add_argument("--settle", type=float, default=2.0, help="seconds to wait after the page has rendered")
     ap.add_argument("--budget-ms", type=int, default=15_000, help="virtual time budget for --cli")
+    ap.add_argument(
+        "--auth-file",
+        default=str(Path(__file__).resolve().parents[2] / ".first" / "prefect-api-auth"),
+        help="the Prefect API password file (`make run`: FIRST_HOME/prefect-api-auth)",
+    )
+    ap.add_argument("--only", help="comma-separated file names to take (default: all)")
     args = ap.parse_args()
+    global AUTH
+    if Path(args.auth_file).exists():
+        AUTH = Path(args.auth_file).read_text().strip()
     ui = args.ui.rstrip("/")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pages = find_pages(ui)
+    if args.only:
+        wanted = set(args.only.split(","))
+        pages = [p for p in pages if p[0] in wanted]
     use_cli = args.cli
     if not use_cli:
         try:

@@ -70,8 +70,9 @@ class Batch(msgspec.Struct, kw_only=True):
     flow_run_name: str | None = None
     heartbeat_at: float | None = None  # the flow run's last sign of life (it writes progress every second)
     runs: int = 0  # flow runs started for it: more than one after a resume
+    gateway_url: str | None = None  # where its runs send its lines (the gateway that created it)
 
-    PRIVATE = ("owner", "flow_run_id", "flow_run_name", "heartbeat_at", "runs")
+    PRIVATE = ("owner", "flow_run_id", "flow_run_name", "heartbeat_at", "runs", "gateway_url")
 
     @property
     def user(self) -> str:

@@ -61,6 +61,11 @@ class WithBatchCredentials:
     def __init__(self, inner: Authenticator, tokens: BatchTokens, store: BatchStore) -> None:
         self.inner, self.tokens, self.store = inner, tokens, store
 
+    @property
+    def checks(self) -> int | None:
+        """The inner authenticator's remote checks so far (Globus: cache misses), for /health."""
+        return getattr(self.inner, "checks", None)
+
     async def authenticate(self, token: str | None) -> Principal:
         if token and token.startswith(PREFIX):
             return self._batch_principal(token)

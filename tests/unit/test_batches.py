@@ -47,7 +47,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         }))  # fmt: skip
         store = KeyStore(Settings(home=home).keys_db)
         keys = {"alice": store.create("alice", rpm=2)[0], "bob": store.create("bob")[0]}
-        gw = GatewayProcess(home, registry, env={"FIRST_MAX_FILE_BYTES": "200000"}).start()
+        gw = GatewayProcess(home, registry, env={"FIRST_MAX_FILE_BYTES": str(12 * 2**20)}).start()
         try:
             yield Stack(gw, home, keys, sim)
         finally:
@@ -118,12 +118,16 @@ def test_a_bad_batch_file_is_refused_naming_its_line(stack: Stack, data: bytes, 
 
 
 def test_a_file_past_the_size_limit_is_413_and_not_kept(stack: Stack) -> None:
+    """The gateway's own limit (here 12 MiB), not the web framework's 10 MB default: 11 MiB goes in, 13 MiB is
+    refused as it streams, and nothing of it stays."""
     c = stack.client()
-    big = jsonl([chat_line(i) for i in range(3000)])  # > FIRST_MAX_FILE_BYTES (200,000)
-    assert len(big) > 200_000
+    ok = c.files.create(file=("big.bin", io.BytesIO(b"x" * (11 * 2**20))), purpose="user_data")
+    assert ok.bytes == 11 * 2**20
+    c.files.delete(ok.id)
     with pytest.raises(openai.APIStatusError) as e:
-        c.files.create(file=("big.jsonl", io.BytesIO(big)), purpose="batch")
+        c.files.create(file=("bigger.bin", io.BytesIO(b"x" * (13 * 2**20))), purpose="user_data")
     assert e.value.status_code == 413 and e.value.body["code"] == "file_too_large"
+    assert "12 MiB" in e.value.body["message"]
     assert not [p for p in (stack.home / "batches" / "files").iterdir() if p.name.startswith(".")]  # no leftovers
 
 
@@ -338,3 +342,25 @@ async def test_chunks_start_at_their_own_byte_offset_past_blank_lines(flow_env: 
     out = [json.loads(x) for x in stack.client().files.content(done["output_file_id"]).read().splitlines()]
     assert sorted(x["custom_id"] for x in out) == [f"q{i}" for i in range(7)]
     assert {x["response"]["request_id"] for x in out} == {f"{b.id}-{2 + 2 * i}" for i in range(7)}  # file lines
+
+
+def test_the_quota_counts_every_file_of_its_owner(tmp_path: Path) -> None:
+    from core.errors import APIError
+    from serving.batches.files import FileStore
+
+    store = FileStore(tmp_path, max_bytes=100, quota_bytes=150)
+    up = store.upload("alice", "a.bin", "user_data")
+    up.write(b"x" * 100)
+    first = up.commit()
+    up = store.upload("alice", "b.bin", "user_data")
+    with pytest.raises(APIError) as e:
+        up.write(b"y" * 60)  # 160 > 150
+    assert e.value.status == 413 and e.value.code == "file_quota_exceeded"
+    up = store.upload("bob", "c.bin", "user_data")  # another user's quota is their own
+    up.write(b"z" * 60)
+    up.commit()
+    store.delete(first.id, "alice")
+    up = store.upload("alice", "b.bin", "user_data")
+    up.write(b"y" * 60)
+    assert up.commit().bytes == 60
+    assert sorted(p.name for p in tmp_path.joinpath("files").iterdir() if p.name.startswith(".")) == []

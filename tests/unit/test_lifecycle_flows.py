@@ -9,7 +9,7 @@ import yaml
 from blocks.registry import ClusterSpec, ModelSpec, Registry
 from core.settings import REPO_ROOT
 from deployments.local import DEPLOYMENTS, SCHEDULED
-from flows import fleet_decisions, lifecycle, usage
+from flows import batch, fleet_decisions, lifecycle, usage
 from flows.fleet_decisions import (
     QUEUED_FRESH_S,
     drain_progress,
@@ -165,7 +165,7 @@ def test_artifact_keys_and_table_cells_are_safe() -> None:
 def test_prefect_yaml_declares_the_deployments_the_runner_names() -> None:
     doc = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
     declared = {}
-    modules = {"flows/lifecycle.py": lifecycle, "flows/usage.py": usage}
+    modules = {"flows/lifecycle.py": lifecycle, "flows/usage.py": usage, "flows/batch.py": batch}
     for d in doc["deployments"]:
         path, fn = d["entrypoint"].split(":")
         assert path in modules
@@ -177,6 +177,8 @@ def test_prefect_yaml_declares_the_deployments_the_runner_names() -> None:
     assert declared["scale-down-idle/scale-down-idle"]["schedules"] == [{"interval": 300}]
     assert declared["scale-down/scale-down"]["parameters"] == {"model": "tiny", "cluster": "all"}
     assert "parameters" not in declared["drain-cluster/drain-cluster"]
+    assert declared["batch-retention/batch-retention"]["schedules"] == [{"interval": 300}]
+    assert "parameters" not in declared["run-batch/run-batch"]  # POST /v1/batches gives its batch_id
 
 
 @pytest.mark.parametrize(
