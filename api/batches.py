@@ -77,8 +77,9 @@ class BatchesController(Controller):
                              window=data.completion_window, lines=source.lines, model=model,
                              metadata=data.metadata)  # fmt: skip
         name = f"{who.user} · {model or '?'} · {source.lines} lines · {batch.id}"
+        lines_via = settings.batch_gateway_url or settings.gateway_url
         try:
-            run_id = await services.control.start_batch(batch.id, name, settings.gateway_url)
+            run_id = await services.control.start_batch(batch.id, name, lines_via)
         except Exception as exc:
             log.exception("could not start the run-batch flow run of %s", batch.id)
             why = f"its flow run could not be started ({exc if isinstance(exc, RuntimeError) else type(exc).__name__})"
@@ -88,7 +89,7 @@ class BatchesController(Controller):
                            code="batches_unavailable") from None  # fmt: skip
 
         def started(b: Batch) -> None:
-            b.flow_run_id, b.flow_run_name, b.runs, b.gateway_url = run_id, name, 1, settings.gateway_url
+            b.flow_run_id, b.flow_run_name, b.runs, b.gateway_url = run_id, name, 1, lines_via
 
         return store.update(batch.id, started).public()
 

@@ -49,7 +49,11 @@ from serving.batches.store import BatchStore
 from tests.fakes.openai_simulator import OpenAISimulatorDouble
 from tests.gateway_factory import GatewayProcess
 
-BEGIN, END = "## Batches (`bench/batch.py`)", "<!-- end batch -->"
+SECTIONS = {  # (begin, end) of each variant's section in docs/benchmarks.md
+    False: ("## Batches (`bench/batch.py`)", "<!-- end batch -->"),
+    True: ("## Batches through a gateway of their own (`bench/batch.py --separate-gateway`)",
+           "<!-- end batch separate -->"),
+}  # fmt: skip
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "How far is the moon?"}], "max_tokens": 8}
 
 
@@ -102,6 +106,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         env = {"FIRST_MAX_FILE_BYTES": str(2**30), "FIRST_MAX_BATCH_LINES": str(max(args.lines, 1)),
                "FIRST_MAX_QUEUED_LINES": str(max(args.lines, 1))}  # fmt: skip
         gw = GatewayProcess(home, registry, env=env).start()
+        # --separate-gateway: batch lines go through a second gateway process (FIRST_BATCH_GATEWAY_URL)
+        lines_gw = GatewayProcess(home, registry, env=env).start() if args.separate_gateway else gw
         try:
             await interactive(gw.url, k_int, 2)  # warm
             log(f"quiet: {args.window_s:g} s of interactive requests")
@@ -121,7 +127,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             out_json = tmp / "runner.json"
             runner_env = {**os.environ, "FIRST_HOME": str(home), "FIRST_BATCH_CONCURRENCY": str(args.concurrency)}
             t_create = time.time()
-            runner = subprocess.Popen([sys.executable, __file__, "_run", "--batch-id", b.id, "--url", gw.url,
+            runner = subprocess.Popen([sys.executable, __file__, "_run", "--batch-id", b.id, "--url", lines_gw.url,
                                        "--json", str(out_json)], env=runner_env)  # fmt: skip
             during: list[float] = []
             while runner.poll() is None:
@@ -136,12 +142,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             quiet_after = await interactive(gw.url, k_int, args.window_s)
         finally:
             gw.stop()
+            if lines_gw is not gw:
+                lines_gw.stop()
     finally:
         sim_proc.kill()
         sim_proc.wait()
     quiet = quiet_before + quiet_after
     return {
         "lines": args.lines, "backend_ms": args.backend_ms, "concurrency": args.concurrency,
+        "separate_gateway": args.separate_gateway,
         "file_mib": f.bytes / 2**20, "upload_s": upload_s, "create_to_completed_s": took,
         "lines_per_s": args.lines / ran["run_s"], "run_s": ran["run_s"], "status": done.status,
         "completed": done.request_counts.completed, "failed": done.request_counts.failed,
@@ -166,14 +175,19 @@ async def run_batch_body(batch_id: str, url: str) -> dict[str, Any]:
 
 def markdown(r: dict[str, Any], args: argparse.Namespace, started: datetime, wall_s: float) -> str:
     q, d = r["quiet"], r["during"]
+    begin, end = SECTIONS[r["separate_gateway"]]
     return "\n".join([
-        BEGIN, "",
-        machine_line(started, wall_s, quick=args.quick, rerun="`.venv/bin/python bench/batch.py`"),
+        begin, "",
+        machine_line(started, wall_s, quick=args.quick, rerun="`.venv/bin/python bench/batch.py"
+                     + (" --separate-gateway`" if r["separate_gateway"] else "`")),
         "",
         f"A {r['lines']:,}-line chat batch ({r['file_mib']:.1f} MiB) through the gateway to a stand-in model server "
         f"answering after {r['backend_ms']:g} ms (a direct-HTTP cluster, `max_concurrency` 32, so the batch lane "
         f"has 16 slots), {r['concurrency']} lines in flight; the run-batch flow's tasks in a process of their own, "
-        "as a worker runs them. The interactive caller (another user) sends small chat requests one after another "
+        "as a worker runs them, sending the lines through "
+        + ("a second gateway process (`FIRST_BATCH_GATEWAY_URL`)" if r["separate_gateway"] else
+           "the same gateway as the interactive caller")
+        + ". The interactive caller (another user) sends small chat requests one after another "
         "before, during and after the batch.",
         "",
         "| | value |", "| --- | --- |",
@@ -191,7 +205,7 @@ def markdown(r: dict[str, Any], args: argparse.Namespace, started: datetime, wal
         f"| during the batch | {d['n']} | {fmt(d['p50'], '.2f')} | {fmt(d['p99'], '.2f')} |",
         f"| ratio | | {d['p50'] / q['p50']:.2f}× | {d['p99'] / q['p99']:.2f}× |",
         "",
-        END, "",
+        end, "",
     ])  # fmt: skip
 
 
@@ -210,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend-ms", type=float, default=2.0, help="the stand-in's answer time")
     ap.add_argument("--concurrency", type=int, default=8, help="lines of the batch in flight (FIRST_BATCH_CONCURRENCY)")
     ap.add_argument("--window-s", type=float, default=15.0, help="seconds of interactive requests, quiet phases")
+    ap.add_argument("--separate-gateway", action="store_true",
+                    help="batch lines through a second gateway process (FIRST_BATCH_GATEWAY_URL)")  # fmt: skip
     ap.add_argument("--batch-id", help=argparse.SUPPRESS)
     ap.add_argument("--url", help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path, help="also write the raw results here")
@@ -233,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(result))
     if args.write:
-        write_section(args.out, text, BEGIN, END)
+        write_section(args.out, text, *SECTIONS[args.separate_gateway])
         log(f"wrote the section in {args.out}")
     return 0
 

@@ -111,6 +111,10 @@ class Settings(BaseSettings):
         default=0.5, gt=0.0, le=1.0, description="Share of an instance's request slots (its cluster's "
         "max_concurrency) that batch lines may hold; interactive requests never wait for them",
     )  # fmt: skip
+    batch_gateway_url: str | None = Field(
+        default=None, description="The gateway batch lines go through (default: the one that took the batch). A "
+        "replica of its own keeps batch work off the event loops that serve interactive callers",
+    )  # fmt: skip
     batch_nice: int = Field(
         default=10, ge=0, le=19, description="Niceness of a run-batch flow run's process: on a host it shares with a "
         "gateway, batch work yields the CPU to interactive requests first",

@@ -303,6 +303,8 @@ def finalize(batch_id: str, state: str) -> Batch:
         output = files.add(batch.user, f"{batch_id}_output.jsonl", "batch_output", results.output).id
     if results.errors.exists():
         errors = files.add(batch.user, f"{batch_id}_error.jsonl", "batch_output", results.errors).id
+    if batch.status == "cancelling" and results.completed + results.failed < batch.request_counts.total:
+        state = "cancelling"  # cancelled after the run's last look at it, with lines left: cancelled, not completed
     final = {"in_progress": "completed", "validating": "completed", "finalizing": "completed",
              "cancelling": "cancelled"}.get(state, state)  # fmt: skip
 
