@@ -178,6 +178,9 @@ class World:
             "status": status.astype(np.int32),
             "error_type": pl.Series(status).replace_strict(types, default=None, return_dtype=pl.String),
             "cold_start": cold & ~early,
+            # a tenth of the rows are batch lines (of 50 batches)
+            "batch_id": pl.Series(np.char.add("batch_", (rng.integers(0, 50, n)).astype(str)))
+            .set(pl.Series(rng.random(n) >= 0.1), None),  # type: ignore[arg-type]
         })  # fmt: skip
         assert tuple(df.columns) == USAGE_COLUMNS
         return df
