@@ -364,3 +364,17 @@ def test_the_quota_counts_every_file_of_its_owner(tmp_path: Path) -> None:
     up.write(b"y" * 60)
     assert up.commit().bytes == 60
     assert sorted(p.name for p in tmp_path.joinpath("files").iterdir() if p.name.startswith(".")) == []
+
+
+async def test_a_cancel_after_the_runs_last_look_still_ends_the_batch_cancelled(flow_env: Stack) -> None:
+    """The caller cancels between the last chunk's final look at the batch and finalize: with lines left, the
+    batch ends cancelled (not completed), keeping what was answered."""
+    stack = flow_env
+    batch_id, _ = _new_batch(stack, 12)
+    batch_flow.validate.fn(batch_id)
+    first, _second = batch_flow.plan.fn(batch_id, 10)
+    state = await batch_flow.run_chunk.fn(batch_id, first, stack.gw.url)
+    assert state == "in_progress"
+    stack.client().batches.cancel(batch_id)
+    done = batch_flow.finalize.fn(batch_id, state).public()
+    assert done["status"] == "cancelled" and done["request_counts"] == {"total": 12, "completed": 10, "failed": 0}
