@@ -15,7 +15,7 @@ from typing import Any
 from litestar import Controller, Request, get, post
 from pydantic import BaseModel, Field
 
-from api.files import _list_page, file_store
+from api.files import file_store, list_page
 from api.guards import DEPENDENCIES, authenticate, principal_of
 from core.errors import APIError
 from serving.batches.lines import BATCH_ENDPOINTS
@@ -100,7 +100,7 @@ class BatchesController(Controller):
         if not 1 <= limit <= 100:
             raise APIError(400, "limit must be 1 to 100.", param="limit")
         batches, more = batch_store(services).list(principal_of(request).user, after, limit)
-        return _list_page([b.public() for b in batches], more)
+        return list_page([b.public() for b in batches], more)
 
     @get("/v1/batches/{batch_id:str}", summary="Retrieve a batch")
     async def retrieve(self, request: Request, services: Services, batch_id: str) -> dict[str, Any]:

@@ -28,7 +28,7 @@ def file_store(services: Services) -> FileStore:
     return services.files
 
 
-def _list_page(items: list[dict[str, Any]], more: bool) -> dict[str, Any]:
+def list_page(items: list[dict[str, Any]], more: bool) -> dict[str, Any]:
     return {"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
             "last_id": items[-1]["id"] if items else None, "has_more": more}  # fmt: skip
 
@@ -108,7 +108,7 @@ class FilesController(Controller):
         if not 1 <= limit <= 10000 or order not in ("asc", "desc"):
             raise APIError(400, "limit must be 1 to 10000 and order 'asc' or 'desc'.", param="limit")
         files, more = file_store(services).list(principal_of(request).user, purpose, after, limit, order)
-        return _list_page([f.public() for f in files], more)
+        return list_page([f.public() for f in files], more)
 
     @get("/v1/files/{file_id:str}", summary="Retrieve a file's details")
     async def retrieve(self, request: Request, services: Services, file_id: str) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import os
 import secrets
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,6 @@ from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifa
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext, TaskRunContext
 
-from core.errors import APIError
 from core.settings import Settings, get_settings
 from serving.batches.files import FileStore
 from serving.batches.lines import BatchLine, read_lines, read_lines_at
@@ -99,12 +98,12 @@ def _read_back(path: Path) -> Iterator[dict[str, Any]]:
             yield json.loads(raw)
 
 
-def _logger() -> Any:
+def run_logger() -> Any:
     """The run's logger inside a flow or task run (the UI shows it), else the module's."""
     return get_run_logger() if FlowRunContext.get() or TaskRunContext.get() else log
 
 
-def _stores(settings: Settings) -> tuple[BatchStore, FileStore]:
+def stores(settings: Settings) -> tuple[BatchStore, FileStore]:
     root = settings.batches_root
     return BatchStore(root), FileStore(root, settings.max_file_bytes, settings.file_quota_bytes)
 
@@ -116,7 +115,7 @@ def _stores(settings: Settings) -> tuple[BatchStore, FileStore]:
 def validate(batch_id: str) -> Batch:
     """The batch is still wanted and its input is there; it is now ``in_progress``."""
     settings = get_settings()
-    batches, files = _stores(settings)
+    batches, files = stores(settings)
 
     def start(b: Batch) -> None:
         b.heartbeat_at = time.time()
@@ -137,7 +136,7 @@ def plan(batch_id: str, chunk_lines: int) -> list[Chunk]:
     """The chunks of the input (``chunk_lines`` requests each) that still hold unanswered lines. The lines
     answered so far are read back from the results files here, at the start of every run of the batch."""
     settings = get_settings()
-    batches, files = _stores(settings)
+    batches, files = stores(settings)
     batch = batches.get(batch_id)
     results = _RESULTS[batch_id] = Results(batches.folder(batch_id))
     chunks: list[Chunk] = []
@@ -150,7 +149,7 @@ def plan(batch_id: str, chunk_lines: int) -> list[Chunk]:
             chunks[-1].last = i
         else:
             chunks.append(Chunk(first=i, last=i, offset=offset, line=n))
-    _logger().info("%d of %d lines to run, in %d chunks", todo, batch.request_counts.total, len(chunks))
+    run_logger().info("%d of %d lines to run, in %d chunks", todo, batch.request_counts.total, len(chunks))
     return chunks
 
 
@@ -185,7 +184,7 @@ async def run_chunk(batch_id: str, chunk: Chunk, gateway_url: str, progress: Any
     the batch is cancelled or its window passes. Returns the batch's state."""
     settings = get_settings()
     _yield_cpu(settings.batch_nice)
-    batches, files = _stores(settings)
+    batches, files = stores(settings)
     batch = batches.get(batch_id)
     results = _results(batches, batch_id)
     token = BatchTokens(settings.batch_secret_path).issue(batch_id)
@@ -285,7 +284,7 @@ def finalize(batch_id: str, state: str) -> Batch:
     """The results become the owner's files; the batch gets its final state (``completed``, ``cancelled`` or
     ``expired``: an expired batch's unanswered lines go to its error file as ``batch_expired``)."""
     settings = get_settings()
-    batches, files = _stores(settings)
+    batches, files = stores(settings)
     batch = batches.get(batch_id)
     if not batch.active:
         return batch
@@ -330,7 +329,7 @@ def _cancelled_by_operator(flow: Any, flow_run: Any, state: Any) -> None:
     """An operator cancelled the run in the Prefect UI: the batch ends ``cancelled``, with what it finished."""
     batch_id = (flow_run.parameters or {}).get("batch_id")
     if batch_id:
-        batches, _ = _stores(get_settings())
+        batches, _ = stores(get_settings())
         batches.update(batch_id, lambda b: setattr(b, "status", "cancelling") if b.active else None)
         finalize.fn(batch_id, "cancelling")
 
@@ -356,110 +355,3 @@ async def run_batch(batch_id: str, gateway_url: str | None = None) -> dict[str, 
     elif batch.status == "cancelling":
         batch = finalize(batch_id, "cancelling")
     return batch.public()
-
-
-# ---- housekeeping ----
-
-STALE_S = 120.0  # a running batch whose flow run wrote nothing for this long lost its worker
-
-
-@dataclass
-class Housekeeping:
-    resumed: list[str] = field(default_factory=list)
-    expired: list[str] = field(default_factory=list)
-    deleted: list[str] = field(default_factory=list)
-
-
-def orphans(batches: BatchStore, now: float, stale_s: float = STALE_S) -> list[Batch]:
-    """Running batches whose flow run stopped writing progress: its worker died (or its run was lost)."""
-    return [b for b in batches.all() if b.status in ("in_progress", "cancelling", "finalizing")
-            and (b.heartbeat_at or b.created_at) < now - stale_s]  # fmt: skip
-
-
-def expire_waiting(batches: BatchStore, now: float) -> list[str]:
-    """Batches whose window passed before any run started (no worker took them): ``expired``, every line in the
-    error file as ``batch_expired``."""
-    ended = []
-    for b in batches.all():
-        if b.status == "validating" and now > b.expires_at:
-            finalize.fn(b.id, "expired")
-            ended.append(b.id)
-    return ended
-
-
-def delete_old(batches: BatchStore, files: FileStore, now: float, keep_days: int, dry_run: bool) -> list[str]:
-    """Finished batches older than ``keep_days`` (by when they ended), with their input, output and error files."""
-    gone = []
-    for b in batches.all():
-        ended = b.completed_at or b.cancelled_at or b.expired_at or b.failed_at
-        if b.active or ended is None or ended > now - keep_days * 86400:
-            continue
-        gone.append(b.id)
-        if dry_run:
-            continue
-        for file_id in (b.input_file_id, b.output_file_id, b.error_file_id):
-            if file_id:
-                with contextlib.suppress(APIError):
-                    files.delete(file_id, None)
-        batches.delete(b.id)
-    return gone
-
-
-@flow(name="batch-retention", log_prints=True)
-async def batch_retention(retention_days: int | None = None, dry_run: bool = False) -> dict[str, list[str]]:
-    """Every 5 minutes: resume the batches whose worker died (a new run-batch run carries on from the lines
-    already answered), expire the batches whose completion_window passed before a worker took them, and delete the
-    batches (and their input, output and error files) that ended more than FIRST_BATCH_RETENTION_DAYS ago.
-
-    Args:
-        retention_days: Days to keep a finished batch (default: FIRST_BATCH_RETENTION_DAYS).
-        dry_run: Only report what would be resumed, expired and deleted.
-    """
-    settings = get_settings()
-    batches, files = _stores(settings)
-    now, out = time.time(), Housekeeping()
-    for b in orphans(batches, now):
-        out.resumed.append(b.id)
-        if not dry_run:
-            await _resume_or_end(batches, b)
-    if not dry_run:
-        out.expired = expire_waiting(batches, now)
-    keep = settings.batch_retention_days if retention_days is None else retention_days
-    out.deleted = delete_old(batches, files, now, keep, dry_run)
-    _logger().info("resumed %s, expired %s, deleted %s%s", out.resumed or "none", out.expired or "none",
-                   out.deleted or "none", " (dry run)" if dry_run else "")  # fmt: skip
-    return {"resumed": out.resumed, "expired": out.expired, "deleted": out.deleted}
-
-
-async def _resume_or_end(batches: BatchStore, b: Batch) -> None:
-    """A batch whose run went silent. If an operator cancelled that run (in the UI), the batch ends ``cancelled``
-    with what it finished; otherwise a new run-batch run carries on, and the dead run is marked crashed, so the
-    UI tells the story."""
-    from prefect.client.orchestration import get_client
-    from prefect.deployments import run_deployment
-    from prefect.states import Crashed
-
-    old_state = None
-    if b.flow_run_id:
-        async with get_client() as client:
-            with contextlib.suppress(Exception):
-                old_state = (await client.read_flow_run(b.flow_run_id)).state_type
-    if old_state is not None and old_state.value in ("CANCELLED", "CANCELLING"):
-        batches.update(b.id, lambda x: setattr(x, "status", "cancelling"))
-        finalize.fn(b.id, "cancelling")
-        _logger().info("batch %s: its run was cancelled; the batch is cancelled", b.id)
-        return
-    name = f"{(b.flow_run_name or b.id).split(' (resumed')[0]} (resumed {b.runs + 1})"
-    run = await run_deployment("run-batch/run-batch", parameters={"batch_id": b.id, "gateway_url": b.gateway_url},
-                               timeout=0, flow_run_name=name, tags=["batch"])  # fmt: skip
-    if b.flow_run_id:
-        async with get_client() as client:
-            with contextlib.suppress(Exception):  # it may have ended meanwhile; the new run carries on anyway
-                await client.set_flow_run_state(b.flow_run_id, Crashed(message=f"its worker stopped; resumed as "
-                                                                       f"{name}"), force=True)  # fmt: skip
-
-    def resumed(x: Batch) -> None:
-        x.flow_run_id, x.flow_run_name, x.runs, x.heartbeat_at = str(run.id), name, x.runs + 1, time.time()
-
-    batches.update(b.id, resumed)
-    _logger().warning("batch %s lost its worker; resumed as flow run %s", b.id, name)

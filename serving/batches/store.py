@@ -26,7 +26,6 @@ from core.principal import Principal
 
 # OpenAI's batch states. A batch is active until it reaches one of the final ones.
 FINAL = frozenset({"completed", "failed", "cancelled", "expired"})
-STATES = ("validating", "in_progress", "finalizing", "cancelling", *sorted(FINAL))
 MAX_WINDOW_S = 7 * 86400
 _WINDOW = re.compile(r"^(\d{1,4})([hd])$")
 

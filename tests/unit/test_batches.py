@@ -19,6 +19,7 @@ from analytics.store import UsageStore
 from core.principal import Principal
 from core.settings import Settings
 from flows import batch as batch_flow
+from flows import batch_retention
 from serving.auth import KeyStore
 from serving.batches.store import BatchStore
 from tests.fakes.openai_simulator import OpenAISimulatorDouble
@@ -281,22 +282,22 @@ def test_housekeeping_finds_orphans_expires_waiting_batches_and_deletes_old_ones
     store.update(running, lambda b: (setattr(b, "status", "in_progress"), setattr(b, "heartbeat_at", now - 5)))
     dead, _ = _new_batch(stack, 2)
     store.update(dead, lambda b: (setattr(b, "status", "in_progress"), setattr(b, "heartbeat_at", now - 600)))
-    assert [b.id for b in batch_flow.orphans(store, now)] == [dead]  # no sign of life for 10 minutes
+    assert [b.id for b in batch_retention.orphans(store, now)] == [dead]  # no sign of life for 10 minutes
 
     waiting, _ = _new_batch(stack, 3)  # no worker ever took it, and its window passed
     store.update(waiting, lambda b: setattr(b, "expires_at", int(now) - 1))
-    assert batch_flow.expire_waiting(store, now) == [waiting]
+    assert batch_retention.expire_waiting(store, now) == [waiting]
     expired = store.get(waiting)
     assert expired.status == "expired" and expired.expired_at and expired.request_counts.failed == 3
     errors = [json.loads(x) for x in stack.client().files.content(expired.error_file_id).read().splitlines()]
     assert {e["error"]["code"] for e in errors} == {"batch_expired"} and len(errors) == 3
 
     files = FileStore(stack.home / "batches", 10**9, 10**9)
-    assert batch_flow.delete_old(store, files, now, keep_days=1, dry_run=False) == []  # ended just now
+    assert batch_retention.delete_old(store, files, now, keep_days=1, dry_run=False) == []  # ended just now
     later = now + 2 * 86400
-    assert waiting in batch_flow.delete_old(store, files, later, keep_days=1, dry_run=True)
+    assert waiting in batch_retention.delete_old(store, files, later, keep_days=1, dry_run=True)
     assert store.get(waiting)  # a dry run deletes nothing
-    assert waiting in batch_flow.delete_old(store, files, later, keep_days=1, dry_run=False)
+    assert waiting in batch_retention.delete_old(store, files, later, keep_days=1, dry_run=False)
     with pytest.raises(openai.NotFoundError):
         stack.client().batches.retrieve(waiting)
     with pytest.raises(openai.NotFoundError):

@@ -9,7 +9,7 @@ import yaml
 from blocks.registry import ClusterSpec, ModelSpec, Registry
 from core.settings import REPO_ROOT
 from deployments.local import DEPLOYMENTS, SCHEDULED
-from flows import batch, fleet_decisions, lifecycle, usage
+from flows import batch, batch_retention, fleet_decisions, lifecycle, usage
 from flows.fleet_decisions import (
     QUEUED_FRESH_S,
     drain_progress,
@@ -165,7 +165,12 @@ def test_artifact_keys_and_table_cells_are_safe() -> None:
 def test_prefect_yaml_declares_the_deployments_the_runner_names() -> None:
     doc = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
     declared = {}
-    modules = {"flows/lifecycle.py": lifecycle, "flows/usage.py": usage, "flows/batch.py": batch}
+    modules = {
+        "flows/lifecycle.py": lifecycle,
+        "flows/usage.py": usage,
+        "flows/batch.py": batch,
+        "flows/batch_retention.py": batch_retention,
+    }
     for d in doc["deployments"]:
         path, fn = d["entrypoint"].split(":")
         assert path in modules
