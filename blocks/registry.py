@@ -90,6 +90,12 @@ class ClusterSpec(AccessRules):
         default="${FIRST_VLLM_PYTHON}", description="Remote clusters: the Python that has vLLM (expanded there)"
     )
     scheduler: Literal["none", "pbs", "slurm"] = "none"
+    batch_runner: Literal["auto", "gateway", "vllm"] = Field(
+        default="auto",
+        description="How batches run here: 'gateway' sends each line through a gateway; 'vllm' runs chunks of "
+        "lines with vLLM's own batch runner on the cluster; 'auto' uses vLLM's runner for a large batch "
+        "(FIRST_BATCH_CLUSTER_MIN_LINES) on a cluster with a scheduler, else the gateway",
+    )
     max_instances: int = Field(default=4, ge=1, description="Model instances the cluster runs at once")
     max_concurrency: int = Field(
         default=32, ge=1, description="Concurrent requests per model instance; beyond it the instance counts as full"

@@ -61,6 +61,16 @@ class ComputeBackend(ABC):
     ) -> AsyncIterator[dict]:
         """A streaming call; yields OpenAI chunks, raises APIError."""
 
+    runs_vllm_batches = False  # can run chunks of a batch with vLLM's own batch runner (compute/cluster_batch.py)
+
+    async def run_batch_chunk(self, model: ModelSpec, tag: str, lines_gz: str, timeout_s: float) -> dict[str, Any]:
+        """Run a chunk of batch lines (gzip + base64) with vLLM's batch runner on the cluster; see
+        ``compute.cluster_batch.run_vllm_batch`` for the answer."""
+        raise APIError(400, f"Cluster '{self.cluster.name}' cannot run vLLM's batch runner", code="unsupported")
+
+    async def cancel_batch_chunk(self, model: ModelSpec, tag: str) -> dict[str, Any]:
+        return {"cancelled": False}
+
     async def close(self) -> None:
         return None
 
@@ -153,6 +163,15 @@ class ExecutorBackend(ComputeBackend):
 
     async def stop(self, model: ModelSpec) -> dict[str, Any]:
         return await self.call("stop_vllm", self._spec(model), timeout=60)
+
+    runs_vllm_batches = True
+
+    async def run_batch_chunk(self, model: ModelSpec, tag: str, lines_gz: str, timeout_s: float) -> dict[str, Any]:
+        # The wait includes the cluster's queue when the endpoint has no block running: bounded by timeout_s.
+        return await self.call("run_vllm_batch", self._spec(model), tag, lines_gz, timeout_s, timeout=timeout_s + 60)
+
+    async def cancel_batch_chunk(self, model: ModelSpec, tag: str) -> dict[str, Any]:
+        return await self.call("cancel_vllm_batch", self._spec(model), tag, timeout=60)
 
     def _key_ref(self, model: ModelSpec) -> dict[str, str]:
         """Where, on the cluster, the function finds the model's vLLM API key (its state file)."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from compute import cluster_batch
+
 _pools: dict[str, Any] = {}  # urllib3 pools per proxy ("" = direct), per endpoint process, shared by its threads
 
 
@@ -38,7 +40,7 @@ def _http(url: str) -> Any:
     return pool
 
 
-def _expand(value: str, what: str) -> str:
+def expand_cluster_path(value: str, what: str) -> str:
     """Cluster paths may name the endpoint's environment (``${FIRST_HOME}``): expand them there."""
     import os
 
@@ -289,7 +291,7 @@ def openai_stream(
 def _state_path(spec: dict[str, Any]) -> Any:
     from pathlib import Path
 
-    return Path(_expand(spec["state_dir"], "state_dir")) / f"{spec['model']}.json"
+    return Path(expand_cluster_path(spec["state_dir"], "state_dir")) / f"{spec['model']}.json"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -368,7 +370,7 @@ def start_vllm(spec: dict[str, Any]) -> dict[str, Any]:
     import time
     from pathlib import Path
 
-    state_dir = Path(_expand(spec["state_dir"], "state_dir"))
+    state_dir = Path(expand_cluster_path(spec["state_dir"], "state_dir"))
     state_dir.mkdir(parents=True, exist_ok=True)
     with open(state_dir / f"{spec['model']}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -380,7 +382,7 @@ def start_vllm(spec: dict[str, Any]) -> dict[str, Any]:
         # On a machine it shares with the gateway, vLLM's busy threads yield the CPU to it first (`nice`).
         nice = ["nice", "-n", str(spec["nice"])] if spec.get("nice") else []
         cmd = [
-            *nice, _expand(spec["python"], "python"), "-m", "vllm.entrypoints.openai.api_server",
+            *nice, expand_cluster_path(spec["python"], "python"), "-m", "vllm.entrypoints.openai.api_server",
             "--model", spec["model_path"], "--served-model-name", spec["served_name"],
             "--host", "127.0.0.1", "--port", str(port), *spec.get("args", []),
         ]  # fmt: skip
@@ -485,4 +487,6 @@ CLUSTER_FUNCTIONS: dict[str, Any] = {
     "stop_vllm": stop_vllm,
     "scheduler_status": scheduler_status,
     "cancel_job": cancel_job,
+    "run_vllm_batch": cluster_batch.run_vllm_batch,
+    "cancel_vllm_batch": cluster_batch.cancel_vllm_batch,
 }

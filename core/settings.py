@@ -120,6 +120,24 @@ class Settings(BaseSettings):
         "gateway, batch work yields the CPU to interactive requests first",
     )  # fmt: skip
     batch_retention_days: int = Field(default=30, ge=1, description="Days batch-retention keeps finished batches")
+    batch_cluster_min_lines: int = Field(
+        default=10_000,
+        ge=1,
+        description="A batch this large, on a cluster with a batch scheduler (and a runner of "
+        "'auto'), runs on the cluster with vLLM's own batch runner instead of through the gateway",
+    )
+    batch_cluster_chunk_lines: int = Field(
+        default=5_000,
+        ge=1,
+        description="Lines per run of vLLM's batch runner on a cluster (each run loads the "
+        "model once; its input and output travel inline, under Globus Compute's 10 MB payload limit)",
+    )
+    batch_cluster_timeout_s: float = Field(
+        default=6 * 3600,
+        gt=0,
+        description="How long one run of vLLM's batch runner on a cluster may take, "
+        "including its wait in the cluster's queue",
+    )
 
     @property
     def gateway_url(self) -> str:

@@ -1,14 +1,16 @@
 """The ``run-batch`` flow: one batch, start to end, as a Prefect flow run that operators watch and cancel.
 
-Tasks, in the order the UI shows them: ``validate`` (the input is there, the batch still wanted), ``plan`` (the
-chunks of lines not answered yet: a resumed run skips what a dead one finished), one ``run-chunk`` per chunk,
-and ``finalize`` (the output and error files become the caller's files, the batch gets its final state). A
-progress artifact (``batch-<id>``) follows the lines as they finish.
+Tasks, in the order the UI shows them: ``validate`` (the input is there, the batch still wanted), ``choose-path``
+(through the gateway, or on a cluster with vLLM's own batch runner: ``serving/batches/paths.py``), ``plan`` (the
+chunks of lines not answered yet: a resumed run skips what a dead one finished), one ``run-chunk`` per chunk
+(``run-chunk-on-cluster`` on the runner's path, ``flows/batch_on_cluster.py``), and ``finalize`` (the output and
+error files become the caller's files, the batch gets its final state). A progress artifact (``batch-<id>``)
+follows the lines as they finish.
 
-Each line goes through a gateway's own serving path (routing, warm-up, failover, metering) as the batch's owner,
-with the batch's credential (``serving/batches/tokens.py``) and its line number as its request id, so a line sent
-again after a crash keeps one usage row. The gateway runs batch lines in the instance's batch lane (a share of its
-slots) and never counts them against the owner's interactive limits.
+On the gateway path each line goes through a gateway's own serving path (routing, warm-up, failover, metering) as
+the batch's owner, with the batch's credential (``serving/batches/tokens.py``) and its line number as its request
+id, so a line sent again after a crash keeps one usage row. The gateway runs batch lines in the instance's batch
+lane (a share of its slots) and never counts them against the owner's interactive limits.
 
 A line is written to ``output.jsonl`` (answered 2xx) or ``errors.jsonl`` (anything else) once, after its answer:
 each line of the input appears in exactly one of them.
@@ -17,95 +19,41 @@ each line of the input appears in exactly one of them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
-import json
-import logging
-import os
 import secrets
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
 import msgspec
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifact
+from prefect import flow, task
+from prefect.artifacts import acreate_progress_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.context import FlowRunContext, TaskRunContext
 
-from core.settings import Settings, get_settings
-from serving.batches.files import FileStore
+from core.settings import get_settings
+from flows.batch_on_cluster import ClusterRunFailed, run_chunk_on_cluster
+from flows.batch_results import (
+    POLL_S,
+    Chunk,
+    Results,
+    custom_id,
+    finish,
+    forget_results,
+    results_of,
+    run_logger,
+    stopping,
+    stores,
+    sync_progress,
+    yield_cpu,
+)
+from flows.lifecycle_tasks import fleet
 from serving.batches.lines import BatchLine, read_lines, read_lines_at
-from serving.batches.store import Batch, BatchStore
+from serving.batches.paths import BatchPath, choose_path
+from serving.batches.store import Batch
 from serving.batches.tokens import BatchTokens
 
-log = logging.getLogger("first.batch")
 RETRY_STATUSES = frozenset({429, 502, 503, 504})  # the gateway is busy or a cluster was: try the line again
 MAX_TRIES = 4
-POLL_S = 1.0  # how often a chunk reads the batch's state (a cancel) and writes its progress
-
-
-class Results:
-    """The answered lines of one batch: two append-only JSON-lines files, and what they hold."""
-
-    def __init__(self, folder: Path) -> None:
-        self.output, self.errors = folder / "output.jsonl", folder / "errors.jsonl"
-        self.done: set[str] = set()
-        self.completed = self.failed = 0
-        self.usage = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
-        for path in (self.output, self.errors):
-            for doc in _read_back(path):
-                self._count(doc, path is self.output)
-
-    def _count(self, doc: dict[str, Any], ok: bool) -> None:
-        self.done.add(doc["custom_id"])
-        if ok:
-            self.completed += 1
-            usage = ((doc.get("response") or {}).get("body") or {}).get("usage") or {}
-            prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-            self.usage["input_tokens"] += prompt
-            self.usage["output_tokens"] += completion
-            self.usage["total_tokens"] += int(usage.get("total_tokens") or prompt + completion)
-        else:
-            self.failed += 1
-
-    def add(self, doc: dict[str, Any], ok: bool) -> None:
-        """One line's answer, appended with one write (a crash leaves at most a partial last line, dropped on
-        resume)."""
-        path = self.output if ok else self.errors
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, msgspec.json.encode(doc) + b"\n")
-        finally:
-            os.close(fd)
-        self._count(doc, ok)
-
-
-def _read_back(path: Path) -> Iterator[dict[str, Any]]:
-    """The whole lines of a results file; a partial last line (a crash mid-write) is cut off the file."""
-    if not path.exists():
-        return
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        with open(path, "r+b") as fh:
-            fh.truncate(end)
-    for raw in data[:end].splitlines():
-        if raw.strip():
-            yield json.loads(raw)
-
-
-def run_logger() -> Any:
-    """The run's logger inside a flow or task run (the UI shows it), else the module's."""
-    return get_run_logger() if FlowRunContext.get() or TaskRunContext.get() else log
-
-
-def stores(settings: Settings) -> tuple[BatchStore, FileStore]:
-    root = settings.batches_root
-    return BatchStore(root), FileStore(root, settings.max_file_bytes, settings.file_quota_bytes)
 
 
 # ---- tasks ----
@@ -126,7 +74,7 @@ def validate(batch_id: str) -> Batch:
     if batch.active and batch.status != "cancelling":
         if not files.data_path(batch.input_file_id).exists():
             why = "the input file was deleted before the batch ran"
-            return batches.update(batch_id, lambda b: _finish(b, "failed", "input_file_missing", why))
+            return batches.update(batch_id, lambda b: finish(b, "failed", "input_file_missing", why))
         batch = batches.update(batch_id, start)
     return batch
 
@@ -138,11 +86,11 @@ def plan(batch_id: str, chunk_lines: int) -> list[Chunk]:
     settings = get_settings()
     batches, files = stores(settings)
     batch = batches.get(batch_id)
-    results = _RESULTS[batch_id] = Results(batches.folder(batch_id))
+    results = results_of(batches, batch_id, fresh=True)
     chunks: list[Chunk] = []
     todo = 0
     for i, (n, raw, offset) in enumerate(read_lines_at(files.data_path(batch.input_file_id))):
-        if _custom_id(raw) in results.done:
+        if custom_id(raw) in results.done:
             continue
         todo += 1
         if chunks and i < chunks[-1].first + chunk_lines:
@@ -153,40 +101,15 @@ def plan(batch_id: str, chunk_lines: int) -> list[Chunk]:
     return chunks
 
 
-@dataclass
-class Chunk:
-    """Requests ``first`` to ``last`` (positions among the input's requests, from 0); the first of them is line
-    ``line`` of the file, at byte ``offset``."""
-
-    first: int
-    last: int
-    offset: int
-    line: int
-
-
-# The results of the batches this process runs, read from disk by ``plan`` at the start of each run.
-_RESULTS: dict[str, Results] = {}
-
-
-def _results(batches: BatchStore, batch_id: str) -> Results:
-    if batch_id not in _RESULTS:
-        _RESULTS[batch_id] = Results(batches.folder(batch_id))
-    return _RESULTS[batch_id]
-
-
-def _custom_id(raw: bytes) -> str:
-    return str(msgspec.json.decode(raw, type=BatchLine).custom_id)
-
-
 @task(name="run-chunk", task_run_name="lines {chunk.first}-{chunk.last}", cache_policy=NO_CACHE)
 async def run_chunk(batch_id: str, chunk: Chunk, gateway_url: str, progress: Any = None) -> str:
     """Send the chunk's unanswered lines through the gateway, ``batch_concurrency`` at a time; stop sending when
     the batch is cancelled or its window passes. Returns the batch's state."""
     settings = get_settings()
-    _yield_cpu(settings.batch_nice)
+    yield_cpu(settings.batch_nice)
     batches, files = stores(settings)
     batch = batches.get(batch_id)
-    results = _results(batches, batch_id)
+    results = results_of(batches, batch_id)
     token = BatchTokens(settings.batch_secret_path).issue(batch_id)
     state = {"status": batch.status, "expired": False}
     lines = list(itertools.islice(read_lines(files.data_path(batch.input_file_id), chunk.offset, chunk.line),
@@ -199,7 +122,7 @@ async def run_chunk(batch_id: str, chunk: Chunk, gateway_url: str, progress: Any
         async def one(n: int, raw: bytes) -> None:
             async with gate:
                 line = msgspec.json.decode(raw, type=BatchLine)
-                if line.custom_id in results.done or _stopping(state):
+                if line.custom_id in results.done or stopping(state):
                     return
                 doc, ok = await _send(client, batch_id, n, line)
                 if doc is not None:
@@ -208,48 +131,15 @@ async def run_chunk(batch_id: str, chunk: Chunk, gateway_url: str, progress: Any
         async def watch() -> None:
             while True:
                 await asyncio.sleep(POLL_S)
-                await _sync(batches, batch_id, results, state, progress)
+                await sync_progress(batches, batch_id, results, state, progress)
 
         watcher = asyncio.create_task(watch())
         try:
             await asyncio.gather(*(one(n, raw) for n, raw in lines))
         finally:
             watcher.cancel()
-    await _sync(batches, batch_id, results, state, progress)
+    await sync_progress(batches, batch_id, results, state, progress)
     return "expired" if state["expired"] else str(state["status"])
-
-
-_niced = False
-
-
-def _yield_cpu(niceness: int) -> None:
-    """Lower this process's CPU priority once: batch work waits for interactive work on a shared host."""
-    global _niced
-    if not _niced and niceness:
-        with contextlib.suppress(OSError):
-            os.nice(niceness)
-        _niced = True
-
-
-def _stopping(state: dict[str, Any]) -> bool:
-    return state["status"] == "cancelling" or bool(state["expired"])
-
-
-async def _sync(batches: BatchStore, batch_id: str, results: Results, state: dict[str, Any], progress: Any) -> None:
-    """Write the counts and usage so far into the batch; read back whether it was cancelled or expired."""
-
-    def counts(b: Batch) -> None:
-        b.heartbeat_at = time.time()
-        b.request_counts.completed, b.request_counts.failed = results.completed, results.failed
-        b.usage = dict(results.usage)
-        state["status"] = b.status
-        state["expired"] = time.time() > b.expires_at
-
-    b = batches.update(batch_id, counts)
-    if progress is not None and b.request_counts.total:
-        done = (results.completed + results.failed) / b.request_counts.total
-        note = f"{results.completed} answered, {results.failed} failed"
-        await aupdate_progress_artifact(progress, round(100 * done, 1), description=note)
 
 
 async def _send(client: httpx.AsyncClient, batch_id: str, n: int, line: BatchLine) -> tuple[dict | None, bool]:
@@ -288,7 +178,7 @@ def finalize(batch_id: str, state: str) -> Batch:
     batch = batches.get(batch_id)
     if not batch.active:
         return batch
-    results = _RESULTS.pop(batch_id, None) or Results(batches.folder(batch_id))
+    results = forget_results(batch_id) or Results(batches.folder(batch_id))
     if state == "expired":
         for _, raw in read_lines(files.data_path(batch.input_file_id)):
             line = msgspec.json.decode(raw, type=BatchLine)
@@ -311,18 +201,29 @@ def finalize(batch_id: str, state: str) -> Batch:
         b.output_file_id, b.error_file_id = output, errors
         b.request_counts.completed, b.request_counts.failed = results.completed, results.failed
         b.usage = dict(results.usage)
-        _finish(b, final)
+        finish(b, final)
 
     return batches.update(batch_id, end)
 
 
-def _finish(b: Batch, status: str, code: str | None = None, message: str | None = None) -> None:
-    now = int(time.time())
-    b.status = status
-    setattr(b, {"completed": "completed_at", "cancelled": "cancelled_at", "expired": "expired_at",
-                "failed": "failed_at"}[status], now)  # fmt: skip
-    if code:
-        b.errors = {"object": "list", "data": [{"code": code, "message": message, "param": None, "line": None}]}
+@task(name="choose-path", cache_policy=NO_CACHE)
+async def choose_path_for(batch_id: str) -> BatchPath:
+    """Through the gateway, or on a cluster with vLLM's batch runner (``serving/batches/paths.py``); the run's
+    log says which, and why, and the batch record keeps it (``first batches list``)."""
+    settings = get_settings()
+    batches, _ = stores(settings)
+    batch = batches.get(batch_id)
+    try:
+        registry = await fleet().current_registry()
+    except Exception as exc:  # the blocks could not be read: the gateway path needs none of them
+        path = BatchPath(None, f"through the gateway: the registry could not be read ({exc!r})")
+    else:
+        path = choose_path(batch.endpoint, batch.request_counts.total, batch.model, registry, batch.principal(),
+                           settings.batch_cluster_min_lines)  # fmt: skip
+    batches.update(batch_id, lambda b: setattr(b, "runs_on", (path.cluster and f"vllm-run-batch@{path.cluster}")
+                                               or "gateway"))  # fmt: skip
+    run_logger().info("the lines run %s", path.why)
+    return path
 
 
 def _cancelled_by_operator(flow: Any, flow_run: Any, state: Any) -> None:
@@ -336,8 +237,9 @@ def _cancelled_by_operator(flow: Any, flow_run: Any, state: Any) -> None:
 
 @flow(name="run-batch", on_cancellation=[_cancelled_by_operator], log_prints=True)
 async def run_batch(batch_id: str, gateway_url: str | None = None) -> dict[str, Any]:
-    """Run every line of a batch through the gateway (``gateway_url``: the gateway that created it, by default
-    this deployment's FIRST_PUBLIC_URL or 127.0.0.1:FIRST_PORT), resuming after what an earlier run of the same
+    """Run every line of a batch, through the gateway (``gateway_url``: the gateway that created it, by default
+    this deployment's FIRST_PUBLIC_URL or 127.0.0.1:FIRST_PORT) or, for a large batch on a batch-scheduled
+    cluster, with vLLM's own batch runner there; resuming after what an earlier run of the same
     batch finished. Cancel the run here, or the batch with ``client.batches.cancel``: either way it ends
     ``cancelled`` with the lines already answered in its output file."""
     settings = get_settings()
@@ -346,9 +248,19 @@ async def run_batch(batch_id: str, gateway_url: str | None = None) -> dict[str, 
         key = "batch-" + batch_id.replace("_", "-").lower()
         progress = await acreate_progress_artifact(0.0, key=key, description=f"{batch.request_counts.total} lines")
         state = batch.status
-        for chunk in plan(batch_id, settings.batch_chunk_lines):
-            state = await run_chunk(batch_id, chunk, gateway_url or batch.gateway_url or settings.gateway_url,
-                                    progress)  # fmt: skip
+        path = await choose_path_for(batch_id)
+        gateway = gateway_url or batch.gateway_url or settings.gateway_url
+        chunk_lines = settings.batch_cluster_chunk_lines if path.cluster else settings.batch_chunk_lines
+        for chunk in plan(batch_id, chunk_lines):
+            if path.cluster:
+                try:
+                    state = await run_chunk_on_cluster(batch_id, chunk, path.cluster, progress)
+                except ClusterRunFailed as exc:
+                    run_logger().warning("%s; lines %d-%d go through the gateway instead", exc, chunk.first,
+                                         chunk.last)  # fmt: skip
+                    state = await run_chunk(batch_id, chunk, gateway, progress)
+            else:
+                state = await run_chunk(batch_id, chunk, gateway, progress)
             if state in ("cancelling", "expired"):
                 break
         batch = finalize(batch_id, state)

@@ -14,7 +14,8 @@ from prefect import flow
 
 from core.errors import APIError
 from core.settings import get_settings
-from flows.batch import finalize, run_logger, stores
+from flows.batch import finalize
+from flows.batch_results import run_logger, stores
 from serving.batches.files import FileStore
 from serving.batches.store import Batch, BatchStore
 

@@ -44,8 +44,9 @@ _gateway: ContextVar[FleetContext | None] = ContextVar("first_fleet_context", de
 _process: list[FleetContext] = []  # a worker process's own, made on first use
 
 
-def use_gateway(ctx: FleetContext) -> None:
-    """Lifecycle runs in this context (a gateway's warm-up thread) use the gateway's backends and registry."""
+def use_gateway(ctx: FleetContext | None) -> None:
+    """Lifecycle runs in this context (a gateway's warm-up thread) use the gateway's backends and registry; None:
+    the process's own again."""
     _gateway.set(ctx)
 
 

@@ -22,7 +22,8 @@ def batches_list(
     user: Annotated[str | None, typer.Option(help="Only this user's batches")] = None,
     active: Annotated[bool, typer.Option("--active", help="Only unfinished batches")] = False,
 ) -> None:
-    """List batches, newest first: owner, model, state, lines done of all, tokens, the flow run's name."""
+    """List batches, newest first: owner, model, state, lines done of all, tokens, where its lines run (the gateway,
+    or vLLM's batch runner on a cluster), the flow run's name."""
     from serving.batches.store import BatchStore
 
     batches = sorted(BatchStore(get_settings().batches_root).all(user), key=lambda b: b.created_at, reverse=True)
@@ -34,8 +35,8 @@ def batches_list(
         done = c.completed + c.failed
         progress = f"{done}/{c.total} ({100 * done / c.total:.0f}%)" if c.total else "-"
         rows.append((b.id, b.user, b.model or "-", b.status, progress, c.failed, b.usage.get("total_tokens", 0),
-                     _when(b.created_at), b.flow_run_name or "-"))  # fmt: skip
-    print_table(("batch", "user", "model", "state", "done", "failed", "tokens", "created", "flow run"), rows)
+                     _when(b.created_at), b.runs_on or "-", b.flow_run_name or "-"))  # fmt: skip
+    print_table(("batch", "user", "model", "state", "done", "failed", "tokens", "created", "runs on", "flow run"), rows)
 
 
 @app.command("cancel")

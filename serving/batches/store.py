@@ -70,8 +70,9 @@ class Batch(msgspec.Struct, kw_only=True):
     heartbeat_at: float | None = None  # the flow run's last sign of life (it writes progress every second)
     runs: int = 0  # flow runs started for it: more than one after a resume
     gateway_url: str | None = None  # where its runs send its lines (the gateway that created it)
+    runs_on: str | None = None  # "gateway" or "vllm-run-batch@<cluster>" (serving/batches/paths.py)
 
-    PRIVATE = ("owner", "flow_run_id", "flow_run_name", "heartbeat_at", "runs", "gateway_url")
+    PRIVATE = ("owner", "flow_run_id", "flow_run_name", "heartbeat_at", "runs", "gateway_url", "runs_on")
 
     @property
     def user(self) -> str:

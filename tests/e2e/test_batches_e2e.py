@@ -127,6 +127,52 @@ def test_a_batch_end_to_end_with_the_official_client(run: Run) -> None:
     print(f"{LINES}-line batch on the real vLLM CPU server: created to completed in {took:.1f} s")
 
 
+def test_a_batch_on_a_cluster_runs_with_vllms_own_batch_runner(run: Run) -> None:
+    """A cluster whose batch_runner is 'vllm' (as a PBS cluster is for a large batch): the chunk goes through the
+    worker's compute endpoint to the real `vllm run-batch` on the tiny model, and its answers and usage rows come
+    back exactly as on the gateway path."""
+    import asyncio
+
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    from blocks.registry import ClusterSpec, Registry
+    from serving.batches.store import BatchStore
+
+    tiny = Registry.embedded_default(Settings(home=run.home)).models["tiny"]
+    offline = tiny.model_copy(update={"name": "tiny-offline", "aliases": [], "clusters": ["local-batch"]})
+    cluster = ClusterSpec(name="local-batch", transport="local", batch_runner="vllm")
+    with temporary_settings(
+        {PREFECT_API_URL: run.prefect, PREFECT_API_AUTH_STRING: run.env["PREFECT_API_AUTH_STRING"]}
+    ):
+        asyncio.run(Registry(clusters={"local-batch": cluster}, models={"tiny-offline": offline}).save_blocks())
+    c = run.client
+    deadline = time.monotonic() + 30  # the gateway re-reads the blocks every few seconds
+    while "tiny-offline" not in [m.id for m in c.models.list()] and time.monotonic() < deadline:
+        time.sleep(1)
+    data = _file(40, "v").replace(b'"model": "tiny"', b'"model": "tiny-offline"')
+    f = c.files.create(file=("offline.jsonl", io.BytesIO(data)), purpose="batch")
+    b = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    t0 = time.monotonic()
+    done, states = _wait(c, b.id, {"completed", "failed", "cancelled", "expired"})
+    took = time.monotonic() - t0
+    assert done.status == "completed" and done.request_counts.completed == 40, (done, states)
+    out = [json.loads(x) for x in c.files.content(done.output_file_id).read().splitlines()]
+    assert sorted(x["custom_id"] for x in out) == sorted(f"v{i}" for i in range(40))
+    assert all(x["response"]["body"]["usage"]["completion_tokens"] == 8 for x in out)
+    assert all(x["response"]["body"]["model"] == "tiny-offline" for x in out)  # vLLM's runner, as served there
+    assert done.usage.output_tokens == 8 * 40
+    assert BatchStore(Settings(home=run.home).batches_root).get(b.id).runs_on == "vllm-run-batch@local-batch"
+    _, names, _ = _flow_run_of(run, b.id)
+    assert "choose-path" in " ".join(names) and any(n.startswith("lines 0-39 on local-batch") for n in names), names
+    settings = Settings(home=run.home)
+    store = UsageStore(settings.usage_db)
+    store.ingest(settings.spool_dir)
+    rows = store.query(f"SELECT cluster, count(*), sum(completion_tokens) FROM usage WHERE batch_id = '{b.id}' "
+                       "GROUP BY cluster").rows()  # fmt: skip
+    assert rows == [("local-batch", 40, 320)]
+    print(f"40-line batch with vLLM's batch runner on the cluster: created to completed in {took:.1f} s")
+
+
 def test_a_batch_cancelled_midway_keeps_its_answered_lines(run: Run) -> None:
     c = run.client
     f = c.files.create(file=("many.jsonl", io.BytesIO(_file(3000, "c"))), purpose="batch")

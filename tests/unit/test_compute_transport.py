@@ -159,7 +159,7 @@ def test_remote_cluster_paths_are_expanded_on_the_endpoint(settings, monkeypatch
     assert str(functions._state_path(spec)) == "/local/scratch/first/instances/polaris/m.json"
     monkeypatch.delenv("FIRST_VLLM_PYTHON", raising=False)
     with pytest.raises(ValueError, match=r"FIRST_VLLM_PYTHON.*worker_init"):
-        functions._expand(spec["python"], "python")
+        functions.expand_cluster_path(spec["python"], "python")
 
 
 def test_cancel_job_runs_the_schedulers_cancel_command(tmp_path, monkeypatch):
