@@ -131,7 +131,7 @@ class ExecutorBackend(ComputeBackend):
         return await asyncio.to_thread(endpoint_status, str(self.cluster.endpoint_id))
 
     @staticmethod
-    def _spec_for(model: ModelSpec, cluster: ClusterSpec, settings: Settings) -> dict[str, Any]:
+    def instance_spec(model: ModelSpec, cluster: ClusterSpec, settings: Settings) -> dict[str, Any]:
         """What the lifecycle functions need to start, probe or stop the model's vLLM on this cluster."""
         here = model.on(cluster.name)
         return {
@@ -151,7 +151,7 @@ class ExecutorBackend(ComputeBackend):
         }
 
     def _spec(self, model: ModelSpec) -> dict[str, Any]:
-        return self._spec_for(model, self.cluster, self.settings)
+        return self.instance_spec(model, self.cluster, self.settings)
 
     async def status(self, model: ModelSpec) -> dict[str, Any]:
         return await self.call("vllm_status", self._spec(model), timeout=30)

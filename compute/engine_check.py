@@ -124,7 +124,7 @@ def group_alive(pgid: int) -> bool:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("spec", help="the model spec (compute.backends' _spec_for), as a JSON file")
+    ap.add_argument("spec", help="the model spec (compute.backends' instance_spec), as a JSON file")
     ap.add_argument("workdir", type=Path)
     ap.add_argument("--max-idletime", type=float, default=5.0)
     ap.add_argument("--hot-timeout", type=float, default=180.0)

@@ -146,7 +146,7 @@ class Runner:
         reg = Registry.embedded_default(self.s)
         from compute.backends import ExecutorBackend
 
-        spec = ExecutorBackend._spec_for(reg.models["tiny"], reg.clusters["local"], self.s)
+        spec = ExecutorBackend.instance_spec(reg.models["tiny"], reg.clusters["local"], self.s)
         functions.start_vllm(spec)
         console.print(f"[green]✓[/green] vLLM CPU is starting for model 'tiny' (port {reg.models['tiny'].port})")
 

@@ -56,7 +56,7 @@ def test_cluster_functions_through_globus_compute_engine(tmp_path: Path) -> None
         timeout=120,
     )
     registry = Registry.embedded_default(settings)
-    spec = ExecutorBackend._spec_for(registry.models["tiny"], registry.clusters["local"], settings)
+    spec = ExecutorBackend.instance_spec(registry.models["tiny"], registry.clusters["local"], settings)
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps(spec))
     marker = uuid.uuid4().hex

@@ -60,7 +60,7 @@ class Fleet:
             ["sleep", "600"], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         self.stand_ins[cluster] = proc
-        spec = ExecutorBackend._spec_for(
+        spec = ExecutorBackend.instance_spec(
             ModelSpec(name="sim", path="-"), ClusterSpec(name=cluster, transport="local"), self.settings
         )
         state_dir = Path(spec["state_dir"])

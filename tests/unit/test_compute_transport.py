@@ -151,9 +151,9 @@ def test_cluster_functions_use_the_sites_proxy_for_the_relay_but_not_for_vllm(mo
 
 def test_remote_cluster_paths_are_expanded_on_the_endpoint(settings, monkeypatch):
     remote = ClusterSpec(name="polaris", transport="globus-compute", endpoint_id="e")
-    spec = ExecutorBackend._spec_for(MODEL, remote, settings)
+    spec = ExecutorBackend.instance_spec(MODEL, remote, settings)
     assert spec["state_dir"] == "${FIRST_HOME}/instances/polaris" and spec["python"] == "${FIRST_VLLM_PYTHON}"
-    local_spec = ExecutorBackend._spec_for(MODEL, ClusterSpec(name="local"), settings)
+    local_spec = ExecutorBackend.instance_spec(MODEL, ClusterSpec(name="local"), settings)
     assert local_spec["state_dir"] == str(settings.instances_dir / "local")
     monkeypatch.setenv("FIRST_HOME", "/local/scratch/first")
     assert str(functions._state_path(spec)) == "/local/scratch/first/instances/polaris/m.json"
