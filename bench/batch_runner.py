@@ -153,8 +153,10 @@ runs a chunk (`compute/cluster_batch.py`), and through the model's vLLM server, 
 |---|---|---|
 {table}
 
-- Once loaded, the runner answers **{runner_rate / server_rate:.2f}×** as many lines per second as the server
-  does at concurrency {args.concurrency}; each run of the runner first pays {fmt(m["one"])} s to start and load.
+- Once loaded, the runner answers about **{runner_rate / server_rate:.0f}×** as many lines per second as the server
+  does at concurrency {args.concurrency} (it batches every line of its file at once; "once loaded" is the
+  difference of the two runner rows, so a rough figure); each run of the runner first pays {fmt(m["one"])} s to
+  start and load.
 - The runner's path finishes first from about **{even(0.0)}** against a server that is already hot, and from
   **{even(m["ready"])}** against one that must start first.
 - What FIRST does with this: a cluster with a scheduler takes a batch of `FIRST_BATCH_CLUSTER_MIN_LINES`
