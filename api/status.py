@@ -38,6 +38,14 @@ class StatusController(Controller):
                 "max_instances": c.max_instances, "max_concurrency": c.max_concurrency,
             }  # fmt: skip
         doc: dict[str, Any] = {"object": "status", "instances": instances, "clusters": list(clusters.values())}
+        if services.shared is not None:  # several replicas: is their shared state there (else: each its own)?
+            shared = services.shared.status()
+            doc["shared_state"] = shared if principal.is_admin else {"up": shared["up"]}
+            if not shared["up"]:
+                doc["shared_state"]["degraded"] = (
+                    "Redis is unreachable: each gateway replica applies rate limits and caps on its own (up to "
+                    "one limit per replica), and relays and warm-ups only its own streams, until it answers again"
+                )
         if principal.is_admin:
             doc.update(gateway=request.app.state.gateway_id, failovers=live.failovers)
         return doc

@@ -74,7 +74,7 @@ class UsageController(Controller):
         caller = principal.key_id or principal.user
         limit_rpm = services.settings.usage_rpm
         if limit_rpm:
-            services.limiter.reserve(principal.user, [Limit(f"usage:{caller}", RateLimits(rpm=limit_rpm),
+            await services.limiter.reserve(principal.user, [Limit(f"usage:{caller}", RateLimits(rpm=limit_rpm),
                                                             "usage reports")], 0)  # fmt: skip
         reports: UsageReports = request.app.state.usage_reports
         rows = await reports.rows(services.settings.usage_db, name, f, limit)

@@ -83,10 +83,10 @@ def routing_cost_section() -> str:
     from blocks.registry import ClusterSpec, ModelSpec, Registry
     from core.settings import Settings
     from serving.auth import Principal
-    from serving.limits import RateLimiter
     from serving.live_state import LiveState
     from serving.pipeline import InferenceRequest, Outcome, Services, select_cluster
     from serving.protocol import ChatCompletionRequest
+    from serving.replicas.limits import Admission
 
     def measure(n_clusters: int) -> tuple[float, float]:
         names = [f"c{i}" for i in range(n_clusters)]
@@ -98,7 +98,7 @@ def routing_cost_section() -> str:
         for i, c in enumerate(clusters.values()):
             inst = live.instance(c, model)
             inst.state, inst.inflight, inst.last_used = "hot", i % 4, time.time() - i
-        svc = Services(settings=settings, registry=reg, live=live, backends=None, spool=None, limiter=RateLimiter())  # type: ignore[arg-type]
+        svc = Services(settings=settings, registry=reg, live=live, backends=None, spool=None, limiter=Admission())  # type: ignore[arg-type]
         body = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}]})
         req = InferenceRequest("r", "chat.completions", "/v1/chat/completions", body, Principal("u"))
         out = Outcome(model="m")

@@ -6,7 +6,8 @@ check before any of them records, and overshoot the limit N-fold; reserving firs
 is in flight fit the bucket. Over-estimates are refunded at settlement, under-estimates become debt.
 
 All of it runs on the gateway's event loop with no ``await`` between check and take, so each reservation
-is atomic across its buckets. (Several gateway replicas would need a shared store: see docs/architecture.md.)
+is atomic across its buckets. Several gateway replicas share theirs in Redis instead (``serving/replicas/limits.py``,
+the same buckets in Lua), and fall back to these while Redis is down.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ class Reservation:
     token_buckets: list[_Bucket] = field(default_factory=list)
     settled: bool = False
     slot: str | None = None  # the concurrency slot it holds (a caller's cap on requests in flight per model)
+    # Held in the replicas' Redis instead (serving/replicas/limits.py): token bucket keys and sizes, and the slot.
+    shared_token_buckets: list[tuple[str, int]] = field(default_factory=list)
+    shared_slot: tuple[str, str] | None = None  # (its sorted set, this request's member)
 
 
 @dataclass(frozen=True)
@@ -65,12 +69,7 @@ class RateLimiter:
             return
         n = self._inflight.get(key, 0)
         if n >= cap:
-            raise APIError(
-                429,
-                f"Too many requests in flight: {what} allows {cap} at once. Wait for some to finish.",
-                code="too_many_concurrent_requests",
-                headers={"Retry-After": "1"},
-            )
+            raise too_many_in_flight(what, cap)
         self._inflight[key] = n + 1
         into.slot = key
 
@@ -94,19 +93,13 @@ class RateLimiter:
             if rpm:
                 b = self._bucket(limit.key, "rpm", rpm, now)
                 if b.level < 1.0:
-                    _reject(user, f"{rpm} requests per minute for {limit.label}", (1.0 - b.level) * 60.0 / rpm)
+                    raise rate_limited(user, limit, "rpm", (1.0 - b.level) * 60.0 / rpm)
                 requests.append(b)
             if tpm:
-                if tokens > tpm:
-                    raise APIError(
-                        429,
-                        f"This request needs up to {tokens} tokens (prompt + max_tokens), more than the {tpm} "
-                        f"tokens per minute allowed for {limit.label}. Lower max_tokens or shorten the prompt.",
-                        code="tokens_exceed_limit",
-                    )
+                check_fits(limit, tokens)
                 b = self._bucket(limit.key, "tpm", tpm, now)
                 if b.level < tokens:
-                    _reject(user, f"{tpm} tokens per minute for {limit.label}", (tokens - b.level) * 60.0 / tpm)
+                    raise rate_limited(user, limit, "tpm", (tokens - b.level) * 60.0 / tpm)
                 token_buckets.append(b)
         for b in requests:
             b.level -= 1.0
@@ -132,13 +125,35 @@ class RateLimiter:
             b.level = min(b.capacity, b.level + res.tokens - used_tokens)
 
 
-def _reject(user: str, what: str, wait_s: float) -> None:
+def rate_limited(user: str, limit: Limit, kind: str, wait_s: float) -> APIError:
+    """The 429 of a full bucket (``kind`` rpm or tpm), with the wait until it holds enough."""
     retry = max(1, math.ceil(wait_s))
-    raise APIError(
+    per_minute = f"{limit.limits.rpm} requests" if kind == "rpm" else f"{limit.limits.tpm} tokens"
+    return APIError(
         429,
-        f"Rate limit reached for {user}: {what}. Retry in {retry} s.",
+        f"Rate limit reached for {user}: {per_minute} per minute for {limit.label}. Retry in {retry} s.",
         code="rate_limit_exceeded",
         headers={"Retry-After": str(retry)},
+    )
+
+
+def check_fits(limit: Limit, tokens: int) -> None:
+    """A request larger than a whole minute's tokens can never pass: say so rather than 'retry later'."""
+    if tokens > limit.limits.tpm:
+        raise APIError(
+            429,
+            f"This request needs up to {tokens} tokens (prompt + max_tokens), more than the {limit.limits.tpm} "
+            f"tokens per minute allowed for {limit.label}. Lower max_tokens or shorten the prompt.",
+            code="tokens_exceed_limit",
+        )
+
+
+def too_many_in_flight(what: str, cap: int) -> APIError:
+    return APIError(
+        429,
+        f"Too many requests in flight: {what} allows {cap} at once. Wait for some to finish.",
+        code="too_many_concurrent_requests",
+        headers={"Retry-After": "1"},
     )
 
 

@@ -94,7 +94,7 @@ async def _run_on_clusters(
         if tries and not svc.live.allows(inst, time.time()):
             continue  # opened while this request was on another cluster
         try:
-            reserve_cluster(req, inst, svc, out)
+            await reserve_cluster(req, inst, svc, out)
         except APIError as exc:  # the caller's share of this cluster is used up: another cluster may take it
             last = exc
             continue

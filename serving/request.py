@@ -14,9 +14,11 @@ from core.principal import Principal
 from core.settings import Settings
 from serving.batches.files import FileStore
 from serving.batches.store import BatchStore
-from serving.limits import RateLimiter, Reservation
+from serving.limits import Reservation
 from serving.live_state import LiveState
 from serving.protocol import InferenceBody
+from serving.replicas.limits import Admission
+from serving.replicas.store import SharedStore
 
 
 @dataclass
@@ -100,7 +102,8 @@ class Services:
     live: LiveState
     backends: Backends
     spool: UsageSpool
-    limiter: RateLimiter
+    limiter: Admission
     control: ControlPlane | None = None
     files: FileStore | None = None  # /v1/files and /v1/batches (made by the API at startup)
     batches: BatchStore | None = None
+    shared: SharedStore | None = None  # the replicas' Redis (FIRST_REDIS_URL), None for one gateway

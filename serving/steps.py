@@ -83,9 +83,9 @@ async def authorize(req: InferenceRequest, svc: Services, out: Outcome) -> Model
     if p.rpm:
         limits.append(Limit(f"key:{p.key_id or p.user}", RateLimits(rpm=p.rpm), "your API key"))
     caller = p.key_id or p.user  # first the cap on requests in flight: a refused request takes nothing else
-    svc.limiter.enter(f"{caller}:{model.name}", svc.settings.max_inflight_per_caller,
+    await svc.limiter.enter(f"{caller}:{model.name}", svc.settings.max_inflight_per_caller,
                       f"model {model.name} for one caller", out.reservation)  # fmt: skip
-    svc.limiter.reserve(p.user, limits, out.tokens_reserved, out.reservation)
+    await svc.limiter.reserve(p.user, limits, out.tokens_reserved, out.reservation)
     return model
 
 
@@ -159,13 +159,13 @@ def nothing_routable(model: str, candidates: list[Instance], svc: Services) -> A
     )  # fmt: skip
 
 
-def reserve_cluster(req: InferenceRequest, inst: Instance, svc: Services, out: Outcome) -> None:
+async def reserve_cluster(req: InferenceRequest, inst: Instance, svc: Services, out: Outcome) -> None:
     """The caller's share of this cluster's limits (a 429 here sends the request to the next cluster)."""
     c = inst.cluster
     limits = c.limits_for(req.principal.groups)
     if limits.rpm or limits.tpm:
-        svc.limiter.reserve(req.principal.user, [Limit(f"cluster:{c.name}:{req.principal.user}", limits,
-                            f"cluster {c.name}")], out.tokens_reserved, out.reservation)  # fmt: skip
+        await svc.limiter.reserve(req.principal.user, [Limit(f"cluster:{c.name}:{req.principal.user}", limits,
+                                  f"cluster {c.name}")], out.tokens_reserved, out.reservation)  # fmt: skip
 
 
 @step("ensure-warm")
@@ -259,7 +259,7 @@ async def record_usage(req: InferenceRequest, out: Outcome, svc: Services) -> Us
     u = out.usage
     # No usage reported: nothing was spent, unless a stream broke after tokens flowed (then charge it all).
     used = int(u.get("total_tokens") or 0) if u else (out.tokens_reserved if out.streamed else 0)
-    svc.limiter.settle(out.reservation, used)
+    await svc.limiter.settle(out.reservation, used)
     record = UsageRecord(
         request_id=req.request_id,
         ts=req.started,

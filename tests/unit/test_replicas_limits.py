@@ -1,0 +1,138 @@
+"""Limits shared by gateway replicas, against a real Redis (tests/services.py): a burst spread over two replicas
+admits no more than the limit, settled with the real usage; the cap on a caller's requests in flight holds across
+them and a dead replica's slots lapse; with Redis down each replica falls back to its own limits and says so, and
+takes the shared ones up again when Redis answers. (Time in Redis is Redis's own clock: the lapse test waits for it.)"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from blocks.registry import RateLimits
+from core.clock import ManualClock
+from core.errors import APIError
+from serving.limits import Limit, Reservation
+from serving.replicas.limits import Admission, SharedLimits
+from serving.replicas.store import SharedStore
+from tests.services import RedisServer
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(Path(tmp_path_factory.mktemp("redis"))).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def replicas(redis_server: RedisServer, request: pytest.FixtureRequest) -> AsyncIterator[list[Admission]]:
+    """Two replicas' admissions over one Redis, under a key prefix of this test's own."""
+    prefix = f"t{abs(hash(request.node.name))}"
+    stores = [SharedStore(redis_server.url, prefix, replica_id=f"r{i}") for i in range(2)]
+    yield [Admission(shared=SharedLimits(s)) for s in stores]
+    for s in stores:
+        await s.close()
+
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+TPM = Limit("model:m:alice", RateLimits(tpm=1000), "model m")
+
+
+async def _try(adm: Admission, limits: list[Limit], tokens: int) -> Reservation | APIError:
+    try:
+        return await adm.reserve("alice", limits, tokens)
+    except APIError as exc:
+        return exc
+
+
+async def test_a_burst_over_two_replicas_admits_no_more_than_the_limit(replicas: list[Admission]) -> None:
+    got = await asyncio.gather(*(_try(replicas[i % 2], [TPM], 100) for i in range(30)))
+    admitted = [r for r in got if isinstance(r, Reservation)]
+    refused = [r for r in got if isinstance(r, APIError)]
+    assert len(admitted) == 10 and len(refused) == 20  # one replica alone would have admitted 10 more
+    assert refused[0].status == 429 and "1000 tokens per minute for model m" in refused[0].message
+    assert int(refused[0].headers["Retry-After"]) >= 1
+    # settled with the real usage (50 of the 100 reserved): the other half comes back, on either replica
+    for i, res in enumerate(admitted):
+        await replicas[i % 2].settle(res, 50)
+    again = await asyncio.gather(*(_try(replicas[i % 2], [TPM], 100) for i in range(8)))
+    assert sum(isinstance(r, Reservation) for r in again) == 5
+
+
+async def test_requests_per_minute_and_oversized_requests(replicas: list[Admission]) -> None:
+    rpm = Limit("key:k1", RateLimits(rpm=3), "your API key")
+    got = [await _try(replicas[i % 2], [rpm], 0) for i in range(4)]
+    assert [isinstance(r, Reservation) for r in got] == [True, True, True, False]
+    assert "3 requests per minute for your API key" in got[3].message  # type: ignore[union-attr]
+    huge = await _try(replicas[0], [TPM], 5000)
+    assert isinstance(huge, APIError) and huge.code == "tokens_exceed_limit"
+
+
+async def test_a_callers_requests_in_flight_are_capped_across_replicas(replicas: list[Admission]) -> None:
+    held = []
+    for i in range(3):
+        res = Reservation()
+        await replicas[i % 2].enter("alice:m", 3, "model m for one caller", res)
+        held.append((replicas[i % 2], res))
+    with pytest.raises(APIError) as e:
+        await replicas[1].enter("alice:m", 3, "model m for one caller", Reservation())
+    assert e.value.code == "too_many_concurrent_requests"
+    adm, res = held[0]
+    await adm.settle(res, 0)  # one finishes on replica 0: replica 1 may take its slot
+    await replicas[1].enter("alice:m", 3, "model m for one caller", Reservation())
+
+
+async def test_a_dead_replicas_slots_lapse_and_a_live_ones_do_not(redis_server: RedisServer) -> None:
+    live_store, dead_store = (SharedStore(redis_server.url, "lapse", replica_id=n) for n in ("live", "dead"))
+    live = SharedLimits(live_store, stale_s=1.0, renew_s=0.2)
+    dead = SharedLimits(dead_store, stale_s=1.0, renew_s=0.2)
+    renewing = asyncio.create_task(live.renew_forever())  # the dead replica renews nothing
+    try:
+        await live.enter("bob:m", 2, "m", Reservation())
+        await dead.enter("bob:m", 2, "m", Reservation())
+        with pytest.raises(APIError):
+            await live.enter("bob:m", 2, "m", Reservation())
+        await asyncio.sleep(1.5)  # Redis's clock: the dead replica's slot is stale now, the live one renewed
+        await live.enter("bob:m", 2, "m", Reservation())
+        with pytest.raises(APIError):
+            await live.enter("bob:m", 2, "m", Reservation())
+    finally:
+        renewing.cancel()
+        await live_store.close()
+        await dead_store.close()
+
+
+async def test_with_redis_down_a_replica_uses_its_own_limits_until_redis_answers(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "r").start()
+    clock = ManualClock()
+    store = SharedStore(server.url, "down", retry_s=2.0, clock=clock, replica_id="r0")
+    adm = Admission(shared=SharedLimits(store))
+    limit = Limit("model:m:carol", RateLimits(rpm=2), "model m")
+    try:
+        await adm.reserve("carol", [limit], 0)
+        assert store.up
+        server.stop()
+        # degraded: this replica's own bucket (2 per minute), so one more is admitted, then 429; no 5xx
+        await adm.reserve("carol", [limit], 0)
+        await adm.reserve("carol", [limit], 0)
+        with pytest.raises(APIError) as e:
+            await adm.reserve("carol", [limit], 0)
+        assert e.value.status == 429
+        assert not store.up and store.errors == 1 and store.fallbacks >= 3  # tried once, then rested
+        assert store.status()["up"] is False and store.status()["down_since"]
+        server.start()
+        clock.advance(2.1)  # past its rest: the next call tries Redis again, and the shared bucket is back
+        await adm.reserve("carol", [limit], 0)
+        assert store.up
+        # the restarted Redis kept nothing (no persistence): a fresh shared bucket of 2
+        await adm.reserve("carol", [limit], 0)
+        with pytest.raises(APIError):
+            await adm.reserve("carol", [limit], 0)
+    finally:
+        await store.close()
+        server.stop()
