@@ -61,7 +61,8 @@ class Settings(BaseSettings):
     gateway_id: str | None = Field(default=None, description="This gateway's name in its state reports (host_port)")
     # ---- several gateway replicas (docs/deploy.md): their shared state in Redis ----
     redis_url: str | None = Field(
-        default=None, description="Redis that gateway replicas share (rate limits, caps, relay, warm-ups), e.g. "
+        default=None,
+        description="Redis that gateway replicas share (rate limits, caps, relay, warm-ups), e.g. "
         "redis://redis:6379/0; unset: this process's own state (one gateway)",
     )
     redis_prefix: str = Field(default="first", description="Prefix of every Redis key FIRST writes")
@@ -69,8 +70,9 @@ class Settings(BaseSettings):
         default=0.25, gt=0, description="A Redis call slower than this counts as Redis being down"
     )
     redis_retry_s: float = Field(
-        default=2.0, gt=0, description="While Redis is down, how long a replica uses its own state before it tries "
-        "Redis again",
+        default=2.0,
+        gt=0,
+        description="While Redis is down, how long a replica uses its own state before it tries Redis again",
     )
     warm_up_timeout_s: float = Field(default=300.0, description="Bound on one warm-up before it fails")
     request_timeout_s: float = Field(default=300.0, description="Bound on one backend call")
