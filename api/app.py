@@ -31,7 +31,7 @@ from api.guards import AUTH_THROTTLED
 from api.inference.routes import INFERENCE_PATHS, InferenceController
 from api.metrics import metrics_registry
 from api.models import ModelsController
-from api.relay import relay_post
+from api.relay import RELAY_ROOM_WAIT_S, relay_post
 from api.request_ids import request_id, stamp_request_id
 from api.status import StatusController, health
 from api.usage import UsageController, UsageReports
@@ -51,7 +51,8 @@ from serving.globus_auth import GlobusAuthenticator
 from serving.limits import FailedAuthThrottle, RateLimiter
 from serving.live_state import LiveState
 from serving.replicas.limits import Admission, SharedLimits
-from serving.replicas.store import SharedStore
+from serving.replicas.relay import RelayForwarder, shared_relay_secret
+from serving.replicas.store import SharedStateDown, SharedStore
 from serving.request import ControlPlane, Services
 
 log = logging.getLogger("first.api")
@@ -92,11 +93,18 @@ def create_app(
         settings.make_home()
         prefect = bool(os.environ.get("PREFECT_API_URL"))
         reg = registry or (await Registry.load(settings) if prefect else Registry.embedded_default(settings))
-        relay = RelayHub()
-        backends = Backends(settings, relay)
-        live = LiveState(backends, settings)
         shared = SharedStore(settings.redis_url, settings.redis_prefix, settings.redis_timeout_s,
                              settings.redis_retry_s) if settings.redis_url else None  # fmt: skip
+        relay = RelayHub(replica=shared.replica_id if shared is not None else None)
+        forwarder = RelayForwarder(shared, relay, RELAY_ROOM_WAIT_S) if shared is not None else None
+        if shared is not None:
+            try:
+                relay.use_secret(await shared_relay_secret(shared))
+            except SharedStateDown:
+                log.warning("Redis is down at start: this replica's streams are relayed only when their cluster's "
+                            "posts reach it, until it restarts with Redis up")  # fmt: skip
+        backends = Backends(settings, relay)
+        live = LiveState(backends, settings)
         shared_limits = SharedLimits(shared) if shared is not None else None
         svc = Services(
             settings=settings, registry=reg, live=live, backends=backends, spool=UsageSpool(settings.spool_dir),
@@ -114,8 +122,10 @@ def create_app(
                                                       for c in m.clusters if c in reg.clusters]))]  # fmt: skip
         if registry is None and prefect:
             background.append(asyncio.create_task(follow_fleet(svc, app.state.gateway_id)))
-        if shared_limits is not None:
+        if shared_limits is not None and forwarder is not None:
             background.append(asyncio.create_task(shared_limits.renew_forever()))
+            background.append(asyncio.create_task(forwarder.listen_forever()))
+        app.state.relay_forwarder = forwarder
         auth = await build_authenticator(settings, globus)
         app.state.authenticator = WithBatchCredentials(auth, BatchTokens(settings.batch_secret_path), svc.batches)
         app.state.on_rejected = _record_rejected

@@ -1,4 +1,5 @@
-"""POST /internal/relay/{request_id}: cluster functions post batches of stream chunks here (``compute/relay.py``)."""
+"""POST /internal/relay/{request_id}: cluster functions post batches of stream chunks here (``compute/relay.py``);
+a post for a stream another replica holds (``?to=<replica>``) is forwarded there (``serving/replicas/relay.py``)."""
 
 from __future__ import annotations
 
@@ -30,12 +31,18 @@ async def relay_post(request: Request, request_id: str) -> dict[str, str]:
         batch = msgspec.json.decode(await request.body(), type=RelayBatch)
     except msgspec.DecodeError as exc:  # only a function with this stream's token gets here: a bug, not an attack
         raise APIError(400, f"Malformed relay batch: {exc}", code="malformed_batch") from None
-    result = hub.deliver(request_id, batch)
+    holder = request.query_params.get("to")
+    forwarder = getattr(request.app.state, "relay_forwarder", None)
+    if holder and holder != hub.replica and forwarder is not None and not hub.holds(request_id):
+        result = await forwarder.forward(holder, request_id, await request.body())  # the holder waits for room
+    else:
+        result = hub.deliver(request_id, batch)
+        if result == "ok":
+            await hub.wait_for_room(request_id, RELAY_ROOM_WAIT_S)
     if result == "unknown":
         log.warning("rejected a relay post for %s: no open stream (finished, or never opened)", request_id)
         raise APIError(404, f"No open stream {request_id}", code="unknown_stream")
     if result == "duplicate":  # a replay, or the function's repost after a lost answer: delivered once already
         log.warning("rejected a replayed relay post for %s (batch %s was delivered already)", request_id, batch.seq)
         raise APIError(409, f"Batch {batch.seq} of {request_id} was delivered already", code="duplicate_batch")
-    await hub.wait_for_room(request_id, RELAY_ROOM_WAIT_S)
     return {"status": result}

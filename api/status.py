@@ -40,6 +40,9 @@ class StatusController(Controller):
         doc: dict[str, Any] = {"object": "status", "instances": instances, "clusters": list(clusters.values())}
         if services.shared is not None:  # several replicas: is their shared state there (else: each its own)?
             shared = services.shared.status()
+            forwarder = getattr(request.app.state, "relay_forwarder", None)
+            if forwarder is not None:  # relay posts that reached the other replica than their stream's
+                shared.update(relay_forwarded=forwarder.forwarded, relay_received=forwarder.received)
             doc["shared_state"] = shared if principal.is_admin else {"up": shared["up"]}
             if not shared["up"]:
                 doc["shared_state"]["degraded"] = (

@@ -198,7 +198,7 @@ class ExecutorBackend(ComputeBackend):
         try:
             executor, fut = await self.submit(
                 "openai_stream", base_url, path, body, self.settings.request_timeout_s,
-                f"{self.settings.gateway_url}/internal/relay/{request_id}", relay.token_for(request_id),
+                relay.post_url(self.settings.gateway_url, request_id), relay.token_for(request_id),
                 self.settings.relay_batch_chunks, self.settings.relay_batch_ms, self._key_ref(model),
             )  # fmt: skip
             pool, cluster = self.pool, self.cluster

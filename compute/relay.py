@@ -62,10 +62,25 @@ class Channel:
 class RelayHub:
     """Gateway side of the relay: one channel per in-flight streaming request."""
 
-    def __init__(self, secret: bytes | None = None) -> None:
+    def __init__(self, secret: bytes | None = None, replica: str | None = None) -> None:
         self._secret = secret or secrets.token_bytes(32)
         self._channels: dict[str, Channel] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Several replicas behind one URL: posts name this one (``?to=``), and one that lands on another replica is
+        # forwarded here through Redis (serving/replicas/relay.py); every replica signs with the same secret.
+        self.replica = replica
+
+    def use_secret(self, secret: bytes) -> None:
+        """The secret the replicas share (streams opened before keep working on this replica)."""
+        self._secret = secret
+
+    def post_url(self, gateway_url: str, request_id: str) -> str:
+        """Where a cluster function posts this stream's chunks."""
+        url = f"{gateway_url}/internal/relay/{request_id}"
+        return f"{url}?to={self.replica}" if self.replica else url
+
+    def holds(self, request_id: str) -> bool:
+        return request_id in self._channels
 
     def token_for(self, request_id: str) -> str:
         return hmac.new(self._secret, request_id.encode(), hashlib.sha256).hexdigest()

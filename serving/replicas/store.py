@@ -37,6 +37,8 @@ class SharedStore:
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry_on_timeout=False,
             health_check_interval=30,
         )  # fmt: skip
+        # For calls that wait by design (a relay post's answer, the relay subscription): no read timeout.
+        self.blocking = aioredis.Redis.from_url(url, socket_timeout=None, socket_connect_timeout=timeout_s)
         self.replica_id = replica_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self.down_since: float | None = None  # wall time Redis was last found down; None while it answers
         self._retry_at = 0.0
@@ -77,6 +79,7 @@ class SharedStore:
 
     async def close(self) -> None:
         await self.redis.aclose()
+        await self.blocking.aclose()
 
 
 def _without_password(url: str) -> str:
