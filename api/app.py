@@ -53,6 +53,7 @@ from serving.live_state import LiveState
 from serving.replicas.limits import Admission, SharedLimits
 from serving.replicas.relay import RelayForwarder, shared_relay_secret
 from serving.replicas.store import SharedStateDown, SharedStore
+from serving.replicas.warmups import WarmLocks
 from serving.request import ControlPlane, Services
 
 log = logging.getLogger("first.api")
@@ -104,7 +105,7 @@ def create_app(
                 log.warning("Redis is down at start: this replica's streams are relayed only when their cluster's "
                             "posts reach it, until it restarts with Redis up")  # fmt: skip
         backends = Backends(settings, relay)
-        live = LiveState(backends, settings)
+        live = LiveState(backends, settings, warm_locks=WarmLocks(shared) if shared is not None else None)
         shared_limits = SharedLimits(shared) if shared is not None else None
         svc = Services(
             settings=settings, registry=reg, live=live, backends=backends, spool=UsageSpool(settings.spool_dir),

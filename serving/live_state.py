@@ -19,6 +19,7 @@ they get 503 with Retry-After, naming the cluster.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import statistics
 import time
@@ -33,6 +34,8 @@ from compute.backends import Backends
 from core.errors import APIError
 from core.settings import Settings
 from serving.bus import GatewayReport, InstanceUse, Observation
+from serving.replicas.store import SharedStateDown
+from serving.replicas.warmups import WarmLocks
 from serving.routing import RUNNING, Breaker, count_running, rank
 
 log = logging.getLogger("first.state")
@@ -149,8 +152,12 @@ def fault_scope(code: str | None) -> str:
 
 
 class LiveState:
-    def __init__(self, backends: Backends, settings: Settings, warm_runner: WarmRunner | None = None) -> None:
+    def __init__(
+        self, backends: Backends, settings: Settings, warm_runner: WarmRunner | None = None,
+        warm_locks: WarmLocks | None = None,
+    ) -> None:  # fmt: skip
         self.backends = backends
+        self.warm_locks = warm_locks  # several replicas: one warm-up among them (serving/replicas/warmups.py)
         self.settings = settings
         self.warm_wait_s = settings.warm_wait_s
         self.warm_runner = warm_runner
@@ -316,6 +323,10 @@ class LiveState:
                 headers={"Retry-After": "30"},
                 detail=status.get("detail"),
             )
+        holder = await self._warm_lock(inst)
+        if holder is not None:  # another replica is warming it up: wait for it, then see
+            await self._join_warm_up(inst, backend, holder)
+            return
         inst.warm_started = time.monotonic()
         inst.warm_ups += 1
         queued = inst.cluster.scheduler != "none" and status["state"] != "starting"
@@ -329,9 +340,36 @@ class LiveState:
         except BaseException as exc:
             inst.set("failed", error=str(exc))
             raise
+        finally:
+            if self.warm_locks is not None:
+                with contextlib.suppress(SharedStateDown):
+                    await self.warm_locks.release(inst.key)
         took = time.monotonic() - inst.warm_started
         old = self.estimates.get(inst.cluster.name)
         self.estimates[inst.cluster.name] = took if old is None else 0.5 * old + 0.5 * took
+        inst.set("hot", status.get("base_url"))
+
+    async def _warm_lock(self, inst: Instance) -> str | None:
+        """The replica that is warming this instance up, or None when this one takes it on (or runs alone)."""
+        if self.warm_locks is None:
+            return None
+        try:
+            return await self.warm_locks.acquire(inst.key, self.settings.warm_up_timeout_s)
+        except SharedStateDown:
+            return None  # Redis down: warm up here; the cluster's start is idempotent
+
+    async def _join_warm_up(self, inst: Instance, backend: Any, holder: str) -> None:
+        inst.warm_started = time.monotonic()
+        inst.set("starting")
+        with contextlib.suppress(SharedStateDown):
+            await self.warm_locks.wait_released(inst.key, self.settings.warm_up_timeout_s)  # type: ignore[union-attr]
+        status = await backend.status(inst.model)
+        if status["state"] != "hot":
+            inst.set("failed", error=status.get("detail"))
+            where = holder or "another replica"
+            raise APIError(503, f"Model '{inst.model.name}' did not start on cluster '{inst.cluster.name}' (its "
+                           f"warm-up ran on gateway replica {where}).", code="model_start_failed",
+                           headers={"Retry-After": "30"}, detail=status.get("detail"))  # fmt: skip
         inst.set("hot", status.get("base_url"))
 
     # ---- what lifecycle runs saw, and what this gateway reports ----

@@ -1,22 +1,27 @@
-"""Limits shared by gateway replicas, against a real Redis (tests/services.py): a burst spread over two replicas
+"""State shared by gateway replicas, against a real Redis (tests/services.py): a burst spread over two replicas
 admits no more than the limit, settled with the real usage; the cap on a caller's requests in flight holds across
 them and a dead replica's slots lapse; with Redis down each replica falls back to its own limits and says so, and
-takes the shared ones up again when Redis answers. (Time in Redis is Redis's own clock: the lapse test waits for it.)"""
+takes the shared ones up again when Redis answers; cold requests spread over two replicas start one warm-up.
+(Time in Redis is Redis's own clock: the lapse test waits for it.)"""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from blocks.registry import RateLimits
+from blocks.registry import ClusterSpec, ModelSpec, RateLimits
 from core.clock import ManualClock
 from core.errors import APIError
+from core.settings import Settings
 from serving.limits import Limit, Reservation
+from serving.live_state import LiveState
 from serving.replicas.limits import Admission, SharedLimits
 from serving.replicas.store import SharedStore
+from serving.replicas.warmups import WarmLocks
 from tests.services import RedisServer
 
 
@@ -136,3 +141,57 @@ async def test_with_redis_down_a_replica_uses_its_own_limits_until_redis_answers
     finally:
         await store.close()
         server.stop()
+
+
+# ---- one warm-up among replicas ----
+
+
+class SharedClusterDouble:
+    """Stands in for one cluster both replicas reach (a local cluster would start a real vLLM): cold until a
+    warm-up made it hot."""
+
+    manages_lifecycle = True
+
+    def __init__(self) -> None:
+        self.hot = False
+
+    async def status(self, model: ModelSpec) -> dict[str, Any]:
+        return {"state": "hot", "base_url": "http://x"} if self.hot else {"state": "cold"}
+
+
+class OneClusterDouble:
+    def __init__(self, cluster: SharedClusterDouble) -> None:
+        self.cluster = cluster
+
+    def get(self, cluster: ClusterSpec) -> SharedClusterDouble:
+        return self.cluster
+
+
+async def test_cold_requests_spread_over_two_replicas_start_one_warm_up(redis_server: RedisServer) -> None:
+    cluster = SharedClusterDouble()
+    warm_ups: list[str] = []
+
+    def runner(replica: str) -> Any:
+        async def warm_up_double(model: ModelSpec, c: ClusterSpec) -> dict[str, Any]:
+            warm_ups.append(replica)
+            await asyncio.sleep(1.0)
+            cluster.hot = True
+            return {"state": "hot", "base_url": "http://x"}
+
+        return warm_up_double
+
+    stores = [SharedStore(redis_server.url, "warm", replica_id=f"r{i}") for i in range(2)]
+    settings = Settings(home=Path("/nonexistent"), warm_up_timeout_s=30)
+    lives = [LiveState(OneClusterDouble(cluster), settings, warm_runner=runner(f"r{i}"), warm_locks=WarmLocks(s))  # type: ignore[arg-type]
+             for i, s in enumerate(stores)]  # fmt: skip
+    spec, model = ClusterSpec(name="c", transport="local"), ModelSpec(name="m", path="-")
+    try:
+        waited = await asyncio.gather(*(lives[i % 2].ensure_warm(lives[i % 2].instance(spec, model))
+                                        for i in range(20)))  # fmt: skip
+        assert len(warm_ups) == 1  # twenty cold requests, both replicas, one warm-up
+        assert all(live.instance(spec, model).state == "hot" for live in lives)
+        assert sum(live.instance(spec, model).warm_ups for live in lives) == 1 and all(waited)
+        assert not await stores[0].redis.exists("warm:warm:c/m")  # released by its holder
+    finally:
+        for s in stores:
+            await s.close()
