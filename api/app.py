@@ -50,6 +50,7 @@ from serving.fleet_sync import follow_fleet
 from serving.globus_auth import GlobusAuthenticator
 from serving.limits import FailedAuthThrottle, RateLimiter
 from serving.live_state import LiveState
+from serving.replicas.fleet import ReplicaSync
 from serving.replicas.limits import Admission, SharedLimits
 from serving.replicas.relay import RelayForwarder, shared_relay_secret
 from serving.replicas.store import SharedStateDown, SharedStore
@@ -126,6 +127,7 @@ def create_app(
         if shared_limits is not None and forwarder is not None:
             background.append(asyncio.create_task(shared_limits.renew_forever()))
             background.append(asyncio.create_task(forwarder.listen_forever()))
+            background.append(asyncio.create_task(ReplicaSync(shared_limits.store, live).run_forever()))
         app.state.relay_forwarder = forwarder
         auth = await build_authenticator(settings, globus)
         app.state.authenticator = WithBatchCredentials(auth, BatchTokens(settings.batch_secret_path), svc.batches)

@@ -52,6 +52,7 @@ class Instance:
     state: str = "unknown"  # unknown | cold | queued | starting | hot | failed (draining is derived: shown_state)
     base_url: str | None = None
     inflight: int = 0
+    others_inflight: int = 0  # other gateway replicas' requests here, as they last said (serving/replicas/fleet.py)
     last_error: str | None = None
     since: float = field(default_factory=time.time)  # when it entered its state
     last_status: float | None = None  # when a status check or a lifecycle run last said what it is

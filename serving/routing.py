@@ -2,7 +2,8 @@
 
 Among the instances of the model on the clusters the caller may use, in this order:
 
-0. **hot** with spare capacity (in-flight below the cluster's ``max_concurrency``), least loaded first; on equal
+0. **hot** with spare capacity (in-flight below the cluster's ``max_concurrency``; with several gateway replicas,
+   the in-flight requests of all of them), least loaded first; on equal
    load, the one used least recently, so that equal instances take turns;
 1. **starting**: a warm-up is under way; shortest remaining expected wait first;
 2. **queued**: its start waits in a batch queue;
@@ -59,6 +60,12 @@ class Breaker:
     def success(self) -> None:
         self.failures, self.open_until, self.probe_started = 0, 0.0, None
 
+    def open_elsewhere(self, until: float) -> None:
+        """Another gateway replica found the cluster failing: open until ``until`` here too (not counted as an
+        opening of this replica's own)."""
+        if until > self.open_until:
+            self.failures, self.open_until, self.probe_started = max(self.failures, self.threshold), until, None
+
     def failure(self, now: float) -> None:
         self.failures += 1
         self.probe_started = None
@@ -103,8 +110,9 @@ def rank(
         state, cluster = inst.state, inst.cluster
         expected = estimates.get(cluster.name, cluster.expected_start_s)
         if state == "hot":
-            load = inst.inflight / cluster.max_concurrency
-            return (0 if inst.inflight < cluster.max_concurrency else 3, load, inst.last_used or 0.0)
+            inflight = inst.inflight + inst.others_inflight  # every replica's requests there (serving/replicas)
+            load = inflight / cluster.max_concurrency
+            return (0 if inflight < cluster.max_concurrency else 3, load, inst.last_used or 0.0)
         if state in ("starting", "queued"):
             remaining = expected - (now - inst.since)
             return (1 if state == "starting" else 2, remaining, 0.0)

@@ -1,12 +1,13 @@
 """State shared by gateway replicas, against a real Redis (tests/services.py): a burst spread over two replicas
 admits no more than the limit, settled with the real usage; the cap on a caller's requests in flight holds across
 them and a dead replica's slots lapse; with Redis down each replica falls back to its own limits and says so, and
-takes the shared ones up again when Redis answers; cold requests spread over two replicas start one warm-up.
-(Time in Redis is Redis's own clock: the lapse test waits for it.)"""
+takes the shared ones up again when Redis answers; cold requests spread over two replicas start one warm-up; each
+routes on the others' load and open breakers. (Time in Redis is Redis's own clock: the lapse test waits for it.)"""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from core.errors import APIError
 from core.settings import Settings
 from serving.limits import Limit, Reservation
 from serving.live_state import LiveState
+from serving.replicas.fleet import ReplicaSync
 from serving.replicas.limits import Admission, SharedLimits
 from serving.replicas.store import SharedStore
 from serving.replicas.warmups import WarmLocks
@@ -192,6 +194,38 @@ async def test_cold_requests_spread_over_two_replicas_start_one_warm_up(redis_se
         assert all(live.instance(spec, model).state == "hot" for live in lives)
         assert sum(live.instance(spec, model).warm_ups for live in lives) == 1 and all(waited)
         assert not await stores[0].redis.exists("warm:warm:c/m")  # released by its holder
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_replicas_route_on_each_others_load_and_open_breakers(redis_server: RedisServer) -> None:
+    stores = [SharedStore(redis_server.url, "fleet", replica_id=f"r{i}") for i in range(2)]
+    settings = Settings(home=Path("/nonexistent"))
+    lives = [LiveState(None, settings) for _ in stores]  # type: ignore[arg-type]
+    syncs = [ReplicaSync(s, live) for s, live in zip(stores, lives, strict=True)]
+    a, b = ClusterSpec(name="a", transport="local"), ClusterSpec(name="b", transport="local")
+    model = ModelSpec(name="m", clusters=["a", "b"], path="-")
+    try:
+        for live in lives:
+            for c in (a, b):
+                inst = live.instance(c, model)
+                inst.state, inst.last_used = "hot", 0.0
+        for _ in range(5):  # replica 0 is busy on cluster a
+            lives[0].begin(lives[0].instance(a, model))
+        for sync in (*syncs, *syncs):
+            await sync.sync_once()
+        assert lives[1].instance(a, model).others_inflight == 5
+        assert lives[1].route([lives[1].instance(a, model), lives[1].instance(b, model)])[0].cluster.name == "b"
+        # replica 0 finds cluster b failing: replica 1 passes it over too once they have synced
+        for _ in range(settings.breaker_failures):
+            lives[0].breaker("b").failure(time.time())
+        for sync in (*syncs, *syncs):
+            await sync.sync_once()
+        assert lives[1].breaker("b").state(time.time()) == "open" and lives[1].breaker("b").opened == 0
+        assert [i.cluster.name for i in lives[1].route([lives[1].instance(a, model), lives[1].instance(b, model)])] == [
+            "a"
+        ]
     finally:
         for s in stores:
             await s.close()
