@@ -42,6 +42,7 @@ from compute.relay import RelayHub
 from core.errors import APIError
 from core.principal import Principal
 from core.settings import Settings
+from serving.auth import LocalKeyAuthenticator
 from serving.auth_setup import build_authenticator, follow_globus_block
 from serving.batches.files import FileStore
 from serving.batches.store import BatchStore
@@ -135,6 +136,8 @@ def create_app(
         app.state.auth_throttle = throttle
         if isinstance(auth, GlobusAuthenticator) and globus is None:
             background.append(asyncio.create_task(follow_globus_block(settings, auth)))
+        if isinstance(auth, LocalKeyAuthenticator) and auth.store.shared:
+            background.append(asyncio.create_task(auth.follow(settings.keys_refresh_s, settings.keys_max_stale_s)))
         try:
             yield
         finally:

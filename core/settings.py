@@ -66,6 +66,15 @@ class Settings(BaseSettings):
         "redis://redis:6379/0; unset: this process's own state (one gateway)",
     )
     redis_prefix: str = Field(default="first", description="Prefix of every Redis key FIRST writes")
+    keys_url: str | None = Field(
+        default=None,
+        description="Local API keys in a database every replica reads (postgresql+psycopg://user@host"
+        "/first); unset: FIRST_HOME/keys.sqlite",
+    )
+    keys_refresh_s: float = Field(default=1.0, gt=0, description="How often a replica re-reads FIRST_KEYS_URL: "
+                                  "a revoked key is refused everywhere within this")  # fmt: skip
+    keys_max_stale_s: float = Field(default=300.0, gt=0, description="While FIRST_KEYS_URL cannot be read, how long "
+                                    "the keys last read stay valid; then every key is refused (503)")  # fmt: skip
     redis_timeout_s: float = Field(
         default=0.25, gt=0, description="A Redis call slower than this counts as Redis being down"
     )

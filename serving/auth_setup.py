@@ -26,7 +26,13 @@ async def load_globus_block(settings: Settings) -> GlobusAuthBlock:
 
 async def build_authenticator(settings: Settings, globus: GlobusAuthBlock | None) -> Authenticator:
     if settings.auth_mode == "local":
-        return LocalKeyAuthenticator(KeyStore(settings.keys_db), default_rpm=settings.default_rpm)
+        auth = LocalKeyAuthenticator(KeyStore.of(settings.keys_url, settings.keys_db), default_rpm=settings.default_rpm)
+        if auth.store.shared:
+            try:
+                await auth.load()
+            except Exception as exc:
+                raise SystemExit(f"FIRST_KEYS_URL is set, but the key store could not be read ({exc}).") from None
+        return auth
     return GlobusAuthenticator(globus or await load_globus_block(settings))
 
 

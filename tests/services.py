@@ -85,7 +85,14 @@ class PostgresServer:
 
     @property
     def url(self) -> str:
+        """For Prefect (``PREFECT_API_DATABASE_CONNECTION_URL``)."""
         return f"postgresql+asyncpg://{self.user}@127.0.0.1:{self.port}/{self.database}"
+
+    def sync_url(self, database: str) -> str:
+        """For FIRST's key store (``FIRST_KEYS_URL``), in a database of its own."""
+        with contextlib.suppress(subprocess.CalledProcessError):  # already there
+            self._run(self.bin / "createdb", "-h", "127.0.0.1", "-p", self.port, "-U", self.user, database)
+        return f"postgresql+psycopg://{self.user}@127.0.0.1:{self.port}/{database}"
 
     def start(self) -> PostgresServer:
         self.folder.mkdir(parents=True, exist_ok=True)

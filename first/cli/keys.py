@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -22,10 +22,9 @@ def keys_create(
     rpm: Annotated[int, typer.Option(help="Requests per minute allowed (0: no limit)")] = 0,
 ) -> None:
     """Create an API key and print it, alone, on stdout (it can't be shown again)."""
-    from serving.auth import KeyStore
 
     try:
-        key, info = KeyStore(get_settings().keys_db).create(user, group or [], rpm)
+        key, info = _store().create(user, group or [], rpm)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     err.print(f"created key {info.key_id} for {user} (groups: {', '.join(info.groups) or '-'})")
@@ -35,12 +34,11 @@ def keys_create(
 @app.command("list")
 def keys_list() -> None:
     """List API keys (ids, users, groups; never the keys themselves)."""
-    from serving.auth import KeyStore
 
     rows = [
         (k.key_id, k.user, ",".join(k.groups), k.rpm or "-", datetime.fromtimestamp(k.created, UTC).strftime(
             "%Y-%m-%d %H:%M"), "…" + k.last4, "revoked" if k.revoked else "active")
-        for k in KeyStore(get_settings().keys_db).list()
+        for k in _store().list()
     ]  # fmt: skip
     print_table(("id", "user", "groups", "rpm", "created", "ends with", "status"), rows)
 
@@ -50,10 +48,17 @@ def keys_revoke(
     key_id_or_user: Annotated[str, typer.Argument(help="A key id, or a user (revokes all their keys)")],
 ) -> None:
     """Revoke a key (the gateway stops accepting it within a second)."""
-    from serving.auth import KeyStore
 
-    n = KeyStore(get_settings().keys_db).revoke(key_id_or_user)
+    n = _store().revoke(key_id_or_user)
     if n == 0:
         err.print(f"[red]no active key matches {key_id_or_user!r}[/red] (see `first keys list`)")
         raise typer.Exit(1)
     err.print(f"revoked {n} key(s)")
+
+
+def _store() -> Any:
+    """The key store this deployment's gateways read: FIRST_KEYS_URL (PostgreSQL) if set, else FIRST_HOME's file."""
+    from serving.auth import KeyStore
+
+    s = get_settings()
+    return KeyStore.of(s.keys_url, s.keys_db)

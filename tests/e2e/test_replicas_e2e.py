@@ -1,8 +1,8 @@
 """Two gateway replicas behind one URL (a round-robin balancer, per request) sharing state through a real Redis
-(tests/services.py): a token limit that holds across both; a stream whose cluster posts its chunks through the
-balancer, so that about half of them land on the replica that does not hold it; a revoked key refused by both;
-one replica SIGKILLed under load while the other serves on, with usage exactly once after ingest; Redis stopped
-mid-load: each replica on its own limits, /v1/status says so, and no 5xx."""
+(tests/services.py), their API keys in a real PostgreSQL: a token limit that holds across both; a stream whose
+cluster posts its chunks through the balancer, so that about half of them land on the replica that does not hold
+it; a revoked key refused by both; one replica SIGKILLed under load while the other serves on, with usage exactly
+once after ingest; Redis stopped mid-load: each replica on its own limits, /v1/status says so, and no 5xx."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from tests.fakes.openai_simulator import OpenAISimulatorDouble
 from tests.fakes.slow_sse import SlowStreamDouble
 from tests.gateway_factory import GatewayProcess, stand_in_instance
 from tests.round_robin import RoundRobinProxy
-from tests.services import RedisServer
+from tests.services import PostgresServer, RedisServer
 
 pytestmark = pytest.mark.e2e
 TPM = 600
@@ -39,6 +39,7 @@ class Replicas:
     redis: RedisServer
     sim: OpenAISimulatorDouble
     keys: dict[str, str]
+    keys_url: str
 
     def post(self, path: str, body: dict, key: str = "alice", timeout: float = 30) -> httpx.Response:
         return httpx.post(self.proxy.url + path, json=body, headers={"Authorization": f"Bearer {self.keys[key]}"},
@@ -55,6 +56,8 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
     home = root / "home"
     home.mkdir()
     redis = RedisServer(root / "redis").start()
+    postgres = PostgresServer(root / "postgres").start()
+    keys_url = postgres.sync_url("first_keys")
     slow = SlowStreamDouble(chunks=300, interval_s=0.005)
     slow.__enter__()
     with OpenAISimulatorDouble(latency_s=0.01, capacity=64, name="sim") as sim:
@@ -66,24 +69,25 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
                        {"name": "free", "clusters": ["sim"], "path": "-"},
                        {"name": "slow", "clusters": ["local"], "path": "-", "port": free_port()}],
         }))  # fmt: skip
-        store = KeyStore(Settings(home=home).keys_db)
+        store = KeyStore(keys_url)
         keys = {"alice": store.create("alice")[0], "bob": store.create("bob")[0],
                 "ops": store.create("ops", groups=["admin"])[0]}  # fmt: skip
         ports = [free_port(), free_port()]
         proxy = RoundRobinProxy([f"http://127.0.0.1:{p}" for p in ports]).__enter__()
-        env = {"FIRST_REDIS_URL": redis.url, "FIRST_PUBLIC_URL": proxy.url, "FIRST_RELAY_BATCH_CHUNKS": "4",
-               "FIRST_RELAY_BATCH_MS": "2"}  # fmt: skip
+        env = {"FIRST_REDIS_URL": redis.url, "FIRST_KEYS_URL": keys_url, "FIRST_PUBLIC_URL": proxy.url,
+               "FIRST_RELAY_BATCH_CHUNKS": "4", "FIRST_RELAY_BATCH_MS": "2"}  # fmt: skip
         gateways = [GatewayProcess(home, registry, port=p, env=env) for p in ports]
         with stand_in_instance(home, "local", "slow", slow.url, slow.port):
             try:
                 for gw in gateways:
                     gw.start()
-                yield Replicas(home, gateways, proxy, redis, sim, keys)
+                yield Replicas(home, gateways, proxy, redis, sim, keys, keys_url)
             finally:
                 for gw in gateways:
                     gw.stop()
                 proxy.__exit__()
                 redis.stop()
+                postgres.stop()
                 slow.__exit__(None, None, None)
 
 
@@ -118,11 +122,11 @@ def test_a_stream_is_relayed_whole_when_its_posts_land_on_the_other_replica(repl
 
 
 def test_a_revoked_key_is_refused_by_both_replicas(replicas: Replicas) -> None:
-    store = KeyStore(Settings(home=replicas.home).keys_db)
+    store = KeyStore(replicas.keys_url)  # PostgreSQL, which both read (FIRST_KEYS_URL)
     key, info = store.create("carol")
 
     def answers(expected: int) -> set[int]:
-        """The replicas that answer ``expected`` within the bound (each re-reads the key store within 1 s)."""
+        """The replicas that answer ``expected`` within the bound (each re-reads the keys every second)."""
         deadline, seen = time.monotonic() + 5, set()
         while len(seen) < 2 and time.monotonic() < deadline:
             for i, gw in enumerate(replicas.gateways):
