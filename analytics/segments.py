@@ -42,15 +42,21 @@ class ReadJsonRefused(Exception):
     """read_json could not take a closed segment as it is (a malformed line): decode it with msgspec."""
 
 
-def oldest_first(spool_dir: Path) -> list[str]:
-    """The spool's file names by last write, oldest first: batches then hold requests close in time (the
-    gateways' segments interleave), which keeps the table in ``ts`` order for the zone maps."""
+def oldest_first(spool_dir: Path) -> list[Path]:
+    """The spool's files, and those of the folders in it (one per replica), by last write, oldest first: batches
+    then hold requests close in time (the gateways' segments interleave), which keeps the table in ``ts`` order
+    for the zone maps."""
     entries = []
+    folders = [spool_dir]
     with os.scandir(spool_dir) as it:
-        for e in it:
-            with contextlib.suppress(FileNotFoundError):
-                entries.append((e.stat().st_mtime_ns, e.name))
-    return [name for _, name in sorted(entries)]
+        folders += [Path(e.path) for e in it if e.is_dir(follow_symlinks=False)]
+    for folder in folders:
+        with contextlib.suppress(FileNotFoundError), os.scandir(folder) as it:
+            for e in it:
+                with contextlib.suppress(FileNotFoundError):
+                    if e.is_file(follow_symlinks=False):
+                        entries.append((e.stat().st_mtime_ns, e.path))
+    return [Path(p) for _, p in sorted(entries)]
 
 
 def read_all(fd: int) -> bytes:

@@ -212,23 +212,24 @@ class UsageStore:
     # --- ingestion --------------------------------------------------------------------------
 
     def ingest(self, spool_dir: Path) -> int:
-        """Move the spool's records into the ``usage`` table; returns the number of new rows."""
+        """Move the spool's records into the ``usage`` table; returns the number of new rows. The spool's folder
+        and each folder in it (one per gateway replica or worker: ``FIRST_REPLICA``) are read."""
         spool_dir = Path(spool_dir)
         self.last_skipped_lines = 0
         self.timings = IngestTimings()
         try:
-            names = oldest_first(spool_dir)
+            paths = oldest_first(spool_dir)
         except FileNotFoundError:
             return 0
         batch_bytes = self.batch_rows * self.BYTES_PER_RECORD
         inserted = 0
         batch = Batch()
         try:
-            for name in names:
-                m = SEGMENT_RE.match(name)
+            for path in paths:
+                m = SEGMENT_RE.match(path.name)
                 if m is None:
                     continue
-                seg = self._segment(spool_dir / name, is_open=m["open"] is not None)
+                seg = self._segment(path, is_open=m["open"] is not None)
                 if seg is None:
                     continue
                 batch.add(seg)

@@ -96,8 +96,10 @@ def create_app(
         settings.make_home()
         prefect = bool(os.environ.get("PREFECT_API_URL"))
         reg = registry or (await Registry.load(settings) if prefect else Registry.embedded_default(settings))
-        shared = SharedStore(settings.redis_url, settings.redis_prefix, settings.redis_timeout_s,
-                             settings.redis_retry_s) if settings.redis_url else None  # fmt: skip
+        shared = None
+        if settings.redis_url:  # one of several replicas (docs/deploy.md)
+            shared = SharedStore(settings.redis_url, settings.redis_prefix, settings.redis_timeout_s,
+                                 settings.redis_retry_s, replica_id=settings.replica)  # fmt: skip
         relay = RelayHub(replica=shared.replica_id if shared is not None else None)
         forwarder = RelayForwarder(shared, relay, RELAY_ROOM_WAIT_S) if shared is not None else None
         if shared is not None:

@@ -66,6 +66,16 @@ class Settings(BaseSettings):
         "redis://redis:6379/0; unset: this process's own state (one gateway)",
     )
     redis_prefix: str = Field(default="first", description="Prefix of every Redis key FIRST writes")
+    replica: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$",
+        description="This gateway replica's (or worker's) name: its usage spool is FIRST_USAGE_SPOOL_DIR/<name>",
+    )
+    usage_spool_dir: Path | None = Field(
+        default=None,
+        description="The usage spools of every replica (shared storage that supports flock, e.g. "
+        "NFSv4, Lustre mounted with flock, GPFS); default FIRST_HOME/spool",
+    )
     keys_url: str | None = Field(
         default=None,
         description="Local API keys in a database every replica reads (postgresql+psycopg://user@host"
@@ -182,8 +192,14 @@ class Settings(BaseSettings):
         return self.home / "keys.sqlite"
 
     @property
+    def spool_root(self) -> Path:
+        """Where every process's usage spool lives: what ``ingest-usage`` reads (each replica's folder in it)."""
+        return self.usage_spool_dir or self.home / "spool"
+
+    @property
     def spool_dir(self) -> Path:
-        return self.home / "spool"
+        """This process's spool: a folder of its own under the root when it is one of several replicas."""
+        return self.spool_root / self.replica if self.replica else self.spool_root
 
     @property
     def usage_db(self) -> Path:

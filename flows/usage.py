@@ -92,10 +92,11 @@ class IngestResult:
 
 
 def ingest(settings: Settings) -> IngestResult:
-    """Move the spool (``settings.spool_dir``) into the usage table (``settings.usage_db``)."""
+    """Move every spool (``settings.spool_root``: each replica's folder in it) into the usage table
+    (``settings.usage_db``)."""
     store = UsageStore(settings.usage_db)
     t0 = time.perf_counter()
-    rows = store.ingest(settings.spool_dir)
+    rows = store.ingest(settings.spool_root)
     seconds = time.perf_counter() - t0
     return IngestResult(rows, seconds, store.last_skipped_lines, store.count(), store.timings)
 

@@ -81,7 +81,7 @@ def _usage_store(ingest: bool) -> UsageStore:
     s = get_settings()
     store = UsageStore(s.usage_db)
     if ingest:
-        store.ingest(s.spool_dir)
+        store.ingest(s.spool_root)
     return store
 
 
@@ -126,7 +126,7 @@ def usage_ingest() -> None:
     from analytics.store import UsageStore
 
     s = get_settings()
-    n = UsageStore(s.usage_db).ingest(s.spool_dir)
+    n = UsageStore(s.usage_db).ingest(s.spool_root)
     err.print(f"ingested {n} new usage record(s) into {s.usage_db}")
 
 

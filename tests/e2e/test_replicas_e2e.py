@@ -76,7 +76,9 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
         proxy = RoundRobinProxy([f"http://127.0.0.1:{p}" for p in ports]).__enter__()
         env = {"FIRST_REDIS_URL": redis.url, "FIRST_KEYS_URL": keys_url, "FIRST_PUBLIC_URL": proxy.url,
                "FIRST_RELAY_BATCH_CHUNKS": "4", "FIRST_RELAY_BATCH_MS": "2"}  # fmt: skip
-        gateways = [GatewayProcess(home, registry, port=p, env=env) for p in ports]
+        env["FIRST_USAGE_SPOOL_DIR"] = str(root / "spools")  # each replica spools to its own folder in it
+        gateways = [GatewayProcess(home, registry, port=p, env={**env, "FIRST_REPLICA": f"gw-{i}"})
+                    for i, p in enumerate(ports)]  # fmt: skip
         with stand_in_instance(home, "local", "slow", slow.url, slow.port):
             try:
                 for gw in gateways:
@@ -178,9 +180,10 @@ def test_one_replica_killed_under_load_the_other_serves_and_usage_stays_exactly_
         results = [f.result() for f in futures]
     answered = {rid for status, rid in results if status == 200}
     assert len(answered) >= 100  # a few in flight on the killed replica may be lost to the caller, the rest served
-    settings = Settings(home=replicas.home)
+    settings = Settings(home=replicas.home, usage_spool_dir=replicas.home.parent / "spools")
+    assert sorted(p.name for p in settings.spool_root.iterdir()) == ["gw-0", "gw-1"]  # a spool per replica
     store = UsageStore(settings.usage_db)
-    store.ingest(settings.spool_dir)
-    store.ingest(settings.spool_dir)  # twice: nothing doubles
+    store.ingest(settings.spool_root)
+    store.ingest(settings.spool_root)  # twice: nothing doubles
     rows = dict(store.query("SELECT request_id, count(*) FROM usage WHERE \"user\" = 'bob' GROUP BY request_id").rows())
     assert answered <= set(rows) and set(rows.values()) == {1}  # every answered request once, none twice

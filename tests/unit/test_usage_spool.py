@@ -151,6 +151,20 @@ def test_append_then_ingest_exact_rows_and_values(spool_dir: Path, store: UsageS
     assert str(df.schema["ts"]) == "Datetime(time_unit='us', time_zone='UTC')"
 
 
+def test_each_replicas_folder_is_ingested_once(spool_dir: Path, store: UsageStore) -> None:
+    """Replicas (FIRST_REPLICA) spool to their own folders under the shared root; ingest reads them all."""
+    from core.settings import Settings
+
+    settings = [Settings(home=spool_dir.parent, usage_spool_dir=spool_dir, replica=f"gw-{i}") for i in range(2)]
+    assert [s.spool_dir for s in settings] == [spool_dir / "gw-0", spool_dir / "gw-1"]
+    with UsageSpool(settings[0].spool_dir) as a, UsageSpool(settings[1].spool_dir) as b, UsageSpool(spool_dir) as c:
+        for i in range(30):
+            (a, b, c)[i % 3].append(rec(i))
+    assert store.ingest(settings[0].spool_root) == 30
+    assert store.ingest(settings[0].spool_root) == 0
+    assert store.count() == 30 and files(spool_dir / "gw-0") == files(spool_dir / "gw-1") == []
+
+
 def test_ingest_twice_and_rereading_a_segment_never_doubles(spool_dir: Path, store: UsageStore, tmp_path: Path) -> None:
     with UsageSpool(spool_dir, max_records=8) as spool:
         for i in range(20):
