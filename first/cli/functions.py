@@ -27,7 +27,9 @@ def functions_register(
 
     from blocks.registry import ClusterBlock, Registry, _slug
     from compute.globus_compute import compute_client, register_functions
+    from first.cli.running import prefect_for_writing
 
+    prefect_for_writing()
     reg = asyncio.run(Registry.load_blocks())
     spec = reg.clusters.get(cluster)
     if spec is None:

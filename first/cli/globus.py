@@ -58,7 +58,9 @@ def globus_configure(
     """Save the gateway's Globus Auth block (replacing one of the same name). Gateways pick it up within a
     minute; start a gateway with FIRST_AUTH_MODE=globus to use it."""
     from blocks.globus import GlobusAuthBlock
+    from first.cli.running import prefect_for_writing
 
+    prefect_for_writing()
     block = GlobusAuthBlock(
         client_id=client_id, client_secret=client_secret, allowed_domains=_ids(allowed_domain),
         policies=_ids(policy), required_groups=_ids(required_group), admin_groups=_ids(admin_group),

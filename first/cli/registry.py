@@ -11,6 +11,7 @@ import typer
 
 from core.settings import get_settings
 from first.cli.render import err, print_table
+from first.cli.running import prefect_for_writing
 
 app = typer.Typer(help="Clusters and models (Prefect Blocks).", no_args_is_help=True)
 
@@ -22,6 +23,8 @@ def registry_init(
     """Save the embedded default (cluster 'local', models 'tiny' and 'tiny-embed') as Prefect Blocks, unless blocks
     exist."""
     from blocks.registry import ClusterBlock, ModelBlock, Registry
+
+    prefect_for_writing()
 
     async def go() -> None:
         from blocks.globus import GlobusAuthBlock
@@ -58,6 +61,8 @@ def apply(
     was, and with --prune deletes blocks the file does not name. Running gateways follow within
     FIRST_REGISTRY_REFRESH_S (5 s)."""
     from blocks.registry import ClusterBlock, ModelBlock, Registry
+
+    prefect_for_writing()
 
     try:
         desired = Registry.from_yaml(file.read_text())

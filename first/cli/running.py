@@ -7,6 +7,9 @@ from typing import Annotated
 import typer
 
 from core.settings import get_settings
+from first.cli.render import err
+
+_source: list[str] = []  # where this command's Prefect came from, for what it prints
 
 
 def use_embedded_prefect() -> None:
@@ -14,11 +17,34 @@ def use_embedded_prefect() -> None:
 
     settings = get_settings()
     url_file = settings.home / "prefect-api-url"
-    if "PREFECT_API_URL" in os.environ or not url_file.exists() or not settings.prefect_auth_path.exists():
+    if "PREFECT_API_URL" in os.environ:
+        _source.append("PREFECT_API_URL")
+        return
+    if not url_file.exists() or not settings.prefect_auth_path.exists():
         return
     os.environ.setdefault("PREFECT_API_URL", url_file.read_text().strip())
     os.environ.setdefault("PREFECT_HOME", str(settings.home / "prefect"))
     os.environ.setdefault("PREFECT_API_AUTH_STRING", settings.prefect_auth_string())
+    _source.append(f"the `first run` of FIRST_HOME {settings.home}")
+
+
+def prefect_for_writing() -> str:
+    """The Prefect API a command that saves blocks or deployments writes to, said on stderr; never an ephemeral
+    server (Prefect's fallback without PREFECT_API_URL), which no gateway reads and which vanishes with the
+    command."""
+    import os
+
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
+        err.print(
+            "[red]No Prefect server to write to.[/red] `first run` is not running with this FIRST_HOME "
+            f"({get_settings().home}) and PREFECT_API_URL is not set. Start `make run` (then run this again from "
+            "any shell of the same account), or export PREFECT_API_URL=http://<prefect host>:4200/api (and "
+            "PREFECT_API_AUTH_STRING=user:password if it has one) for a deployment's own Prefect."
+        )
+        raise typer.Exit(2)
+    err.print(f"Prefect: {url} (from {_source[0] if _source else 'PREFECT_API_URL'})")
+    return url
 
 
 def run(

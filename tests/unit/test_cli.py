@@ -73,3 +73,15 @@ def test_usage_summary_reads_the_spool(home):
     assert (rows["b"]["requests"], rows["b"]["errors"]) == (1, 1)
     bad = runner.invoke(app, ["usage", "summary", "--since", "yesterday"])
     assert bad.exit_code != 0 and "30m, 12h, 1d, 2w" in bad.output
+
+
+def test_commands_that_write_to_prefect_refuse_an_ephemeral_one(home, tmp_path, monkeypatch):
+    """Without `first run` on this FIRST_HOME or PREFECT_API_URL, `first apply` would write to a throwaway
+    Prefect that no gateway reads: it refuses, and says what to do."""
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text("clusters: [{name: c, transport: http, base_url: 'http://x'}]\nmodels: []\n")
+    for command in (["apply", str(fleet)], ["registry", "init"]):
+        r = runner.invoke(app, command)
+        assert r.exit_code == 2, r.output
+        assert "No Prefect server to write to" in r.output and "PREFECT_API_URL" in r.output
