@@ -3,11 +3,8 @@ deployments declared in prefect.yaml, and the worker that runs them."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
-
-from core.settings import REPO_ROOT
 
 WORK_POOL = "first-local"
 DEPLOYMENTS = (
@@ -32,18 +29,14 @@ SCHEDULED = (
     "audit-retention/audit-retention",
     "batch-retention/batch-retention",
 )
-_PREFECT = str(Path(sys.executable).parent / "prefect")
+_PREFECT = str(Path(sys.executable).parent / "prefect")  # the worker's
 
 
 def register(env: dict[str, str]) -> None:
-    """Create (or update) the work pool and deploy everything in prefect.yaml. Raises with the CLI's output."""
-    for cmd in (
-        [_PREFECT, "work-pool", "create", WORK_POOL, "--type", "process", "--overwrite"],
-        [_PREFECT, "--no-prompt", "deploy", "--all"],
-    ):
-        r = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
-        if r.returncode != 0:
-            raise RuntimeError(f"`{' '.join(cmd[1:])}` failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    """Create (or update) the process work pool and deploy everything in prefect.yaml to it."""
+    from deployments.register import register as register_on
+
+    register_on(env, "process", WORK_POOL)
 
 
 def worker_command() -> list[str]:

@@ -26,6 +26,7 @@ from tests.fakes.slow_sse import SlowStreamDouble
 from tests.gateway_factory import GatewayProcess, stand_in_instance
 from tests.round_robin import RoundRobinProxy
 from tests.services import PostgresServer, RedisServer
+from tests.unit.test_deploy_files import compose_gateway_env
 
 pytestmark = pytest.mark.e2e
 TPM = 600
@@ -74,9 +75,17 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
                 "ops": store.create("ops", groups=["admin"])[0]}  # fmt: skip
         ports = [free_port(), free_port()]
         proxy = RoundRobinProxy([f"http://127.0.0.1:{p}" for p in ports]).__enter__()
-        env = {"FIRST_REDIS_URL": redis.url, "FIRST_KEYS_URL": keys_url, "FIRST_PUBLIC_URL": proxy.url,
-               "FIRST_RELAY_BATCH_CHUNKS": "4", "FIRST_RELAY_BATCH_MS": "2"}  # fmt: skip
-        env["FIRST_USAGE_SPOOL_DIR"] = str(root / "spools")  # each replica spools to its own folder in it
+        # deploy/compose.yaml's gateway environment, each address this test's own: the topology under test is
+        # the one compose and the Kubernetes manifests declare (tests/unit/test_deploy_files.py holds them equal).
+        here = {"FIRST_REDIS_URL": redis.url, "FIRST_KEYS_URL": keys_url, "FIRST_PUBLIC_URL": proxy.url,
+                "FIRST_USAGE_SPOOL_DIR": str(root / "spools"), "FIRST_BATCH_DIR": str(root / "batches"),
+                # no Prefect for these replicas (the registry comes from a file; Prefect on PostgreSQL has its
+                # own test), so no flow runs to record
+                "FIRST_FLOW_TRACKING": "off", "PREFECT_API_URL": None, "PREFECT_API_AUTH_STRING": None}  # fmt: skip
+        declared = compose_gateway_env()
+        assert set(here) <= set(declared), set(here) - set(declared)  # the rest (FIRST_AUTH_MODE) as declared
+        env = {k: v for k, v in {**declared, **here}.items() if v is not None}
+        env.update(FIRST_RELAY_BATCH_CHUNKS="4", FIRST_RELAY_BATCH_MS="2")  # small relay batches: many posts
         gateways = [GatewayProcess(home, registry, port=p, env={**env, "FIRST_REPLICA": f"gw-{i}"})
                     for i, p in enumerate(ports)]  # fmt: skip
         with stand_in_instance(home, "local", "slow", slow.url, slow.port):
