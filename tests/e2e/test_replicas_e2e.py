@@ -7,6 +7,7 @@ once after ingest; Redis stopped mid-load: each replica on its own limits, /v1/s
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -56,12 +57,14 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
     root = Path(tmp_path_factory.mktemp("replicas"))
     home = root / "home"
     home.mkdir()
-    redis = RedisServer(root / "redis").start()
-    postgres = PostgresServer(root / "postgres").start()
-    keys_url = postgres.sync_url("first_keys")
-    slow = SlowStreamDouble(chunks=300, interval_s=0.005)
-    slow.__enter__()
-    with OpenAISimulatorDouble(latency_s=0.01, capacity=64, name="sim") as sim:
+    with contextlib.ExitStack() as stack:
+        redis = RedisServer(root / "redis").start()
+        stack.callback(redis.stop)
+        postgres = PostgresServer(root / "postgres").start()
+        stack.callback(postgres.stop)
+        keys_url = postgres.sync_url("first_keys")
+        slow = stack.enter_context(SlowStreamDouble(chunks=300, interval_s=0.005))
+        sim = stack.enter_context(OpenAISimulatorDouble(latency_s=0.01, capacity=64, name="sim"))
         registry = home / "registry.yaml"
         registry.write_text(yaml.safe_dump({
             "clusters": [{"name": "sim", "transport": "http", "base_url": sim.base_url, "max_concurrency": 64},
@@ -71,10 +74,11 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
                        {"name": "slow", "clusters": ["local"], "path": "-", "port": free_port()}],
         }))  # fmt: skip
         store = KeyStore(keys_url)
+        stack.callback(store.engine.dispose)
         keys = {"alice": store.create("alice")[0], "bob": store.create("bob")[0],
                 "ops": store.create("ops", groups=["admin"])[0]}  # fmt: skip
         ports = [free_port(), free_port()]
-        proxy = RoundRobinProxy([f"http://127.0.0.1:{p}" for p in ports]).__enter__()
+        proxy = stack.enter_context(RoundRobinProxy([f"http://127.0.0.1:{p}" for p in ports]))
         # deploy/compose.yaml's gateway environment, each address this test's own: the topology under test is
         # the one compose and the Kubernetes manifests declare (tests/unit/test_deploy_files.py holds them equal).
         here = {"FIRST_REDIS_URL": redis.url, "FIRST_KEYS_URL": keys_url, "FIRST_PUBLIC_URL": proxy.url,
@@ -86,20 +90,13 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
         assert set(here) <= set(declared), set(here) - set(declared)  # the rest (FIRST_AUTH_MODE) as declared
         env = {k: v for k, v in {**declared, **here}.items() if v is not None}
         env.update(FIRST_RELAY_BATCH_CHUNKS="4", FIRST_RELAY_BATCH_MS="2")  # small relay batches: many posts
-        gateways = [GatewayProcess(home, registry, port=p, env={**env, "FIRST_REPLICA": f"gw-{i}"})
-                    for i, p in enumerate(ports)]  # fmt: skip
-        with stand_in_instance(home, "local", "slow", slow.url, slow.port):
-            try:
-                for gw in gateways:
-                    gw.start()
-                yield Replicas(home, gateways, proxy, redis, sim, keys, keys_url)
-            finally:
-                for gw in gateways:
-                    gw.stop()
-                proxy.__exit__()
-                redis.stop()
-                postgres.stop()
-                slow.__exit__(None, None, None)
+        stack.enter_context(stand_in_instance(home, "local", "slow", slow.url, slow.port))
+        gateways = []
+        for i, port in enumerate(ports):
+            gw = GatewayProcess(home, registry, port=port, env={**env, "FIRST_REPLICA": f"gw-{i}"})
+            stack.callback(gw.stop)
+            gateways.append(gw.start())
+        yield Replicas(home, gateways, proxy, redis, sim, keys, keys_url)
 
 
 def chat(model: str, max_tokens: int = 50) -> dict:
