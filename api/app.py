@@ -153,6 +153,7 @@ def create_app(
             reports.close()
             await backends.close()
             if shared is not None:
+                await svc.limiter.settled()
                 await shared.close()
 
     return Litestar(

@@ -82,10 +82,10 @@ async def authorize(req: InferenceRequest, svc: Services, out: Outcome) -> Model
     limits = [Limit(f"model:{model.name}:{p.user}", model.limits_for(p.groups), f"model {model.name}")]
     if p.rpm:
         limits.append(Limit(f"key:{p.key_id or p.user}", RateLimits(rpm=p.rpm), "your API key"))
-    caller = p.key_id or p.user  # first the cap on requests in flight: a refused request takes nothing else
-    await svc.limiter.enter(f"{caller}:{model.name}", svc.settings.max_inflight_per_caller,
-                      f"model {model.name} for one caller", out.reservation)  # fmt: skip
-    await svc.limiter.reserve(p.user, limits, out.tokens_reserved, out.reservation)
+    caller = p.key_id or p.user  # the cap on requests in flight, then the limits: a refused request takes nothing
+    await svc.limiter.admit(f"{caller}:{model.name}", svc.settings.max_inflight_per_caller,
+                            f"model {model.name} for one caller", p.user, limits, out.tokens_reserved,
+                            out.reservation)  # fmt: skip
     return model
 
 

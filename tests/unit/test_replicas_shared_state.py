@@ -67,6 +67,8 @@ async def test_a_burst_over_two_replicas_admits_no_more_than_the_limit(replicas:
     # settled with the real usage (50 of the 100 reserved): the other half comes back, on either replica
     for i, res in enumerate(admitted):
         await replicas[i % 2].settle(res, 50)
+    for adm in replicas:
+        await adm.settled()  # settlements run after the response, off its path
     again = await asyncio.gather(*(_try(replicas[i % 2], [TPM], 100) for i in range(8)))
     assert sum(isinstance(r, Reservation) for r in again) == 5
 
@@ -91,7 +93,24 @@ async def test_a_callers_requests_in_flight_are_capped_across_replicas(replicas:
     assert e.value.code == "too_many_concurrent_requests"
     adm, res = held[0]
     await adm.settle(res, 0)  # one finishes on replica 0: replica 1 may take its slot
+    await adm.settled()
     await replicas[1].enter("alice:m", 3, "model m for one caller", Reservation())
+
+
+async def test_admission_takes_the_slot_and_the_limits_in_one_step_or_nothing(replicas: list[Admission]) -> None:
+    limit = Limit("model:m:dave", RateLimits(rpm=2), "model m")
+    first, second = Reservation(), Reservation()
+    await replicas[0].admit("dave:m", 5, "m", "dave", [limit], 10, first)
+    await replicas[1].admit("dave:m", 5, "m", "dave", [limit], 10, second)
+    assert first.shared_slot and second.shared_slot and first.shared_slot != second.shared_slot
+    with pytest.raises(APIError) as e:  # the limit refuses: no slot is taken either
+        await replicas[0].admit("dave:m", 5, "m", "dave", [limit], 10, Reservation())
+    assert e.value.code == "rate_limit_exceeded"
+    store = replicas[0].shared.store  # type: ignore[union-attr]
+    assert await store.redis.zcard(store.key("inflight", "dave:m")) == 2
+    with pytest.raises(APIError) as e:  # and the cap refuses before the limits are looked at
+        await replicas[1].admit("dave:m", 2, "m", "dave", [], 10, Reservation())
+    assert e.value.code == "too_many_concurrent_requests"
 
 
 async def test_a_dead_replicas_slots_lapse_and_a_live_ones_do_not(redis_server: RedisServer) -> None:
