@@ -67,5 +67,7 @@ def test_compose_and_kubernetes_declare_the_same_topology_and_real_settings() ->
     k8s_env = set(config) | {e["name"] for e in container["env"]}
     assert k8s_env - {"FIRST_REPLICA"} == set(compose_gateway_env())
     fields = {f"FIRST_{name.upper()}" for name in Settings.model_fields}
-    for name in k8s_env | set(compose_gateway_env()):
+    systemd = {line.split("=", 1)[0] for line in (DEPLOY / "systemd" / "first.env.example").read_text().splitlines()
+               if line and not line.startswith("#")}  # fmt: skip
+    for name in k8s_env | set(compose_gateway_env()) | systemd:
         assert not name.startswith("FIRST_") or name in fields, f"{name} is not a FIRST setting"
