@@ -71,3 +71,25 @@ def test_compose_and_kubernetes_declare_the_same_topology_and_real_settings() ->
                if line and not line.startswith("#")}  # fmt: skip
     for name in k8s_env | set(compose_gateway_env()) | systemd:
         assert not name.startswith("FIRST_") or name in fields, f"{name} is not a FIRST setting"
+
+
+def test_deployments_register_for_process_docker_and_kubernetes_pools() -> None:
+    """prefect.yaml's deployments, on the pool a site runs; container pools get the image and its /app, a process
+    pool the code where FIRST_REPO_ROOT says: no pull step assumes a checkout of this repository."""
+    import pytest
+
+    from deployments.local import DEPLOYMENTS, WORK_POOL
+    from deployments.register import prefect_file
+
+    original = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
+    process = prefect_file(WORK_POOL, "process")
+    assert process["deployments"] == original["deployments"]  # make run's pool is prefect.yaml as written
+    assert process["pull"] == original["pull"]
+    k8s = prefect_file("first-k8s", "kubernetes", "registry.example.org/first/gateway:1")
+    assert [d["name"] for d in k8s["deployments"]] == [d["name"] for d in original["deployments"]]
+    assert len(k8s["deployments"]) == len(DEPLOYMENTS)
+    image = "registry.example.org/first/gateway:1"
+    assert all(d["work_pool"] == {"name": "first-k8s", "job_variables": {"image": image}} for d in k8s["deployments"])
+    assert k8s["pull"] == [{"prefect.deployments.steps.set_working_directory": {"directory": "/app"}}]
+    with pytest.raises(ValueError, match="--image"):
+        prefect_file("p", "docker")
