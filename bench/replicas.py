@@ -34,7 +34,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.* and t
 import httpx
 import yaml
 
-from bench.common import add_output_args, console, failure_code, fmt, log, machine_line, resolve_output, write_section
+from bench.common import (
+    add_output_args,
+    console,
+    failure_code,
+    fmt,
+    log,
+    machine_line,
+    resolve_output,
+    tree_cpu_s,
+    write_section,
+)
 from core.settings import Settings
 from serving.auth import KeyStore
 from tests.fakes.openai_simulator import OpenAISimulatorDouble
@@ -70,7 +80,7 @@ async def load(urls: list[str], key: str, concurrency: int, seconds: float) -> d
     took = time.monotonic() - t0
     for c in clients:
         await c.aclose()
-    return {"rps": done / took, "errors": errors, "p50": statistics.median(lat) if lat else float("nan")}
+    return {"rps": done / took, "n": done, "errors": errors, "p50": statistics.median(lat) if lat else float("nan")}
 
 
 async def sequential(url: str, key: str, n: int) -> float:
@@ -118,14 +128,22 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         second = GatewayProcess(home, registry, env={**shared, "FIRST_REPLICA": "r2"}).start()
         gateways.append(second)
         urls = {"one": [plain.url], "one+redis": [first.url], "two+redis": [first.url, second.url]}
-        samples: dict[str, dict[str, list[float]]] = {s: {"rps": [], "p50_load": [], "c1": []} for s in SETUPS}
+        pids = {"one": [plain], "one+redis": [first], "two+redis": [first, second]}
+        samples: dict[str, dict[str, list[float]]] = {
+            s: {"rps": [], "p50_load": [], "c1": [], "cpu_ms": [], "redis_cpu_ms": []} for s in SETUPS
+        }
         errors = 0
         for r in range(args.rounds):
             order = SETUPS if r % 2 == 0 else tuple(reversed(SETUPS))
             for setup in order:
                 targets = [x for u in urls[setup] for x in ("--url", u)]
+                cpu0 = sum(tree_cpu_s(gw.proc.pid) for gw in pids[setup])  # type: ignore[union-attr]
+                redis0 = tree_cpu_s(redis.proc.pid)  # type: ignore[union-attr]
                 res = in_process_of_its_own("_load", "--key", key, "--concurrency", str(args.concurrency),
                                             "--window-s", str(args.window_s), *targets)  # fmt: skip
+                cpu = sum(tree_cpu_s(gw.proc.pid) for gw in pids[setup]) - cpu0  # type: ignore[union-attr]
+                samples[setup]["cpu_ms"].append(1000 * cpu / max(res["n"], 1))
+                samples[setup]["redis_cpu_ms"].append(1000 * (tree_cpu_s(redis.proc.pid) - redis0) / max(res["n"], 1))  # type: ignore[union-attr]
                 samples[setup]["rps"].append(res["rps"])
                 samples[setup]["p50_load"].append(res["p50"])
                 errors += res["errors"]
@@ -145,7 +163,9 @@ def report(args: argparse.Namespace, m: dict[str, Any], started: datetime, wall_
     s = m["samples"]
     med = {k: {q: statistics.median(v) for q, v in d.items() if v} for k, d in s.items()}
     rows = [f"| {k} | {fmt(med[k]['rps'], '.0f')} | {fmt(med[k]['p50_load'], '.1f')} | "
-            f"{fmt(med[k]['c1'], '.2f') if 'c1' in med[k] else '-'} |" for k in SETUPS]  # fmt: skip
+            f"{fmt(med[k]['c1'], '.2f') if 'c1' in med[k] else '-'} | {fmt(med[k]['cpu_ms'], '.2f')} | "
+            f"{fmt(med[k]['redis_cpu_ms'], '.3f')} |" for k in SETUPS]  # fmt: skip
+    per_core = {k: 1000 / med[k]["cpu_ms"] for k in SETUPS}
     scale = med["two+redis"]["rps"] / med["one+redis"]["rps"]
     vs_plain = med["two+redis"]["rps"] / med["one"]["rps"]
     added = med["one+redis"]["c1"] - med["one"]["c1"]
@@ -160,15 +180,19 @@ Medians of {args.rounds} alternating rounds: throughput with {args.concurrency} 
 concurrency 1 ({args.sequential} requests one after another). The stand-in answers after {args.backend_ms:g} ms.
 Errors over the run: {m["errors"]}.
 
-| setup | req/s | p50 under load (ms) | p50 at concurrency 1 (ms) |
-|---|---|---|---|
+| setup | req/s | p50 under load (ms) | p50 at c=1 (ms) | gateway CPU / request (ms) | Redis CPU / request (ms) |
+|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
 - **Two replicas against one** (both with Redis): **{scale:.2f}×** the throughput ({vs_plain:.2f}× the embedded
-  default's one gateway). The issue's goal is 1.8×. On this machine ({nproc} cores) the two gateways share the
-  cores with the load generator, the stand-in, Redis and each other: one gateway already uses most of one core,
-  so a second can add at most what the other core has left. On a host with a core per replica (or replicas on
-  several hosts) the replicas share nothing on the request path but Redis round trips.
+  default's one gateway). The issue's goal is 1.8×; it is not reached here, and cannot be on this machine
+  ({nproc} cores): the load generator, the stand-in, Redis and the gateways all share them, and the load
+  generator alone (one Python process) uses about a core. The figure that carries over is the gateway's CPU per
+  request: {fmt(med["one"]["cpu_ms"], ".2f")} ms alone, {fmt(med["one+redis"]["cpu_ms"], ".2f")} ms with Redis
+  (about {per_core["one+redis"]:.0f} requests per second per core), and {fmt(med["two+redis"]["cpu_ms"], ".2f")} ms
+  summed over two replicas: about the same per request, so replicas on cores of their own scale
+  with the cores, until Redis ({fmt(med["two+redis"]["redis_cpu_ms"], ".3f")} ms of its CPU per request, one core
+  for about {1000 / max(med["two+redis"]["redis_cpu_ms"], 1e-9):,.0f} requests per second) or the backend does.
 - **What Redis adds to a request**: {added:+.2f} ms at the median at concurrency 1, {share:+.0f} % of the
   embedded default's {fmt(med["one"]["c1"], ".2f")} ms: one Redis call before the request runs (the caller's slot and
   the limits' reservation in one Lua script); the settlement runs after the response.

@@ -190,6 +190,35 @@ def test_a_batch_cancelled_midway_keeps_its_answered_lines(run: Run) -> None:
     assert len(out) == answered and len({json.loads(x)["custom_id"] for x in out}) == answered
 
 
+def test_an_operator_cancels_a_batch_from_the_prefect_ui(run: Run) -> None:
+    """What the UI's Cancel button does (the flow run's state set to CANCELLING through Prefect's API): the worker
+    stops the run, its on_cancellation hook ends the batch `cancelled`, and the lines already answered stay."""
+    c = run.client
+    f = c.files.create(file=("ops.jsonl", io.BytesIO(_file(3000, "o"))), purpose="batch")
+    b = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    deadline = time.monotonic() + 300
+    while c.batches.retrieve(b.id).request_counts.completed < 20:
+        assert time.monotonic() < deadline, "no line answered in 300 s"
+        time.sleep(0.5)
+    flows = prefect_api("POST", run.prefect + "/flow_runs/filter", run.env,
+                        json={"flow_runs": {"tags": {"all_": ["batch"]}}}).json()  # fmt: skip
+    flow_run = next(r for r in flows if b.id in r["name"])
+    r = prefect_api("POST", f"{run.prefect}/flow_runs/{flow_run['id']}/set_state", run.env,
+                    json={"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True})  # fmt: skip
+    assert r.status_code in (200, 201), r.text
+    done, states = _wait(c, b.id, {"cancelled", "completed", "failed"}, timeout_s=180)
+    assert done.status == "cancelled" and done.cancelled_at, (done, states)
+    answered = done.request_counts.completed
+    assert 20 <= answered < 3000
+    out = c.files.content(done.output_file_id).read().splitlines()
+    assert len(out) == answered and len({json.loads(x)["custom_id"] for x in out}) == answered
+    deadline = time.monotonic() + 60
+    while (state := prefect_api("GET", f"{run.prefect}/flow_runs/{flow_run['id']}", run.env).json())["state_type"] \
+            != "CANCELLED" and time.monotonic() < deadline:  # fmt: skip
+        time.sleep(1)
+    assert state["state_type"] == "CANCELLED"
+
+
 def test_a_malformed_file_is_refused_naming_the_line(run: Run) -> None:
     bad = _file(3) + b'{"custom_id": "x", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "tiny"}}\n'
     with pytest.raises(openai.BadRequestError) as e:
