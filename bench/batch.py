@@ -41,12 +41,21 @@ import httpx
 import openai
 import yaml
 
-from bench.common import add_output_args, console, failure_code, fmt, log, machine_line, resolve_output, write_section
+from bench.common import (
+    add_output_args,
+    console,
+    failure_code,
+    fmt,
+    log,
+    machine_line,
+    resolve_output,
+    serve_stand_in,
+    write_section,
+)
 from core.principal import Principal
 from core.settings import Settings
 from serving.auth import KeyStore
 from serving.batches.store import BatchStore
-from tests.fakes.openai_simulator import OpenAISimulatorDouble
 from tests.gateway_factory import GatewayProcess
 
 SECTIONS = {  # (begin, end) of each variant's section in docs/benchmarks.md
@@ -207,14 +216,6 @@ def markdown(r: dict[str, Any], args: argparse.Namespace, started: datetime, wal
         "",
         end, "",
     ])  # fmt: skip
-
-
-def serve_stand_in(backend_ms: float) -> None:
-    """The stand-in model server in a process of its own (not sharing a GIL with the interactive caller)."""
-    with OpenAISimulatorDouble(latency_s=backend_ms / 1000, capacity=512, name="sim") as sim:
-        print(sim.base_url, flush=True)
-        while True:
-            time.sleep(3600)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ import json
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.* is no
 
 import httpx
 
-from bench.common import (
-    BenchError,
-    add_output_args,
-    console,
-    failure_code,
-    fmt,
-    log,
-    machine_line,
-    resolve_output,
-    write_section,
-)
+from bench.common import BenchError, add_output_args, fmt, log, machine_line, measure_and_write, resolve_output
 from blocks.registry import Registry
 from compute import cluster_batch, functions
 from compute.backends import ExecutorBackend
@@ -178,17 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.lines = args.lines or (200 if args.quick else 2000)
     resolve_output(args)
-    started, t0 = datetime.now(UTC), time.monotonic()
-    try:
-        m = measure(args)
-    except (Exception, KeyboardInterrupt) as exc:
-        return failure_code(exc)
-    text = report(args, m, started, time.monotonic() - t0)
-    console.print(text)
-    if args.write:
-        write_section(args.out, text, *SECTION)
-        log(f"wrote {args.out}")
-    return 0
+    return measure_and_write(args, SECTION, measure, report)
 
 
 if __name__ == "__main__":

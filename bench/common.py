@@ -17,8 +17,9 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -185,3 +186,30 @@ def failure_code(exc: BaseException) -> int:
 def vllm_key(home: Path, model: str = "tiny", cluster: str = "local") -> str:
     """The API key start_vllm gave the model's vLLM (in its state file): what a direct call to vLLM must send."""
     return json.loads((home / "instances" / cluster / f"{model}.json").read_text())["api_key"]
+
+
+def measure_and_write(args: argparse.Namespace, section: tuple[str, str], measure: Any, report: Any) -> int:
+    """What every bench's main ends with: measure (timed), print the report, write it as the script's section of
+    docs/benchmarks.md when ``args.write``; the exit code."""
+    started, t0 = datetime.now(UTC), time.monotonic()
+    try:
+        measured = measure(args)
+    except (Exception, KeyboardInterrupt) as exc:
+        return failure_code(exc)
+    text = report(args, measured, started, time.monotonic() - t0)
+    console.print(text)
+    if args.write:
+        write_section(args.out, text, *section)
+        log(f"wrote {args.out}")
+    return 0
+
+
+def serve_stand_in(backend_ms: float, capacity: int = 512) -> None:
+    """A stand-in model server (OpenAISimulatorDouble) in a process of its own: prints its URL, then serves until
+    killed (not sharing a GIL with the bench's callers)."""
+    from tests.fakes.openai_simulator import OpenAISimulatorDouble
+
+    with OpenAISimulatorDouble(latency_s=backend_ms / 1000, capacity=capacity, name="sim") as sim:
+        print(sim.base_url, flush=True)
+        while True:
+            time.sleep(3600)

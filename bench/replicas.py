@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,18 +36,16 @@ import yaml
 
 from bench.common import (
     add_output_args,
-    console,
-    failure_code,
     fmt,
     log,
     machine_line,
+    measure_and_write,
     resolve_output,
+    serve_stand_in,
     tree_cpu_s,
-    write_section,
 )
 from core.settings import Settings
 from serving.auth import KeyStore
-from tests.fakes.openai_simulator import OpenAISimulatorDouble
 from tests.gateway_factory import GatewayProcess
 from tests.services import RedisServer
 
@@ -201,13 +199,6 @@ Errors over the run: {m["errors"]}.
 """
 
 
-def serve_stand_in(backend_ms: float) -> None:
-    with OpenAISimulatorDouble(latency_s=backend_ms / 1000, capacity=4096, name="sim") as sim:
-        print(sim.base_url, flush=True)
-        while True:
-            time.sleep(3600)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", nargs="?", default="run", choices=["run", "_sim", "_load"], help=argparse.SUPPRESS)
@@ -221,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     add_output_args(ap, "2 rounds of 4 s")
     args = ap.parse_args(argv)
     if args.what == "_sim":
-        serve_stand_in(args.backend_ms)
+        serve_stand_in(args.backend_ms, capacity=4096)
         return 0
     if args.what == "_load":
         print(json.dumps(asyncio.run(load(args.url, args.key, args.concurrency, args.window_s))))
@@ -229,17 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     args.rounds = args.rounds or (2 if args.quick else 5)
     args.window_s = args.window_s or (4.0 if args.quick else 10.0)
     resolve_output(args)
-    started, t0 = datetime.now(UTC), time.monotonic()
-    try:
-        m = measure(args)
-    except (Exception, KeyboardInterrupt) as exc:
-        return failure_code(exc)
-    text = report(args, m, started, time.monotonic() - t0)
-    console.print(text)
-    if args.write:
-        write_section(args.out, text, *SECTION)
-        log(f"wrote {args.out}")
-    return 0
+    return measure_and_write(args, SECTION, measure, report)
 
 
 if __name__ == "__main__":

@@ -173,14 +173,20 @@ def test_a_batch_on_a_cluster_runs_with_vllms_own_batch_runner(run: Run) -> None
     print(f"40-line batch with vLLM's batch runner on the cluster: created to completed in {took:.1f} s")
 
 
-def test_a_batch_cancelled_midway_keeps_its_answered_lines(run: Run) -> None:
-    c = run.client
-    f = c.files.create(file=("many.jsonl", io.BytesIO(_file(3000, "c"))), purpose="batch")
+def _batch_under_way(c: openai.OpenAI, prefix: str) -> Any:
+    """A 3,000-line batch that has answered its first 20 lines (and has most of its lines still to run)."""
+    f = c.files.create(file=(f"{prefix}.jsonl", io.BytesIO(_file(3000, prefix))), purpose="batch")
     b = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
     deadline = time.monotonic() + 300
     while c.batches.retrieve(b.id).request_counts.completed < 20:
         assert time.monotonic() < deadline, "no line answered in 300 s"
         time.sleep(0.5)
+    return b
+
+
+def test_a_batch_cancelled_midway_keeps_its_answered_lines(run: Run) -> None:
+    c = run.client
+    b = _batch_under_way(c, "c")
     assert c.batches.cancel(b.id).status == "cancelling"
     done, _ = _wait(c, b.id, {"cancelled", "completed", "failed"}, timeout_s=120)
     assert done.status == "cancelled" and done.cancelled_at
@@ -194,12 +200,7 @@ def test_an_operator_cancels_a_batch_from_the_prefect_ui(run: Run) -> None:
     """What the UI's Cancel button does (the flow run's state set to CANCELLING through Prefect's API): the worker
     stops the run, its on_cancellation hook ends the batch `cancelled`, and the lines already answered stay."""
     c = run.client
-    f = c.files.create(file=("ops.jsonl", io.BytesIO(_file(3000, "o"))), purpose="batch")
-    b = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
-    deadline = time.monotonic() + 300
-    while c.batches.retrieve(b.id).request_counts.completed < 20:
-        assert time.monotonic() < deadline, "no line answered in 300 s"
-        time.sleep(0.5)
+    b = _batch_under_way(c, "o")
     flows = prefect_api("POST", run.prefect + "/flow_runs/filter", run.env,
                         json={"flow_runs": {"tags": {"all_": ["batch"]}}}).json()  # fmt: skip
     flow_run = next(r for r in flows if b.id in r["name"])
