@@ -42,6 +42,7 @@ from compute.relay import RelayHub
 from core.errors import APIError
 from core.principal import Principal
 from core.settings import Settings
+from serving import replicas
 from serving.auth import LocalKeyAuthenticator
 from serving.auth_setup import build_authenticator, follow_globus_block
 from serving.batches.files import FileStore
@@ -51,11 +52,7 @@ from serving.fleet_sync import follow_fleet
 from serving.globus_auth import GlobusAuthenticator
 from serving.limits import FailedAuthThrottle, RateLimiter
 from serving.live_state import LiveState
-from serving.replicas.fleet import ReplicaSync
-from serving.replicas.limits import Admission, SharedLimits
-from serving.replicas.relay import RelayForwarder, shared_relay_secret
-from serving.replicas.store import SharedStateDown, SharedStore
-from serving.replicas.warmups import WarmLocks
+from serving.replicas.limits import Admission
 from serving.request import ControlPlane, Services
 
 log = logging.getLogger("first.api")
@@ -96,42 +93,33 @@ def create_app(
         settings.make_home()
         prefect = bool(os.environ.get("PREFECT_API_URL"))
         reg = registry or (await Registry.load(settings) if prefect else Registry.embedded_default(settings))
-        shared = None
-        if settings.redis_url:  # one of several replicas (docs/deploy.md)
-            shared = SharedStore(settings.redis_url, settings.redis_prefix, settings.redis_timeout_s,
-                                 settings.redis_retry_s, replica_id=settings.replica)  # fmt: skip
-        relay = RelayHub(replica=shared.replica_id if shared is not None else None)
-        forwarder = RelayForwarder(shared, relay, RELAY_ROOM_WAIT_S) if shared is not None else None
-        if shared is not None:
-            try:
-                relay.use_secret(await shared_relay_secret(shared))
-            except SharedStateDown:
-                log.warning("Redis is down at start: this replica's streams are relayed only when their cluster's "
-                            "posts reach it, until it restarts with Redis up")  # fmt: skip
+        relay = RelayHub()
+        replica = await replicas.join(settings, relay, RELAY_ROOM_WAIT_S)  # one of several (docs/deploy.md)
         backends = Backends(settings, relay)
-        live = LiveState(backends, settings, warm_locks=WarmLocks(shared) if shared is not None else None)
-        shared_limits = SharedLimits(shared) if shared is not None else None
+        live = LiveState(backends, settings, warm_locks=replica.warm_locks if replica else None)
         svc = Services(
             settings=settings, registry=reg, live=live, backends=backends, spool=UsageSpool(settings.spool_dir),
-            limiter=Admission(RateLimiter(), shared_limits), control=control,
+            limiter=Admission(RateLimiter(), replica.limits if replica else None), control=control,
             files=FileStore(settings.batches_root, settings.max_file_bytes, settings.file_quota_bytes),
-            batches=BatchStore(settings.batches_root), shared=shared,
+            batches=BatchStore(settings.batches_root), shared=replica.store if replica else None,
         )  # fmt: skip
         if control is not None:
             live.warm_runner = control.warm_runner(svc)
         throttle = FailedAuthThrottle(settings.auth_failures_per_min)
-        app.state.services, app.state.relay, app.state.metrics = svc, relay, metrics_registry(live, throttle, shared)
+        app.state.services, app.state.relay, app.state.metrics = (
+            svc,
+            relay,
+            metrics_registry(live, throttle, svc.shared),
+        )
         app.state.usage_reports = reports = UsageReports()
         app.state.gateway_id = settings.gateway_id or f"{socket.gethostname()}_{settings.port}"
         background = [asyncio.create_task(live.probe([live.instance(reg.clusters[c], m) for m in reg.models.values()
                                                       for c in m.clusters if c in reg.clusters]))]  # fmt: skip
         if registry is None and prefect:
             background.append(asyncio.create_task(follow_fleet(svc, app.state.gateway_id)))
-        if shared_limits is not None and forwarder is not None:
-            background.append(asyncio.create_task(shared_limits.renew_forever()))
-            background.append(asyncio.create_task(forwarder.listen_forever()))
-            background.append(asyncio.create_task(ReplicaSync(shared_limits.store, live).run_forever()))
-        app.state.relay_forwarder = forwarder
+        if replica is not None:
+            background += replicas.tasks(replica.background(live))
+        app.state.relay_forwarder = replica.forwarder if replica else None
         auth = await build_authenticator(settings, globus)
         app.state.authenticator = WithBatchCredentials(auth, BatchTokens(settings.batch_secret_path), svc.batches)
         app.state.on_rejected = _record_rejected
@@ -152,9 +140,8 @@ def create_app(
             svc.spool.close()
             reports.close()
             await backends.close()
-            if shared is not None:
-                await svc.limiter.settled()
-                await shared.close()
+            if replica is not None:
+                await replica.leave(svc.limiter)
 
     return Litestar(
         route_handlers=[
