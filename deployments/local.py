@@ -12,6 +12,7 @@ DEPLOYMENTS = (
     "scale-down/scale-down",
     "refresh-status/refresh-status",
     "scale-down-idle/scale-down-idle",
+    "predictive-warm-up/predictive-warm-up",
     "drain-cluster/drain-cluster",
     "model-status/model-status",
     "ingest-usage/ingest-usage",
@@ -24,6 +25,7 @@ DEPLOYMENTS = (
 SCHEDULED = (
     "refresh-status/refresh-status",
     "scale-down-idle/scale-down-idle",
+    "predictive-warm-up/predictive-warm-up",
     "ingest-usage/ingest-usage",
     "usage-report/usage-report",
     "audit-retention/audit-retention",

@@ -47,6 +47,7 @@ from flows.lifecycle_tasks import (
     submit_start,
     wait_until_healthy,
 )
+from flows.predictive import busy_models
 from serving import bus
 
 IDLE_REPORT_AGE_S = 60.0  # gateway reports older than this are ignored by scale-down-idle
@@ -214,6 +215,11 @@ async def scale_down_idle(dry_run: bool = False) -> list[dict[str, Any]]:
     ]
     reports = await bus.gateway_reports(IDLE_REPORT_AGE_S)
     logger.info("%d hot model server(s); %d live gateway report(s)", len(hot), len(reports))
+    try:  # a model in a busy hour its usage history predicts stays up (flows/predictive.py)
+        busy = await busy_models(registry, probes)
+    except Exception as exc:
+        logger.warning("no forecast of busy hours (%s): idle time alone decides", exc)
+        busy = set()
     decisions: list[IdleDecision] = []
     for p in hot:
         o = observed.get((p.cluster.name, p.model.name))
@@ -221,6 +227,8 @@ async def scale_down_idle(dry_run: bool = False) -> list[dict[str, Any]]:
         d = idle_decision(p.cluster.name, p.model.name, p.model.idle_timeout_s, reports, since, time.time())
         if d.stop and not backend_of(p.cluster).manages_lifecycle:
             d.stop, d.action = False, "keep: managed outside FIRST"
+        if d.stop and p.model.name in busy:
+            d.stop, d.action = False, "keep: a busy hour is predicted (predictive-warm-up)"
         if d.stop and not dry_run:
             # Reports are a few seconds old: look again right before stopping, in case a request came in.
             d = idle_decision(p.cluster.name, p.model.name, p.model.idle_timeout_s,

@@ -295,6 +295,7 @@ def test_the_deployments_are_registered(fleet: Fleet) -> None:
         "refresh-status/refresh-status": [60.0], "scale-down-idle/scale-down-idle": [300.0],
         "ingest-usage/ingest-usage": [60.0], "usage-report/usage-report": ["0 6 * * *"],
         "audit-retention/audit-retention": ["0 3 * * *"], "batch-retention/batch-retention": [300.0],
+        "predictive-warm-up/predictive-warm-up": [600.0],
     }  # fmt: skip
 
 
@@ -389,3 +390,33 @@ def test_warm_up_best_starts_it_out_of_maintenance(fleet: Fleet) -> None:
     steps = fleet.task_runs(run, {"check-status", "submit-start", "wait-until-healthy", "publish-state"})
     assert steps == dict.fromkeys(["check-status", "submit-start", "wait-until-healthy", "publish-state"], "COMPLETED")
     assert "| alpha | sim |" in fleet.artifacts(run)["warm-up-sim"]
+
+
+def test_predictive_warm_up_warms_a_model_ahead_of_its_busy_hour(fleet: Fleet) -> None:
+    """Four past weeks of usage say 'sim' is busy this hour: the scheduled predictive-warm-up (run here as its
+    schedule would) starts a warm-up run before any request, and the model is hot again."""
+    from datetime import UTC, datetime, timedelta
+
+    from analytics.records import UsageRecord
+    from analytics.spool import UsageSpool
+    from analytics.store import UsageStore
+
+    fleet.run("scale-down/scale-down", {"model": "sim", "cluster": "all"})
+    soon = datetime.now(UTC) + timedelta(minutes=5)
+    spool = fleet.home / "history-spool"
+    with UsageSpool(spool) as s:
+        for k in range(1, 5):
+            for i in range(30):
+                at = soon - timedelta(weeks=k, seconds=i)
+                s.append(UsageRecord(request_id=f"hist-{k}-{i}", ts=at.timestamp(), user="u", model="sim",
+                                     endpoint="chat.completions"))  # fmt: skip
+    UsageStore(fleet.settings.usage_db).ingest(spool)
+    run = fleet.run("predictive-warm-up/predictive-warm-up", {}, timeout_s=120)
+    table = fleet.artifacts(run)["predictive-warm-up"]
+    assert "| sim | warm | 30.0 |" in table, table
+    deadline = time.monotonic() + 120  # the warm-up it started, a run of the warm-up deployment of its own
+    while time.monotonic() < deadline and fleet.observation("alpha")["state"] != "hot":
+        time.sleep(1)
+    assert fleet.observation("alpha")["state"] == "hot"
+    again = fleet.run("predictive-warm-up/predictive-warm-up", {"dry_run": True}, timeout_s=120)
+    assert "| sim | keep |" in fleet.artifacts(again)["predictive-warm-up"]  # running: kept through the hour
