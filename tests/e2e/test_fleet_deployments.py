@@ -420,3 +420,9 @@ def test_predictive_warm_up_warms_a_model_ahead_of_its_busy_hour(fleet: Fleet) -
     assert fleet.observation("alpha")["state"] == "hot"
     again = fleet.run("predictive-warm-up/predictive-warm-up", {"dry_run": True}, timeout_s=120)
     assert "| sim | keep |" in fleet.artifacts(again)["predictive-warm-up"]  # running: kept through the hour
+    t0 = time.time()  # idle for an hour by the gateways' account: scale-down-idle keeps it for the busy hour
+    uses = {"alpha": InstanceUse(state="hot", last_used=t0 - 3600, hot_since=t0 - 7200)}
+    with playing_gateway(fleet, lambda: uses):
+        idle = fleet.run("scale-down-idle/scale-down-idle", {})
+    assert "keep: a busy hour is predicted" in fleet.artifacts(idle)["scale-down-idle"]
+    assert fleet.observation("alpha")["state"] == "hot"
