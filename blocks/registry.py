@@ -149,11 +149,14 @@ class ModelSpec(AccessRules):
     )
     idle_timeout_s: int = Field(default=3600, ge=0, description="scale-down-idle stops it after this long unused")
     warm_ahead: Literal["auto", "off"] = Field(
-        default="auto", description="predictive-warm-up: 'auto' warms it ahead of the demand its usage history "
+        default="auto",
+        description="predictive-warm-up: 'auto' warms it ahead of the demand its usage history "
         "predicts (and keeps it through predicted busy hours); 'off' leaves it to requests and operators",
     )
     warm_ahead_min_per_hour: float = Field(
-        default=10.0, gt=0, description="predictive-warm-up: the requests per hour, predicted from past weeks, that "
+        default=10.0,
+        gt=0,
+        description="predictive-warm-up: the requests per hour, predicted from past weeks, that "
         "make it worth warming ahead",
     )
     nice: int = Field(

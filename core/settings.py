@@ -86,7 +86,10 @@ class Settings(BaseSettings):
     keys_max_stale_s: float = Field(default=300.0, gt=0, description="While FIRST_KEYS_URL cannot be read, how long "
                                     "the keys last read stay valid; then every key is refused (503)")  # fmt: skip
     redis_timeout_s: float = Field(
-        default=0.25, gt=0, description="A Redis call slower than this counts as Redis being down"
+        default=1.0,
+        gt=0,
+        description="A Redis call slower than this counts as Redis being down (a burst opens "
+        "connections on a busy host: not tighter than this)",
     )
     redis_retry_s: float = Field(
         default=2.0,

@@ -29,7 +29,7 @@ class SharedStateDown(ConnectionError):
 
 class SharedStore:
     def __init__(
-        self, url: str, prefix: str = "first", timeout_s: float = 0.25, retry_s: float = 2.0,
+        self, url: str, prefix: str = "first", timeout_s: float = 1.0, retry_s: float = 2.0,
         clock: Clock = SYSTEM_CLOCK, replica_id: str | None = None,
     ) -> None:  # fmt: skip
         self.url, self.prefix, self.retry_s, self.clock = url, prefix, retry_s, clock

@@ -38,9 +38,10 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 @pytest.fixture
 async def replicas(redis_server: RedisServer, request: pytest.FixtureRequest) -> AsyncIterator[list[Admission]]:
-    """Two replicas' admissions over one Redis, under a key prefix of this test's own."""
+    """Two replicas' admissions over one Redis, under a key prefix of this test's own. A generous timeout: these
+    tests are about what is shared, not about a loaded machine's connection times (the degraded test is below)."""
     prefix = f"t{abs(hash(request.node.name))}"
-    stores = [SharedStore(redis_server.url, prefix, replica_id=f"r{i}") for i in range(2)]
+    stores = [SharedStore(redis_server.url, prefix, timeout_s=10, replica_id=f"r{i}") for i in range(2)]
     yield [Admission(shared=SharedLimits(s)) for s in stores]
     for s in stores:
         await s.close()
@@ -114,7 +115,8 @@ async def test_admission_takes_the_slot_and_the_limits_in_one_step_or_nothing(re
 
 
 async def test_a_dead_replicas_slots_lapse_and_a_live_ones_do_not(redis_server: RedisServer) -> None:
-    live_store, dead_store = (SharedStore(redis_server.url, "lapse", replica_id=n) for n in ("live", "dead"))
+    live_store, dead_store = (SharedStore(redis_server.url, "lapse", timeout_s=10, replica_id=n)
+                              for n in ("live", "dead"))  # fmt: skip
     live = SharedLimits(live_store, stale_s=1.0, renew_s=0.2)
     dead = SharedLimits(dead_store, stale_s=1.0, renew_s=0.2)
     renewing = asyncio.create_task(live.renew_forever())  # the dead replica renews nothing
@@ -201,7 +203,7 @@ async def test_cold_requests_spread_over_two_replicas_start_one_warm_up(redis_se
 
         return warm_up_double
 
-    stores = [SharedStore(redis_server.url, "warm", replica_id=f"r{i}") for i in range(2)]
+    stores = [SharedStore(redis_server.url, "warm", timeout_s=10, replica_id=f"r{i}") for i in range(2)]
     settings = Settings(home=Path("/nonexistent"), warm_up_timeout_s=30)
     lives = [LiveState(OneClusterDouble(cluster), settings, warm_runner=runner(f"r{i}"), warm_locks=WarmLocks(s))  # type: ignore[arg-type]
              for i, s in enumerate(stores)]  # fmt: skip
@@ -219,7 +221,7 @@ async def test_cold_requests_spread_over_two_replicas_start_one_warm_up(redis_se
 
 
 async def test_replicas_route_on_each_others_load_and_open_breakers(redis_server: RedisServer) -> None:
-    stores = [SharedStore(redis_server.url, "fleet", replica_id=f"r{i}") for i in range(2)]
+    stores = [SharedStore(redis_server.url, "fleet", timeout_s=10, replica_id=f"r{i}") for i in range(2)]
     settings = Settings(home=Path("/nonexistent"))
     lives = [LiveState(None, settings) for _ in stores]  # type: ignore[arg-type]
     syncs = [ReplicaSync(s, live) for s, live in zip(stores, lives, strict=True)]
