@@ -41,7 +41,7 @@ async def test_two_replicas_see_keys_made_and_revoked_within_the_bound(postgres:
         bob, _ = store.create("bob")
         store.revoke(info.key_id)
         t0 = asyncio.get_running_loop().time()
-        while not all(await _refuses(r, alice) for r in replicas):  # refreshes every 0.1 s here (1 s by default)
+        while not all([await _refuses(r, alice) for r in replicas]):  # refreshes every 0.1 s here (1 s by default)
             assert asyncio.get_running_loop().time() - t0 < 5, "a replica still accepts the revoked key"
             await asyncio.sleep(0.05)
         for r in replicas:
