@@ -59,6 +59,14 @@ class Settings(BaseSettings):
     registry_refresh_s: float = Field(default=5.0, description="How often the gateway re-reads cluster/model blocks")
     state_sync_s: float = Field(default=2.0, description="How often the gateway exchanges live state with flows")
     gateway_id: str | None = Field(default=None, description="This gateway's name in its state reports (host_port)")
+    session_header: str = Field(
+        default="X-Session-Id",
+        description="A request header naming the caller's session: its requests go to the "
+        "same instance while it is hot and has room, so vLLM's prefix cache is reused (agents, chats)",
+    )
+    session_from_user: bool = Field(
+        default=False, description="Without the session header, use the OpenAI `user` field as the session key"
+    )
     # ---- several gateway replicas (docs/deploy.md): their shared state in Redis ----
     redis_url: str | None = Field(
         default=None,

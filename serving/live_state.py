@@ -200,9 +200,11 @@ class LiveState:
 
     # ---- routing ----
 
-    def route(self, candidates: list[Instance]) -> list[Instance]:
-        """``candidates`` best first; clusters in maintenance or with an open breaker left out."""
-        return rank(candidates, self.breakers, self.estimates, time.time(), count_running(self._instances.values()))
+    def route(self, candidates: list[Instance], session: str | None = None) -> list[Instance]:
+        """``candidates`` best first; clusters in maintenance or with an open breaker left out; a session's own
+        instance first while it is hot and has room."""
+        running = count_running(self._instances.values())
+        return rank(candidates, self.breakers, self.estimates, time.time(), running, session)
 
     async def probe(self, instances: list[Instance], timeout_s: float = 10.0) -> None:
         """Ask the clusters what state these instances are in (the first time the gateway routes to them).

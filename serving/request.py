@@ -30,6 +30,7 @@ class InferenceRequest:
     principal: Principal
     warm_wait_s: float | None = None  # the caller's bound on waiting for a cold model (X-First-Warm-Wait)
     pinned: str | None = None  # a cluster the caller chose (X-First-Cluster, or a "cluster/model" name)
+    session: str | None = None  # the caller's session key (FIRST_SESSION_HEADER, or the `user` field): affinity
     started: float = field(default_factory=time.time)
     t0: float = field(default_factory=time.perf_counter)
 

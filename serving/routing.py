@@ -3,7 +3,8 @@
 Among the instances of the model on the clusters the caller may use, in this order:
 
 0. **hot** with spare capacity (in-flight below the cluster's ``max_concurrency``; with several gateway replicas,
-   the in-flight requests of all of them), least loaded first; on equal
+   the in-flight requests of all of them): a request with a session key goes to its session's own instance
+   (``affinity``), others least loaded first; on equal
    load, the one used least recently, so that equal instances take turns;
 1. **starting**: a warm-up is under way; shortest remaining expected wait first;
 2. **queued**: its start waits in a batch queue;
@@ -19,6 +20,7 @@ cluster, and its outcome closes the breaker or opens it again.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -84,16 +86,24 @@ def count_running(instances: Iterable[Instance]) -> dict[str, int]:
     return running
 
 
+def affinity(session: str, inst: Instance) -> int:
+    """Rendezvous hashing: the instance with the highest score for a session is its own. Every gateway replica
+    computes the same, with nothing shared, and only that session's requests move when an instance comes or goes."""
+    return int.from_bytes(hashlib.blake2b(f"{session}|{inst.key}".encode(), digest_size=8).digest(), "big")
+
+
 def rank(
     instances: Iterable[Instance],
     breakers: dict[str, Breaker],
     estimates: dict[str, float],
     now: float,
     running: dict[str, int] | None = None,
+    session: str | None = None,
 ) -> list[Instance]:
     """The usable instances, best first (see the module docstring). ``estimates``: expected cold-to-hot
     seconds per cluster; ``running``: models running (hot, starting, queued) per cluster, of every model,
-    for ``max_instances`` (default: counted among ``instances``)."""
+    for ``max_instances`` (default: counted among ``instances``). ``session`` (a caller's session key): among the
+    hot instances with room, the session's own goes first, so that its prompts meet vLLM's prefix cache."""
     pool = []
     for inst in instances:
         name = inst.cluster.name
@@ -106,20 +116,26 @@ def rank(
     if running is None:
         running = count_running(pool)
 
-    def key(inst: Instance) -> tuple[int, float, float]:
+    def with_room(inst: Instance) -> bool:
+        return inst.state == "hot" and inst.inflight + inst.others_inflight < inst.cluster.max_concurrency
+
+    roomy = [i for i in pool if with_room(i)] if session else []
+    own = max(roomy, key=lambda i: affinity(session or "", i)) if roomy else None
+
+    def key(inst: Instance) -> tuple[int, int, float, float]:
         state, cluster = inst.state, inst.cluster
         expected = estimates.get(cluster.name, cluster.expected_start_s)
         if state == "hot":
             inflight = inst.inflight + inst.others_inflight  # every replica's requests there (serving/replicas)
             load = inflight / cluster.max_concurrency
-            return (0 if inflight < cluster.max_concurrency else 3, load, inst.last_used or 0.0)
+            return (0 if inflight < cluster.max_concurrency else 3, inst is not own, load, inst.last_used or 0.0)
         if state in ("starting", "queued"):
             remaining = expected - (now - inst.since)
-            return (1 if state == "starting" else 2, remaining, 0.0)
+            return (1 if state == "starting" else 2, True, remaining, 0.0)
         if state in ("cold", "unknown"):
             full = running.get(cluster.name, 0) >= cluster.max_instances
-            return (6 if full else 4, expected, 0.0)
-        return (5, expected, 0.0)  # failed
+            return (6 if full else 4, True, expected, 0.0)
+        return (5, True, expected, 0.0)  # failed
 
     keyed = sorted((key(inst), n, inst) for n, inst in enumerate(pool))
     return [inst for k, _, inst in keyed if k[0] != 6]

@@ -126,7 +126,7 @@ async def select_cluster(req: InferenceRequest, model: ModelSpec, svc: Services,
     unknown = [i for i in candidates if i.state == "unknown"]
     if unknown:  # first contact since the gateway started (or since a server vanished): ask the clusters
         await svc.live.probe(unknown)
-    plan = svc.live.route(candidates)
+    plan = svc.live.route(candidates, req.session)
     if not plan:
         raise nothing_routable(model.name, candidates, svc)
     return plan

@@ -80,9 +80,13 @@ async def _serve(request: Request, body: InferenceBody, endpoint: str, svc: Serv
     line = request.headers.get("x-first-batch-line")
     if who.batch_id is not None and line is not None and line.isdigit():
         set_request_id(request.scope, f"{who.batch_id}-{int(line)}")
+    session = request.headers.get(svc.settings.session_header) or None
+    if session is None and svc.settings.session_from_user:
+        session = getattr(body, "user", None) or None
     req = InferenceRequest(
         request_id=request_id(request.scope), endpoint=endpoint, path=f"/v1/{endpoint.replace('.', '/')}",
         body=body, principal=who, warm_wait_s=warm_wait_s, pinned=request.headers.get("x-first-cluster") or None,
+        session=session[:256] if session else None,
     )  # fmt: skip
     result, channel = await serve(req, svc)
     headers = {"X-Request-Id": req.request_id}
