@@ -19,9 +19,9 @@ from datetime import UTC, datetime, timedelta
 import polars as pl
 
 from blocks.registry import ModelSpec, Registry
+from serving.routing import RUNNING
 
 TREND_BOUNDS = (0.5, 2.0)
-RUNNING = ("hot", "starting", "queued")
 
 
 def _hour(t: datetime) -> datetime:
