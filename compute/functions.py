@@ -303,11 +303,18 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    try:  # a zombie is not alive
+    try:  # a zombie is not alive, nor is a process on its way out
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except OSError:
+            fields = f.read().split(") ", 1)[1].split()
+        with open(f"/proc/{pid}/status") as f:
+            pending = [int(line.split()[1], 16) for line in f if line.startswith(("SigPnd:", "ShdPnd:"))]
+    except (OSError, IndexError, ValueError):
         return True
+    pf_exiting = 0x4  # the kernel's task flag (field 9 of /proc/PID/stat) set as exit begins
+    sigkill_bit = 1 << 8  # SIGKILL (9) in /proc/PID/status's pending-signal masks
+    if fields[0] in ("Z", "X") or int(fields[6]) & pf_exiting:
+        return False
+    return not any(mask & sigkill_bit for mask in pending)  # killed, not yet scheduled to die
 
 
 def _group_has_live_members(pgid: int) -> bool:

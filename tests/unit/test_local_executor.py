@@ -114,3 +114,23 @@ def test_each_vllm_gets_its_own_api_key_that_only_cluster_functions_use(executor
         without = executor.submit(functions.openai_request, sim.base_url, "/v1/chat/completions", chat, 10.0)
         assert with_key.result(30)["status"] == 200
         assert without.result(30)["status"] == 401
+
+
+def test_a_killed_server_is_not_alive_before_its_parent_reaps_it():
+    """A killed vLLM must read as failed, never as "starting" (alive, health failing) while it is torn down."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert functions._pid_alive(child.pid)
+        os.kill(child.pid, signal.SIGKILL)
+        assert not functions._pid_alive(child.pid), "killed, still being torn down (state R): not alive"
+        deadline = time.monotonic() + 10
+        while open(f"/proc/{child.pid}/stat").read().split(") ", 1)[1][0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert not functions._pid_alive(child.pid), "a zombie its parent has not reaped yet: not alive"
+    finally:
+        child.wait()
+    assert not functions._pid_alive(child.pid)
