@@ -151,3 +151,25 @@ def write_charts(store: UsageStore, out_dir: Path, f: UsageFilter = UsageFilter(
         fig.savefig(path, dpi=DPI, format="png")
         written.append(path)
     return written
+
+
+def write_allocation_chart(report: pl.DataFrame, path: Path) -> Path:
+    """Each project's GPU-hours used this period against its budget (``analytics.allocations``): a bar per
+    project, its budget a tick; the idle owner and callers in no project as plain bars."""
+    fig, ax = _figure("GPU-hours used this period, against each project's budget")
+    if report.is_empty():
+        _no_data(ax)
+    else:
+        names = report["project"].to_list()
+        used = report["gpu_hours_used"].to_list()
+        budgets = report["gpu_hours_budget"].to_list()
+        colours = ["tab:red" if s else "tab:blue" for s in report["spent"].to_list()]
+        ax.bar(names, used, color=colours, label="used (red: spent)")
+        marks = [(n, b) for n, b in zip(names, budgets, strict=True) if b is not None]
+        if marks:
+            ax.scatter([n for n, _ in marks], [b for _, b in marks], marker="_", s=2000, color="black", label="budget")
+        ax.set_ylabel("GPU-hours")
+        ax.legend(loc="upper right", fontsize="small")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, format="png")
+    return path

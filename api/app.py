@@ -48,6 +48,7 @@ from serving.auth_setup import build_authenticator, follow_globus_block
 from serving.batches.files import FileStore
 from serving.batches.store import BatchStore
 from serving.batches.tokens import BatchTokens, WithBatchCredentials
+from serving.budgets import follow_budgets
 from serving.fleet_sync import follow_fleet
 from serving.globus_auth import GlobusAuthenticator
 from serving.limits import FailedAuthThrottle, RateLimiter
@@ -117,6 +118,7 @@ def create_app(
                                                       for c in m.clusters if c in reg.clusters]))]  # fmt: skip
         if registry is None and prefect:
             background.append(asyncio.create_task(follow_fleet(svc, app.state.gateway_id)))
+        background.append(asyncio.create_task(follow_budgets(svc)))
         if replica is not None:
             background += replicas.tasks(replica.background(live))
         app.state.relay_forwarder = replica.forwarder if replica else None

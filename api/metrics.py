@@ -41,8 +41,14 @@ class FleetCollector:
             "1 while the model's server on the cluster is closed off (its breaker)",
             labels=labels,
         )
+        waiting = GaugeMetricFamily("first_instance_waiting", "Requests waiting in the instance's fair queue (it is "
+                                    "full)", labels=labels)  # fmt: skip
+        queue_timeouts = CounterMetricFamily("first_instance_queue_timeouts", "Requests refused after waiting their "
+                                             "bound in the instance's fair queue", labels=labels)  # fmt: skip
         for inst in self.live.all():
             key = [inst.model.name, inst.cluster.name]
+            waiting.add_metric(key, inst.admission.queued if inst.admission else 0)
+            queue_timeouts.add_metric(key, inst.admission.timeouts if inst.admission else 0)
             shown = inst.shown_state
             for s in STATES:
                 state.add_metric([*key, s], 1.0 if shown == s else 0.0)
@@ -96,6 +102,8 @@ class FleetCollector:
             errors,
             warm_ups,
             instance_breaker,
+            waiting,
+            queue_timeouts,
             breaker,
             opened,
             failovers,

@@ -52,9 +52,11 @@ class UsageController(Controller):
 
         principal = principal_of(request)
         name = report.strip().lower().replace("_", "-")
+        if name == "allocations":
+            return {"object": "usage.report", "report": name, "data": await _allocations(principal, services)}
         if name not in REPORTS:
-            raise APIError(400, f"Unknown report '{report}'; choose from {', '.join(REPORTS)}.", param="report",
-                           code="unknown_report")  # fmt: skip
+            raise APIError(400, f"Unknown report '{report}'; choose from {', '.join([*REPORTS, 'allocations'])}.",
+                           param="report", code="unknown_report")  # fmt: skip
         if not 1 <= limit <= 1000:
             raise APIError(400, "'limit' must be between 1 and 1000.", param="limit")
         if principal.is_admin:
@@ -106,6 +108,30 @@ class UsageReports:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def _allocations(principal: Any, services: Services) -> list[dict[str, Any]]:
+    """Each project's GPU-hour burn this period (admins: every project; others: their own project's row)."""
+    import duckdb
+
+    from analytics.allocations import allocation_report
+    from analytics.store import UsageStore
+
+    registry, settings = services.registry, services.settings
+    try:
+        df = await asyncio.get_running_loop().run_in_executor(
+            None, allocation_report, UsageStore(settings.usage_db), settings.instance_events_dir, registry,
+            settings.allocation_idle_owner,
+        )  # fmt: skip
+    except duckdb.Error as exc:
+        log.warning("allocations report failed: %s", exc)
+        raise APIError(503, "The usage database is busy or unavailable; try again shortly.", code="usage_unavailable",
+                       headers={"Retry-After": "5"}) from None  # fmt: skip
+    rows = [{k: _json_value(v) for k, v in row.items()} for row in df.iter_rows(named=True)]
+    if principal.is_admin:
+        return rows
+    own = registry.project_of(principal.groups)
+    return [r for r in rows if own is not None and r["project"] == own.name]
 
 
 def _bound(value: str | None, param: str, now: datetime) -> datetime | None:

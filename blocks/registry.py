@@ -8,7 +8,8 @@ import logging
 from typing import Any, Literal
 
 from prefect.blocks.core import Block
-from pydantic import BaseModel, Field
+from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+from pydantic import BaseModel, Field, PositiveFloat
 
 from core.settings import Settings
 
@@ -114,6 +115,7 @@ class ClusterModelArgs(BaseModel):
     port: int | None = None
     vllm_args: list[str] | None = Field(default=None, description="Replaces the model's vllm_args there")
     vllm_env: dict[str, str] = Field(default_factory=dict, description="Added to the model's vllm_env there")
+    gpus: int | None = Field(default=None, ge=0, description="GPUs one instance holds there (default: the model's)")
 
 
 ModelKind = Literal["generate", "embed"]
@@ -137,6 +139,9 @@ class ModelSpec(AccessRules):
         default_factory=dict, description="Per-cluster path, port, vLLM arguments and environment"
     )
     context_length: int = 512
+    gpus: int = Field(
+        default=1, ge=0, description="GPUs one instance holds (what allocations are charged: GPUs x wall time)"
+    )
     max_output_tokens: int | None = Field(
         default=None,
         ge=1,
@@ -158,6 +163,11 @@ class ModelSpec(AccessRules):
         gt=0,
         description="predictive-warm-up: the requests per hour, predicted from past weeks, that "
         "make it worth warming ahead",
+    )
+    group_weights: dict[str, PositiveFloat] = Field(
+        default_factory=dict,
+        description="Fair share once the model is full: caller group -> weight (default 1). A group of weight 2 gets "
+        "twice the slots of a group of weight 1 while both wait",
     )
     nice: int = Field(
         default=0, ge=0, le=19, description="Run vLLM at this niceness (for a machine shared with the gateway)"
@@ -211,7 +221,22 @@ class ModelSpec(AccessRules):
         return ClusterModelArgs(
             path=o.path or self.path, port=o.port or self.port,
             vllm_args=self.vllm_args if o.vllm_args is None else o.vllm_args, vllm_env={**self.vllm_env, **o.vllm_env},
+            gpus=self.gpus if o.gpus is None else o.gpus,
         )  # fmt: skip
+
+
+class ProjectSpec(BaseModel):
+    """An allocation: the caller groups whose work it pays for, and its GPU-hour budget per period."""
+
+    name: str
+    groups: list[str] = Field(description="Caller groups charged to this project (a caller's first matching project)")
+    gpu_hours: float = Field(gt=0, description="GPU-hours the project may use per period")
+    period: Literal["month", "quarter", "year"] = Field(default="month", description="When the budget renews (UTC)")
+    when_spent: Literal["refuse", "demote"] = Field(
+        default="refuse",
+        description="Once the budget is used: 'refuse' answers 403 naming the project; 'demote' serves its callers "
+        "after everyone else (below batch lines) when a model is full",
+    )
 
 
 class ClusterBlock(Block):
@@ -238,11 +263,30 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
 
 
+class ProjectBlock(Block):
+    """A project allocation: which groups it pays for, and its GPU-hour budget."""
+
+    _block_type_name = "FIRST Project"
+    _block_type_slug = "first-project"
+    _description = "A project allocation: the caller groups it pays for and its GPU-hour budget per period."
+
+    spec: ProjectSpec
+
+
 class Registry(BaseModel):
-    """A snapshot of clusters and models. The gateway holds one and refreshes it from the blocks."""
+    """A snapshot of clusters, models and project allocations. The gateway holds one and refreshes it from the
+    blocks."""
 
     clusters: dict[str, ClusterSpec] = Field(default_factory=dict)
     models: dict[str, ModelSpec] = Field(default_factory=dict)
+    projects: dict[str, ProjectSpec] = Field(default_factory=dict)
+
+    def project_of(self, groups: tuple[str, ...] | list[str]) -> ProjectSpec | None:
+        """The project a caller's work is charged to: the first declared project naming one of its groups."""
+        for project in self.projects.values():
+            if any(g in project.groups for g in groups):
+                return project
+        return None
 
     def resolve(self, name: str) -> ModelSpec | None:
         model = self.models.get(name)
@@ -303,6 +347,8 @@ class Registry(BaseModel):
             await ClusterBlock(spec=c).save(_slug(c.name), overwrite=True)
         for m in self.models.values():
             await ModelBlock(spec=m).save(_slug(m.name), overwrite=True)
+        for p in self.projects.values():
+            await ProjectBlock(spec=p).save(_slug(p.name), overwrite=True)
 
     @classmethod
     async def load_blocks(cls) -> Registry:
@@ -311,8 +357,14 @@ class Registry(BaseModel):
 
         reg = cls()
         async with get_client() as client:
-            for block_cls, target in ((ClusterBlock, reg.clusters), (ModelBlock, reg.models)):
-                docs = await client.read_block_documents_by_type(block_cls.get_block_type_slug())
+            kinds = ((ClusterBlock, reg.clusters), (ModelBlock, reg.models), (ProjectBlock, reg.projects))
+            for block_cls, target in kinds:
+                try:
+                    docs = await client.read_block_documents_by_type(block_cls.get_block_type_slug())
+                except (ObjectNotFound, PrefectHTTPStatusError) as exc:
+                    if isinstance(exc, PrefectHTTPStatusError) and exc.response.status_code != 404:
+                        raise
+                    continue  # a block type nobody registered yet (projects, before `first registry init`)
                 for doc in docs:
                     spec = block_cls.model_validate(doc.data).spec  # type: ignore[attr-defined]
                     target[spec.name] = spec
@@ -338,18 +390,22 @@ class Registry(BaseModel):
 
     @classmethod
     def from_yaml(cls, text: str) -> Registry:
-        """A registry declared in YAML: ``clusters:`` and ``models:``, each a list of specs (the block fields).
+        """A registry declared in YAML: ``clusters:``, ``models:`` and (optional) ``projects:``, each a list of
+        specs (the block fields).
         Raises ``ValueError`` naming every problem: unknown keys, duplicates, models on undeclared clusters."""
         import yaml
         from pydantic import ValidationError
 
         doc = yaml.safe_load(text) or {}
-        if not isinstance(doc, dict) or set(doc) - {"clusters", "models"}:
-            extra = sorted(set(doc) - {"clusters", "models"}) if isinstance(doc, dict) else type(doc).__name__
-            raise ValueError(f"a registry file has two lists, clusters: and models: (found {extra})")
+        keys = {"clusters", "models", "projects"}
+        if not isinstance(doc, dict) or set(doc) - keys:
+            extra = sorted(set(doc) - keys) if isinstance(doc, dict) else type(doc).__name__
+            raise ValueError(f"a registry file has the lists clusters:, models: and projects: (found {extra})")
         problems: list[str] = []
         reg = cls()
-        for key, spec_cls, target in (("clusters", ClusterSpec, reg.clusters), ("models", ModelSpec, reg.models)):
+        lists = (("clusters", ClusterSpec, reg.clusters), ("models", ModelSpec, reg.models),
+                 ("projects", ProjectSpec, reg.projects))  # fmt: skip
+        for key, spec_cls, target in lists:
             for i, item in enumerate(doc.get(key) or []):
                 try:
                     spec = spec_cls.model_validate(item)
@@ -368,6 +424,12 @@ class Registry(BaseModel):
             stray = [c for c in m.per_cluster if c not in m.clusters]
             if stray:
                 problems.append(f"models: {m.name!r} has per_cluster settings for {stray}, not in its clusters")
+        charged: dict[str, str] = {}
+        for p in reg.projects.values():
+            for g in p.groups:
+                if g in charged:
+                    problems.append(f"projects: group {g!r} is in both {charged[g]!r} and {p.name!r}")
+                charged.setdefault(g, p.name)
         if problems:
             raise ValueError("the registry file has problems:\n  " + "\n  ".join(problems))
         return reg
@@ -376,7 +438,9 @@ class Registry(BaseModel):
         """What applying ``desired`` over this registry does: (action, kind, name), action one of create,
         update, unchanged, delete (only with ``prune``)."""
         out: list[tuple[str, str, str]] = []
-        for kind, have, want in (("cluster", self.clusters, desired.clusters), ("model", self.models, desired.models)):
+        kinds = (("cluster", self.clusters, desired.clusters), ("model", self.models, desired.models),
+                 ("project", self.projects, desired.projects))  # fmt: skip
+        for kind, have, want in kinds:
             for name, spec in want.items():
                 action = "create" if name not in have else ("unchanged" if have[name] == spec else "update")
                 out.append((action, kind, name))
@@ -392,13 +456,15 @@ class Registry(BaseModel):
             if action in ("create", "update"):
                 if kind == "cluster":
                     await ClusterBlock(spec=desired.clusters[name]).save(_slug(name), overwrite=True)
-                else:
+                elif kind == "model":
                     await ModelBlock(spec=desired.models[name]).save(_slug(name), overwrite=True)
+                else:
+                    await ProjectBlock(spec=desired.projects[name]).save(_slug(name), overwrite=True)
         deletions = [(kind, name) for action, kind, name in steps if action == "delete"]
         if deletions:
             async with get_client() as client:
                 for kind, name in deletions:
-                    block_cls = ClusterBlock if kind == "cluster" else ModelBlock
+                    block_cls = {"cluster": ClusterBlock, "model": ModelBlock, "project": ProjectBlock}[kind]
                     doc = await client.read_block_document_by_name(_slug(name), block_cls.get_block_type_slug())
                     await client.delete_block_document(doc.id)
         return steps

@@ -156,6 +156,26 @@ class Settings(BaseSettings):
         default=0.5, gt=0.0, le=1.0, description="Share of an instance's request slots (its cluster's "
         "max_concurrency) that batch lines may hold; interactive requests never wait for them",
     )  # fmt: skip
+    instance_events: Path | None = Field(
+        default=None, description="Where lifecycle runs log each model instance's state changes, the instance time "
+        "allocations are charged from (default FIRST_HOME/instance-events; a shared folder when workers run "
+        "elsewhere)",
+    )  # fmt: skip
+    allocation_idle_owner: str = Field(
+        default="facility", description="Who is charged the GPU-hours of instances nobody used (allocations)"
+    )
+    allocation_check_s: float = Field(
+        default=60.0, gt=0, description="How often a gateway recomputes the projects' GPU-hour burn (to refuse or "
+        "demote a project whose budget is spent)",
+    )  # fmt: skip
+    fair_queue: bool = Field(
+        default=True, description="Once an instance is full, requests wait in the gateway in a weighted fair queue "
+        "per caller group, interactive before batch (off: they go on to vLLM's own first-come-first-served queue)",
+    )  # fmt: skip
+    queue_wait_s: float = Field(
+        default=30.0, ge=0.0, description="The longest a request waits for a slot at a full instance before a 503 "
+        "(or a 429 for the group that floods it) with a Retry-After from the queue",
+    )  # fmt: skip
     batch_gateway_url: str | None = Field(
         default=None, description="The gateway batch lines go through (default: the one that took the batch). A "
         "replica of its own keeps batch work off the event loops that serve interactive callers",
@@ -211,6 +231,11 @@ class Settings(BaseSettings):
     def spool_dir(self) -> Path:
         """This process's spool: a folder of its own under the root when it is one of several replicas."""
         return self.spool_root / self.replica if self.replica else self.spool_root
+
+    @property
+    def instance_events_dir(self) -> Path:
+        """Each model instance's state changes, written by lifecycle runs, read by allocation reports."""
+        return self.instance_events or self.home / "instance-events"
 
     @property
     def usage_db(self) -> Path:

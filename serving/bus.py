@@ -98,9 +98,22 @@ async def publish(obs: Observation) -> None:
             previous = await Variable.aget(name)
             same = isinstance(previous, dict) and previous.get("state") == obs.state and previous.get("since")
             obs.since = float(previous["since"]) if same else obs.ts  # type: ignore[index]
+            if not same:
+                record_transition(obs)
         await Variable.aset(name, obs.model_dump(mode="json"), overwrite=True, tags=[STATE_TAG])
     except Exception as exc:
         log.warning("could not publish %s on %s = %s (%s)", obs.model, obs.cluster, obs.state, exc)
+
+
+def record_transition(obs: Observation) -> None:
+    """Keep the change for allocation accounting (instance time: analytics/allocations.py)."""
+    from analytics.allocations import InstanceEvent, append_event
+    from core.settings import get_settings
+
+    try:
+        append_event(get_settings().instance_events_dir, InstanceEvent(obs.ts, obs.cluster, obs.model, obs.state))
+    except OSError as exc:
+        log.warning("could not record %s on %s becoming %s (%s)", obs.model, obs.cluster, obs.state, exc)
 
 
 async def observations() -> list[Observation]:

@@ -34,6 +34,7 @@ from compute.backends import Backends
 from core.errors import APIError
 from core.settings import Settings
 from serving.bus import GatewayReport, InstanceUse, Observation
+from serving.fair_queue import FairQueue
 from serving.replicas.store import SharedStateDown
 from serving.replicas.warmups import WarmLocks
 from serving.routing import RUNNING, Breaker, count_running, rank
@@ -68,6 +69,7 @@ class Instance:
     warm_ups: int = 0
     breaker: Breaker | None = None  # this model's server on this cluster (LiveState.instance_breaker)
     batch_slots: asyncio.Semaphore | None = None  # batch lines in flight here (made on the first one)
+    admission: FairQueue | None = None  # waiting requests once it is full (serving/fair_queue.py)
 
     def batch_lane(self, share: float) -> asyncio.Semaphore:
         """The slots batch lines share on this instance: ``share`` of its cluster's ``max_concurrency`` (at least
@@ -75,6 +77,12 @@ class Instance:
         if self.batch_slots is None:
             self.batch_slots = asyncio.Semaphore(max(1, int(share * self.cluster.max_concurrency)))
         return self.batch_slots
+
+    def fair_queue(self) -> FairQueue:
+        """This instance's admission gate: its cluster's ``max_concurrency`` less the other replicas' share."""
+        if self.admission is None:
+            self.admission = FairQueue(lambda: self.cluster.max_concurrency - self.others_inflight)
+        return self.admission
 
     @property
     def key(self) -> str:
@@ -114,6 +122,7 @@ class Instance:
             "last_status": self.last_status, "last_used": self.last_used, "recent": self.recent(now),
             "requests": self.requests, "errors": self.errors, "warm_ups": self.warm_ups,
             "breaker": self.breaker.state(now) if self.breaker else "closed",
+            "waiting": self.admission.queued if self.admission else 0,
         }  # fmt: skip
         if detail:
             doc.update(base_url=self.base_url, last_error=self.last_error)

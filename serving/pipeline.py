@@ -1,5 +1,6 @@
-"""The hot path of one inference, by plain calls: authorize -> select cluster -> (ensure warm -> execute, with
-failover) -> record usage. The HTTP handler calls ``serve`` and gets a typed result (``serving/results.py``).
+"""The hot path of one inference, by plain calls: authorize -> select cluster -> (ensure warm -> wait for a
+slot -> execute, with failover) -> record usage. The HTTP handler calls ``serve`` and gets a typed result
+(``serving/results.py``).
 
 Whether a request becomes a recorded Prefect flow run is a setting (design decision 1, ``FIRST_FLOW_TRACKING``):
 
@@ -24,7 +25,15 @@ from core.settings import FlowTracking
 from serving.live_state import Instance
 from serving.request import InferenceRequest, Outcome, Services
 from serving.results import Result, ResultChannel
-from serving.steps import authorize, ensure_warm, execute, record_usage, reserve_cluster, select_cluster
+from serving.steps import (
+    authorize,
+    ensure_warm,
+    execute,
+    record_usage,
+    reserve_cluster,
+    select_cluster,
+    wait_for_slot,
+)
 from serving.tracing import step_trace
 
 # Failures before the first byte that another cluster (or a fresh start of the same one) may not have.
@@ -106,10 +115,10 @@ async def _run_on_clusters(
             out.cold_start = await ensure_warm(req, inst, svc) or out.cold_start
             warmed = True
             if req.principal.batch_id is None:
-                await execute(req, inst, svc, channel, out)
+                await _execute_in_slot(req, inst, svc, channel, out)
             else:  # a batch's line waits for one of the instance's batch slots; interactive requests never do
                 async with inst.batch_lane(svc.settings.batch_share):
-                    await execute(req, inst, svc, channel, out)
+                    await _execute_in_slot(req, inst, svc, channel, out)
             return
         except APIError as exc:
             if channel.started or exc.code not in FAILOVER_CODES:
@@ -127,6 +136,17 @@ async def _run_on_clusters(
                 log.warning("request %s failed on %s before its first byte (%s); trying %s", req.request_id,
                             inst.cluster.name, exc.code, queue[0].cluster.name)  # fmt: skip
     raise last or APIError(503, "No cluster could take the request", code="no_cluster")
+
+
+async def _execute_in_slot(
+    req: InferenceRequest, inst: Instance, svc: Services, channel: ResultChannel, out: Outcome
+) -> None:
+    slot = await wait_for_slot(req, inst, svc, out)
+    try:
+        await execute(req, inst, svc, channel, out)
+    finally:
+        if slot is not None:
+            slot.release()
 
 
 async def _run_sampled(req: InferenceRequest, svc: Services, channel: ResultChannel) -> None:

@@ -14,6 +14,7 @@ from core.principal import Principal
 from core.settings import Settings
 from serving.batches.files import FileStore
 from serving.batches.store import BatchStore
+from serving.budgets import Budgets
 from serving.limits import Reservation
 from serving.live_state import LiveState
 from serving.protocol import InferenceBody
@@ -55,6 +56,7 @@ class Outcome:
     usage: dict[str, int] = field(default_factory=dict)
     ttft_ms: float | None = None
     cold_start: bool = False
+    queue_ms: float = 0.0  # waited for a slot at a full instance (serving/fair_queue.py)
     steps: list[dict[str, Any]] = field(default_factory=list)
     tokens_reserved: int = 0
     reservation: Reservation = field(default_factory=Reservation)
@@ -108,3 +110,4 @@ class Services:
     files: FileStore | None = None  # /v1/files and /v1/batches (made by the API at startup)
     batches: BatchStore | None = None
     shared: SharedStore | None = None  # the replicas' Redis (FIRST_REDIS_URL), None for one gateway
+    budgets: Budgets = field(default_factory=Budgets)  # projects whose GPU-hours are spent (serving/budgets.py)

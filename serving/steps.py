@@ -16,7 +16,9 @@ from analytics import audit
 from analytics.records import UsageRecord
 from blocks.registry import ModelSpec, RateLimits
 from core.errors import APIError
+from core.principal import Principal
 from core.settings import Settings
+from serving.fair_queue import BATCH, DEMOTED, INTERACTIVE, Slot, enter
 from serving.limits import Limit
 from serving.live_state import Instance, fault_scope
 from serving.protocol import backend_body, requested_max_tokens, token_estimate
@@ -76,6 +78,7 @@ async def authorize(req: InferenceRequest, svc: Services, out: Outcome) -> Model
         param = "max_completion_tokens" if getattr(req.body, "max_completion_tokens", None) else "max_tokens"
         raise APIError(400, f"'{param}' may be at most {cap} for model '{model.name}'; this request asks for {asked}.",
                        param=param, code="max_tokens_too_large")  # fmt: skip
+    svc.budgets.check(p, svc.registry.project_of(p.groups))
     out.tokens_reserved = token_estimate(req.body, model.context_length)
     if p.batch_id is not None:
         return model  # a batch's line: paced by its batch lane (``execute``), never by its owner's interactive limits
@@ -172,6 +175,32 @@ async def reserve_cluster(req: InferenceRequest, inst: Instance, svc: Services, 
 async def ensure_warm(req: InferenceRequest, inst: Instance, svc: Services) -> bool:
     """Wait for the model to be hot on the cluster, starting (or joining) a warm-up if it is cold."""
     return await svc.live.ensure_warm(inst, req.warm_wait_s)
+
+
+@step("wait-for-slot")
+async def wait_for_slot(req: InferenceRequest, inst: Instance, svc: Services, out: Outcome) -> Slot | None:
+    """A slot on the instance: at once while it has room; once it is full, a place in its fair queue (per caller
+    group, interactive first), for at most ``queue_wait_s``. None when the fair queue is off."""
+    if not svc.settings.fair_queue:
+        return None
+    flow = fair_flow(req.principal, inst.model)
+    priority = INTERACTIVE if req.principal.batch_id is None else BATCH
+    if svc.budgets.demoted(svc.registry.project_of(req.principal.groups)):
+        priority = DEMOTED
+    where = f"Model '{inst.model.name}' on cluster '{inst.cluster.name}'"
+    slot = await enter(inst.fair_queue(), flow, inst.model.group_weights.get(flow, 1.0), priority,
+                       svc.settings.queue_wait_s, where)  # fmt: skip
+    out.queue_ms = slot.waited_s * 1000
+    return slot
+
+
+def fair_flow(principal: Principal, model: ModelSpec) -> str:
+    """Whom fair queuing shares between: the caller's group that the model weighs (else its first group), or
+    the user when it has no group."""
+    for group in principal.groups:
+        if group in model.group_weights:
+            return group
+    return principal.groups[0] if principal.groups else f"user:{principal.user}"
 
 
 def sized_to_time_out(req: InferenceRequest, inst: Instance, settings: Settings) -> bool:

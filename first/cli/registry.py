@@ -22,14 +22,15 @@ def registry_init(
 ) -> None:
     """Save the embedded default (cluster 'local', models 'tiny' and 'tiny-embed') as Prefect Blocks, unless blocks
     exist."""
-    from blocks.registry import ClusterBlock, ModelBlock, Registry
+    from blocks.registry import ClusterBlock, ModelBlock, ProjectBlock, Registry
 
     prefect_for_writing()
 
     async def go() -> None:
         from blocks.globus import GlobusAuthBlock
 
-        for block_type in (ClusterBlock, ModelBlock, GlobusAuthBlock):  # so the UI offers them under "Blocks"
+        # So that the UI offers them under "Blocks":
+        for block_type in (ClusterBlock, ModelBlock, ProjectBlock, GlobusAuthBlock):
             await block_type.register_type_and_schema()
         existing = await Registry.load_blocks()
         if existing.models and not force:
@@ -51,16 +52,16 @@ def registry_show() -> None:
 
 
 def apply(
-    file: Annotated[Path, typer.Argument(help="YAML with `clusters:` and `models:` lists (the blocks' fields)")],
-    prune: Annotated[bool, typer.Option(help="Delete cluster and model blocks the file does not declare")] = False,
+    file: Annotated[Path, typer.Argument(help="YAML with `clusters:`, `models:` and `projects:` lists (block fields)")],
+    prune: Annotated[bool, typer.Option(help="Delete the cluster, model and project blocks not in the file")] = False,
     dry_run: Annotated[bool, typer.Option(help="Only show what would change")] = False,
 ) -> None:
-    """Declare the whole registry (clusters and models) from a file, for a reproducible setup.
+    """Declare the whole registry (clusters, models and project allocations) from a file, for a reproducible setup.
 
-    Saves a FIRST Cluster / FIRST Model block for each entry, shows what was created, updated or left as it
-    was, and with --prune deletes blocks the file does not name. Running gateways follow within
+    Saves a FIRST Cluster / FIRST Model / FIRST Project block for each entry, shows what was created, updated or
+    left as it was, and with --prune deletes blocks the file does not name. Running gateways follow within
     FIRST_REGISTRY_REFRESH_S (5 s)."""
-    from blocks.registry import ClusterBlock, ModelBlock, Registry
+    from blocks.registry import ClusterBlock, ModelBlock, ProjectBlock, Registry
 
     prefect_for_writing()
 
@@ -71,7 +72,7 @@ def apply(
         raise typer.Exit(1) from None
 
     async def go() -> list[tuple[str, str, str]]:
-        for block_type in (ClusterBlock, ModelBlock):
+        for block_type in (ClusterBlock, ModelBlock, ProjectBlock):
             await block_type.register_type_and_schema()
         current = await Registry.load_blocks()
         return current.plan(desired, prune) if dry_run else await current.apply(desired, prune)

@@ -309,6 +309,41 @@ def usage_export(
     err.print(f"exported {len(files)} file(s) under {to}")
 
 
+@app.command("allocations")
+def usage_allocations(
+    fmt: UsageFmt = OutputFormat.table,
+    output: UsageOutput = None,
+    chart: Annotated[Path | None, typer.Option("--chart", help="Also draw the burn as a PNG to this file")] = None,
+    ingest: UsageIngest = True,
+) -> None:
+    """Each project's GPU-hours this period (month, quarter or year, as its block says): budget, used, left, and
+    whether it is spent; then the idle owner (FIRST_ALLOCATION_IDLE_OWNER) and callers in no project.
+
+    Instance time (GPUs x wall time from warm-up to scale-down) is charged to the projects whose callers used
+    the instance in each hour, pro rata by tokens; hours nobody used go to the idle owner. Projects are FIRST
+    Project blocks (`first apply` a file with a `projects:` list).
+
+    Examples: first usage allocations; first usage allocations --format json; first usage allocations --chart
+    burn.png
+    """
+    import asyncio
+
+    from analytics.allocations import allocation_report
+    from blocks.registry import Registry
+
+    _check_output(fmt, output)
+    s = get_settings()
+    registry = asyncio.run(Registry.load(s))
+    if not registry.projects:
+        err.print("no projects are declared: add a `projects:` list to your registry file and `first apply` it")
+    df = allocation_report(_usage_store(ingest), s.instance_events_dir, registry, s.allocation_idle_owner)
+    emit(df, fmt, output, "GPU-hours by project, this period")
+    if chart is not None:
+        from analytics.charts import write_allocation_chart
+
+        err.print(f"wrote {write_allocation_chart(df, chart)}")
+
+
 @app.command("chart", epilog=_USAGE_EPILOG)
 def usage_chart(
     out: Annotated[Path, typer.Option("--out", help="Directory for the PNG files")] = Path("usage-charts"),
