@@ -116,6 +116,8 @@ class ClusterModelArgs(BaseModel):
     vllm_args: list[str] | None = Field(default=None, description="Replaces the model's vllm_args there")
     vllm_env: dict[str, str] = Field(default_factory=dict, description="Added to the model's vllm_env there")
     gpus: int | None = Field(default=None, ge=0, description="GPUs one instance holds there (default: the model's)")
+    min_instances: int | None = Field(default=None, ge=0, description="Instances kept up there (default: the model's)")
+    max_instances: int | None = Field(default=None, ge=1, description="Instances allowed there (default: the model's)")
 
 
 ModelKind = Literal["generate", "embed"]
@@ -142,6 +144,18 @@ class ModelSpec(AccessRules):
     gpus: int = Field(
         default=1, ge=0, description="GPUs one instance holds (what allocations are charged: GPUs x wall time)"
     )
+    min_instances: int = Field(
+        default=0, ge=0, description="autoscale keeps at least this many instances up on each of its clusters (the "
+        "always-hot tier: 1 or more)",
+    )  # fmt: skip
+    max_instances: int = Field(
+        default=1, ge=1, description="autoscale runs at most this many instances on each of its clusters (1: "
+        "never more than one; the cluster's own max_instances bounds all its models together)",
+    )  # fmt: skip
+    replica: int = Field(
+        default=0, ge=0, exclude=True, description="Which instance of the model on a cluster this spec is for "
+        "(0: the first, warmed by requests; 1 and up: started by autoscale). Not stored in the block",
+    )  # fmt: skip
     max_output_tokens: int | None = Field(
         default=None,
         ge=1,
@@ -192,6 +206,21 @@ class ModelSpec(AccessRules):
         return self.served_name or self.name
 
     @property
+    def instance_name(self) -> str:
+        """The model's name for this replica on a cluster: its state file, lock and log there ("m", "m@1")."""
+        return self.name if self.replica == 0 else f"{self.name}@{self.replica}"
+
+    def as_replica(self, n: int) -> ModelSpec:
+        return self if n == self.replica else self.model_copy(update={"replica": n})
+
+    def instance_bounds(self, cluster: str) -> tuple[int, int]:
+        """(min, max) instances of this model on ``cluster``, its per-cluster settings applied."""
+        o = self.per_cluster.get(cluster) or ClusterModelArgs()
+        low = self.min_instances if o.min_instances is None else o.min_instances
+        high = self.max_instances if o.max_instances is None else o.max_instances
+        return min(low, high), high
+
+    @property
     def endpoints(self) -> tuple[str, ...]:
         """The gateway's endpoints this model serves (the names usage rows carry)."""
         return ENDPOINTS_BY_KIND[self.kind]
@@ -221,7 +250,7 @@ class ModelSpec(AccessRules):
         return ClusterModelArgs(
             path=o.path or self.path, port=o.port or self.port,
             vllm_args=self.vllm_args if o.vllm_args is None else o.vllm_args, vllm_env={**self.vllm_env, **o.vllm_env},
-            gpus=self.gpus if o.gpus is None else o.gpus,
+            gpus=self.gpus if o.gpus is None else o.gpus, min_instances=o.min_instances, max_instances=o.max_instances,
         )  # fmt: skip
 
 

@@ -135,10 +135,10 @@ class ExecutorBackend(ComputeBackend):
         """What the lifecycle functions need to start, probe or stop the model's vLLM on this cluster."""
         here = model.on(cluster.name)
         return {
-            "model": model.name,
+            "model": model.instance_name,  # "m", or "m@2" for the model's third instance there
             "served_name": model.served,
             "model_path": here.path,
-            "port": here.port,
+            "port": here.port if model.replica == 0 else 0,  # further instances take a free port
             "args": model.vllm_args_on(cluster.name),
             "env": here.vllm_env,
             "nice": model.nice,

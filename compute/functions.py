@@ -294,6 +294,14 @@ def _state_path(spec: dict[str, Any]) -> Any:
     return Path(expand_cluster_path(spec["state_dir"], "state_dir")) / f"{spec['model']}.json"
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def _pid_alive(pid: int) -> bool:
     import os
 
@@ -384,7 +392,7 @@ def start_vllm(spec: dict[str, Any]) -> dict[str, Any]:
         current = vllm_status(spec)
         if current["state"] in ("starting", "hot"):
             return current
-        port = int(spec["port"])
+        port = int(spec["port"]) or _free_port()  # 0: another instance of a model, on a port of its own
         log_path = state_dir / f"{spec['model']}.log"
         # On a machine it shares with the gateway, vLLM's busy threads yield the CPU to it first (`nice`).
         nice = ["nice", "-n", str(spec["nice"])] if spec.get("nice") else []

@@ -63,7 +63,7 @@ class PrefectControlPlane:
 
             def in_thread() -> dict[str, Any]:
                 use_gateway(ctx)
-                return asyncio.run(warm_up(model=model.name, cluster=cluster.name))
+                return asyncio.run(warm_up(model=model.instance_name, cluster=cluster.name))
 
             return await asyncio.to_thread(in_thread)
 

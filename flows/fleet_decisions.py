@@ -51,7 +51,10 @@ def pick_best_cluster(
 def observed_state(status_state: str, previous: Observation | None, cluster: ClusterSpec, now: float) -> str:
     """The state to publish for what a status check saw. The check wins (a local "cold" replaces a stale
     "starting"), except on a batch cluster while a warm-up still renews its "queued": the vLLM process does not
-    exist until the batch job runs, so "cold" is exactly what queued looks like from outside."""
+    exist until the batch job runs, so "cold" is exactly what queued looks like from outside. An instance that
+    autoscale is retiring stays "draining" while it is still up."""
+    if status_state == "hot" and previous is not None and previous.state == "draining":
+        return "draining"
     if (
         status_state == "cold"
         and previous is not None

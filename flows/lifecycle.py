@@ -69,7 +69,7 @@ async def warm_up(model: str = "tiny", cluster: str = "best", timeout_s: float |
     registry, spec = await resolve_model(model)
     if cluster in ("", "best"):
         cluster, why = pick_best_cluster(spec, registry, await bus.observations())
-        logger.info("best cluster for %s: %s (%s)", spec.name, cluster, why)
+        logger.info("best cluster for %s: %s (%s)", spec.instance_name, cluster, why)
     cl = resolve_cluster(registry, spec, cluster)
     bound = timeout_s or fleet().settings.warm_up_timeout_s
     try:
@@ -77,7 +77,7 @@ async def warm_up(model: str = "tiny", cluster: str = "best", timeout_s: float |
     except StillQueued:
         raise  # the other run's "queued" stands
     except Exception as exc:
-        await publish_state(cl.name, spec.name, "failed", detail=f"warm-up failed: {exc}")
+        await publish_state(cl.name, spec.instance_name, "failed", detail=f"warm-up failed: {exc}")
         raise
 
 
@@ -91,40 +91,49 @@ async def _warm(spec: ModelSpec, cl: ClusterSpec, bound: float) -> dict[str, Any
     job = status.get("job_id")
     queue_wait_s = 0.0
     if status["state"] == "hot":
-        logger.info("%s on %s is already hot at %s", spec.name, cl.name, status.get("base_url"))
-        await publish_state(cl.name, spec.name, "hot", status.get("base_url"))
+        logger.info("%s on %s is already hot at %s", spec.instance_name, cl.name, status.get("base_url"))
+        await publish_state(cl.name, spec.instance_name, "hot", status.get("base_url"))
         await create_markdown_artifact(
-            key=artifact_key("warm-up", spec.name),
-            markdown=f"### Warm-up of `{spec.name}` on `{cl.name}`\n\nAlready hot at {status.get('base_url')}.\n",
-            description=f"warm-up of {spec.name} on {cl.name}",
+            key=artifact_key("warm-up", spec.instance_name),
+            markdown=f"### Warm-up of `{spec.instance_name}` on `{cl.name}`\n\nAlready hot at "
+            f"{status.get('base_url')}.\n",
+            description=f"warm-up of {spec.instance_name} on {cl.name}",
         )
         return {**status, "cluster": cl.name, "load_s": 0.0, "queue_wait_s": 0.0}
     if status["state"] == "starting":
-        logger.info("%s on %s is already starting; waiting for it (bound %.0f s)", spec.name, cl.name, bound)
-        await publish_state(cl.name, spec.name, "starting", status.get("base_url"))
+        logger.info("%s on %s is already starting; waiting for it (bound %.0f s)", spec.instance_name, cl.name, bound)
+        await publish_state(cl.name, spec.instance_name, "starting", status.get("base_url"))
     else:
         status = await submit_start(spec, cl, t0, bound)
         queue_wait_s = time.monotonic() - t0
         job = status.get("job_id")
         if status["state"] != "hot":
-            await publish_state(cl.name, spec.name, "starting", status.get("base_url"))
+            await publish_state(cl.name, spec.instance_name, "starting", status.get("base_url"))
     left = max(1.0, bound - (time.monotonic() - t0))
     try:
         status = await wait_until_healthy.with_options(timeout_seconds=left)(spec, cl, status)
     except TimeoutError:
         await backend_of(cl).stop(spec)
         raise TimeoutError(
-            f"{spec.name} did not become healthy on {cl.name} within {bound:.0f} s; stopped it"
+            f"{spec.instance_name} did not become healthy on {cl.name} within {bound:.0f} s; stopped it"
         ) from None
     load_s = time.monotonic() - t0
-    logger.info("%s on %s is hot at %s after %.1f s", spec.name, cl.name, status.get("base_url"), load_s)
-    await publish_state(cl.name, spec.name, "hot", status.get("base_url"))
-    row = [cl.name, spec.name, status.get("host"), job, status.get("pid"), f"{queue_wait_s:.1f} s", f"{load_s:.1f} s"]
+    logger.info("%s on %s is hot at %s after %.1f s", spec.instance_name, cl.name, status.get("base_url"), load_s)
+    await publish_state(cl.name, spec.instance_name, "hot", status.get("base_url"))
+    row = [
+        cl.name,
+        spec.instance_name,
+        status.get("host"),
+        job,
+        status.get("pid"),
+        f"{queue_wait_s:.1f} s",
+        f"{load_s:.1f} s",
+    ]
     await create_markdown_artifact(
-        key=artifact_key("warm-up", spec.name),
-        markdown=f"### Warm-up of `{spec.name}` on `{cl.name}`\n\n"
+        key=artifact_key("warm-up", spec.instance_name),
+        markdown=f"### Warm-up of `{spec.instance_name}` on `{cl.name}`\n\n"
         + md_table(["cluster", "model", "host", "batch job", "pid", "queue wait", "load time (total)"], [row]),
-        description=f"warm-up of {spec.name} on {cl.name}",
+        description=f"warm-up of {spec.instance_name} on {cl.name}",
     )
     return {**status, "cluster": cl.name, "load_s": load_s, "queue_wait_s": queue_wait_s}
 
@@ -135,33 +144,46 @@ async def scale_down(model: str = "tiny", cluster: str = "all") -> dict[str, Any
     the node (clusters with a login endpoint).
 
     Args:
-        model: Model name or alias.
+        model: Model name or alias (every instance of it), or one instance ("m@1": its second one).
         cluster: Cluster to stop it on; "all" stops it on every cluster of the model.
     """
     logger = get_run_logger()
     registry, spec = await resolve_model(model)
     targets = [c for c in spec.clusters if c in registry.clusters] if cluster == "all" else [cluster]
     clusters = [resolve_cluster(registry, spec, c) for c in targets]
-    logger.info("stopping %s on %s", spec.name, ", ".join(c.name for c in clusters))
+    one_instance = "@" in model
+    pairs = [(cl, spec if one_instance else spec.as_replica(n)) for cl in clusters
+             for n in ([spec.replica] if one_instance else range(spec.instance_bounds(cl.name)[1]))]  # fmt: skip
+    logger.info("stopping %s on %s", spec.instance_name if one_instance else f"every instance of {spec.name}",
+                ", ".join(c.name for c in clusters))  # fmt: skip
 
-    async def one(cl: ClusterSpec) -> dict[str, Any]:
+    async def one(cl: ClusterSpec, instance: ModelSpec) -> dict[str, Any]:
         try:
-            return await stop_model(spec, cl, f"scale-down by {source()}")
+            return await stop_model(instance, cl, f"scale-down by {source()}")
         except Exception as exc:
-            logger.error("%s on %s: stop failed: %s", spec.name, cl.name, exc)
+            logger.error("%s on %s: stop failed: %s", instance.instance_name, cl.name, exc)
             return {"stopped": False, "result": f"stop failed: {exc}", "error": str(exc)}
 
-    results = dict(zip((c.name for c in clusters), await asyncio.gather(*(one(c) for c in clusters)), strict=True))
+    done = await asyncio.gather(*(one(cl, inst) for cl, inst in pairs))
+    results = {}
+    for (cl, inst), r in zip(pairs, done, strict=True):
+        key = cl.name if inst.replica == 0 else f"{cl.name} ({inst.instance_name})"
+        if inst.replica == 0 or r.get("stopped") or "error" in r:  # further instances that were not running: quiet
+            results[key] = r
     await create_markdown_artifact(
-        key=artifact_key("scale-down", spec.name),
-        markdown=f"### Scale-down of `{spec.name}`\n\n"
+        key=artifact_key("scale-down", spec.instance_name),
+        markdown=f"### Scale-down of `{spec.instance_name}`\n\n"
         + md_table(["cluster", "result"], [[c, r["result"]] for c, r in results.items()]),
-        description=f"scale-down of {spec.name}",
+        description=f"scale-down of {spec.instance_name}",
     )
     failed = [c for c, r in results.items() if "error" in r]
     if failed:
-        raise RuntimeError(f"could not stop {spec.name} on {', '.join(failed)}: see the log")
-    return {"model": spec.name, "stopped": any(r.get("stopped") for r in results.values()), "clusters": results}
+        raise RuntimeError(f"could not stop {spec.instance_name} on {', '.join(failed)}: see the log")
+    return {
+        "model": spec.instance_name,
+        "stopped": any(r.get("stopped") for r in results.values()),
+        "clusters": results,
+    }
 
 
 @flow(name="refresh-status", log_prints=True)
@@ -211,7 +233,7 @@ async def scale_down_idle(dry_run: bool = False) -> list[dict[str, Any]]:
         p
         for p in probes
         if p.status["state"] == "hot"
-        or (p.error and getattr(previous.get((p.cluster.name, p.model.name)), "state", None) == "hot")
+        or (p.error and getattr(previous.get((p.cluster.name, p.model.instance_name)), "state", None) == "hot")
     ]
     reports = await bus.gateway_reports(IDLE_REPORT_AGE_S)
     logger.info("%d hot model server(s); %d live gateway report(s)", len(hot), len(reports))
@@ -222,23 +244,25 @@ async def scale_down_idle(dry_run: bool = False) -> list[dict[str, Any]]:
         busy = set()
     decisions: list[IdleDecision] = []
     for p in hot:
-        o = observed.get((p.cluster.name, p.model.name))
+        o = observed.get((p.cluster.name, p.model.instance_name))
         since = o.since if o is not None and o.state == "hot" else None
-        d = idle_decision(p.cluster.name, p.model.name, p.model.idle_timeout_s, reports, since, time.time())
+        d = idle_decision(p.cluster.name, p.model.instance_name, p.model.idle_timeout_s, reports, since, time.time())
         if d.stop and not backend_of(p.cluster).manages_lifecycle:
             d.stop, d.action = False, "keep: managed outside FIRST"
+        if d.stop and p.model.replica < p.model.instance_bounds(p.cluster.name)[0]:
+            d.stop, d.action = False, "keep: within the model's min_instances (the always-hot tier)"
         if d.stop and p.model.name in busy:
             d.stop, d.action = False, "keep: a busy hour is predicted (predictive-warm-up)"
         if d.stop and not dry_run:
             # Reports are a few seconds old: look again right before stopping, in case a request came in.
-            d = idle_decision(p.cluster.name, p.model.name, p.model.idle_timeout_s,
+            d = idle_decision(p.cluster.name, p.model.instance_name, p.model.idle_timeout_s,
                               await bus.gateway_reports(IDLE_REPORT_AGE_S), since, time.time())  # fmt: skip
             if d.stop:
                 try:
                     result = await stop_model(p.model, p.cluster, f"idle {d.idle_s:.0f} s > {d.limit_s} s")
                     d.action = result["result"]
                 except Exception as exc:
-                    logger.error("%s on %s: stop failed: %s", p.model.name, p.cluster.name, exc)
+                    logger.error("%s on %s: stop failed: %s", p.model.instance_name, p.cluster.name, exc)
                     d.action = f"stop failed: {exc}"
         elif d.stop:
             d.action = "would stop (dry run)"
@@ -338,17 +362,19 @@ async def drain_cluster(cluster: str, timeout_s: float = 600, scale_down: bool =
     if scale_down:
         registry = await Registry.load(fleet().settings)
         cl = registry.clusters.get(cluster, spec)
-        models = [m for m in registry.models.values() if cluster in m.clusters]
-        logger.info("stopping %d model(s) on %s: %s", len(models), cluster, ", ".join(m.name for m in models))
+        models = [m for _, m in fleet_pairs(registry, cluster)]  # every instance of every model there
+        logger.info("stopping %d model instance(s) on %s: %s", len(models), cluster,
+                    ", ".join(m.instance_name for m in models))  # fmt: skip
 
         async def one(m: ModelSpec) -> str:
             try:
                 return (await stop_model(m, cl, f"drain by {source()}"))["result"]
             except Exception as exc:
-                logger.error("%s on %s: stop failed: %s", m.name, cluster, exc)
+                logger.error("%s on %s: stop failed: %s", m.instance_name, cluster, exc)
                 return f"stop failed: {exc}"
 
-        stopped = dict(zip((m.name for m in models), await asyncio.gather(*(one(m) for m in models)), strict=True))
+        results = await asyncio.gather(*(one(m) for m in models))
+        stopped = {m.instance_name: r for m, r in zip(models, results, strict=True)}
     await create_markdown_artifact(
         key=artifact_key("drain", cluster),
         markdown=f"### Drain of `{cluster}`\n\n"
@@ -391,13 +417,13 @@ async def model_status(model: str = "tiny", cluster: str = "best") -> dict[str, 
     previous = {(o.cluster, o.model): o for o in seen}
     [obs] = await publish_observations([Probe(cl, spec, status, False)], previous)
     status["cluster"] = cl.name
-    get_run_logger().info("%s on %s: %s (endpoint: %s)", spec.name, cl.name, obs.state, status.get("endpoint"))
+    get_run_logger().info("%s on %s: %s (endpoint: %s)", spec.instance_name, cl.name, obs.state, status.get("endpoint"))
     endpoint, job_state = (status.get("endpoint") or {}).get("status"), (status.get("job") or {}).get("state") or job
-    row = [cl.name, spec.name, obs.state, obs.base_url, endpoint, job_state, obs.detail]
+    row = [cl.name, spec.instance_name, obs.state, obs.base_url, endpoint, job_state, obs.detail]
     await create_markdown_artifact(
-        key=artifact_key("model-status", spec.name),
-        markdown=f"### `{spec.name}` on `{cl.name}` at {utc()}\n\n"
+        key=artifact_key("model-status", spec.instance_name),
+        markdown=f"### `{spec.instance_name}` on `{cl.name}` at {utc()}\n\n"
         + md_table(["cluster", "model", "state", "base_url", "endpoint", "batch job", "detail"], [row]),
-        description=f"status of {spec.name} on {cl.name}",
+        description=f"status of {spec.instance_name} on {cl.name}",
     )
     return status

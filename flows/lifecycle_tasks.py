@@ -61,16 +61,21 @@ def fleet() -> FleetContext:
 
 
 async def resolve_model(model: str) -> tuple[Registry, ModelSpec]:
+    """The model a flow's parameter names: a name or alias, or one instance of it ("m@1": its second instance on
+    a cluster, as autoscale starts and the fleet status shows it)."""
     registry = await fleet().current_registry()
-    spec = registry.resolve(model)
+    name, at, n = model.partition("@")
+    spec = registry.resolve(name if at else model)
     if spec is None:
         raise ValueError(f"unknown model {model!r}; known: {sorted(registry.models)}")
-    return registry, spec
+    if at and not n.isdigit():
+        raise ValueError(f"{model!r}: after '@' comes the instance number (0 is the first; 'm@1' the second)")
+    return registry, spec.as_replica(int(n) if at else 0)
 
 
 def resolve_cluster(registry: Registry, spec: ModelSpec, cluster: str) -> ClusterSpec:
     if cluster not in registry.clusters or cluster not in spec.clusters:
-        raise ValueError(f"model {spec.name!r} is not served on cluster {cluster!r}; it is on {spec.clusters}")
+        raise ValueError(f"model {spec.instance_name!r} is not served on cluster {cluster!r}; it is on {spec.clusters}")
     return registry.clusters[cluster]
 
 
@@ -84,12 +89,14 @@ def login_backend(cl: ClusterSpec) -> Any:
 
 
 def fleet_pairs(registry: Registry, cluster: str | None = None) -> list[tuple[ClusterSpec, ModelSpec]]:
-    """Every (cluster, model) the registry declares, optionally on one cluster only."""
+    """Every (cluster, model instance) the registry declares, optionally on one cluster only: each model's
+    first instance, and the further ones autoscale may run there (up to its ``max_instances``)."""
     return [
-        (registry.clusters[c], m)
+        (registry.clusters[c], m.as_replica(n))
         for m in registry.models.values()
         for c in m.clusters
         if c in registry.clusters and (cluster is None or c == cluster)
+        for n in range(m.instance_bounds(c)[1])
     ]
 
 
@@ -125,15 +132,17 @@ async def follow_queued_start(spec: ModelSpec, cl: ClusterSpec, t0: float, bound
     logger = get_run_logger()
     logged = False
     while True:
-        current = await bus.observation(cl.name, spec.name)
+        current = await bus.observation(cl.name, spec.instance_name)
         if current is None or current.state != "queued" or time.time() - current.ts > QUEUED_FRESH_S:
             return
         if not logged:
-            logger.info("%s on %s: following the start queued by %s since %s", spec.name, cl.name,
+            logger.info("%s on %s: following the start queued by %s since %s", spec.instance_name, cl.name,
                         current.source or "another run", utc(current.since))  # fmt: skip
             logged = True
         if time.monotonic() - t0 > bound:
-            raise StillQueued(f"{spec.name} was still queued on {cl.name} (by {current.source}) after {bound:.0f} s")
+            raise StillQueued(
+                f"{spec.instance_name} was still queued on {cl.name} (by {current.source}) after {bound:.0f} s"
+            )
         await asyncio.sleep(2)
 
 
@@ -147,23 +156,23 @@ async def submit_start(spec: ModelSpec, cl: ClusterSpec, t0: float, bound: float
     say so to gateways ("queued", renewed while it waits) and log what the endpoint reports meanwhile."""
     logger = get_run_logger()
     backend = backend_of(cl)
-    logger.info("starting %s on %s (bound %.0f s)", spec.name, cl.name, bound)
+    logger.info("starting %s on %s (bound %.0f s)", spec.instance_name, cl.name, bound)
     start = asyncio.create_task(backend.start(spec))
     while not start.done():
         if cl.scheduler != "none":
-            await publish_state(cl.name, spec.name, "queued", detail=f"waiting for a {cl.scheduler} batch job")
+            await publish_state(cl.name, spec.instance_name, "queued", detail=f"waiting for a {cl.scheduler} batch job")
         await asyncio.wait({start}, timeout=QUEUED_RENEW_S)
         if not start.done() and hasattr(backend, "endpoint_status"):
             ep = await backend.endpoint_status()
             logger.info("%s on %s: waiting for the endpoint to run the start (endpoint %s, managers %s, "
-                        "outstanding tasks %s)", spec.name, cl.name, ep.get("status"), ep.get("managers"),
+                        "outstanding tasks %s)", spec.instance_name, cl.name, ep.get("status"), ep.get("managers"),
                         ep.get("outstanding_tasks"))  # fmt: skip
         if not start.done() and time.monotonic() - t0 > bound:
             start.cancel()
-            raise TimeoutError(f"the start of {spec.name} on {cl.name} was still pending after {bound:.0f} s")
+            raise TimeoutError(f"the start of {spec.instance_name} on {cl.name} was still pending after {bound:.0f} s")
     status = start.result()
     job = status.get("job_id")
-    logger.info("%s on %s: vLLM process started on %s%s after %.1f s", spec.name, cl.name,
+    logger.info("%s on %s: vLLM process started on %s%s after %.1f s", spec.instance_name, cl.name,
                 status.get("host", "?"), f" in job {job}" if job else "", time.monotonic() - t0)  # fmt: skip
     return status
 
@@ -177,10 +186,12 @@ async def wait_until_healthy(spec: ModelSpec, cl: ClusterSpec, status: dict[str,
     last = None
     while status["state"] != "hot":
         if status["state"] != last:
-            logger.info("%s on %s: %s", spec.name, cl.name, status["state"])
+            logger.info("%s on %s: %s", spec.instance_name, cl.name, status["state"])
             last = status["state"]
         if status["state"] in ("failed", "cold"):
-            raise RuntimeError(f"{spec.name} failed to start on {cl.name}: {status.get('detail', 'no detail')}")
+            raise RuntimeError(
+                f"{spec.instance_name} failed to start on {cl.name}: {status.get('detail', 'no detail')}"
+            )
         await asyncio.sleep(0.5)
         status = await backend.status(spec)
     return status
@@ -193,16 +204,16 @@ async def stop_model(spec: ModelSpec, cl: ClusterSpec, why: str) -> dict[str, An
     logger = get_run_logger()
     backend = backend_of(cl)
     if not backend.manages_lifecycle:
-        logger.info("%s on %s: not stopped, the cluster's server is managed outside FIRST", spec.name, cl.name)
+        logger.info("%s on %s: not stopped, the cluster's server is managed outside FIRST", spec.instance_name, cl.name)
         return {"stopped": False, "result": "managed outside FIRST"}
     try:
         before = await backend.status(spec)
     except Exception as exc:  # stop anyway: the status check is only for the batch job's id
-        logger.warning("%s on %s: status before stopping failed (%s)", spec.name, cl.name, exc)
+        logger.warning("%s on %s: status before stopping failed (%s)", spec.instance_name, cl.name, exc)
         before = {}
     result = await backend.stop(spec)
     stopped = bool(result.get("stopped"))
-    logger.info("%s on %s: %s (%s)", spec.name, cl.name, "stopped" if stopped else "was not running", why)
+    logger.info("%s on %s: %s (%s)", spec.instance_name, cl.name, "stopped" if stopped else "was not running", why)
     result["result"] = "stopped" if stopped else "was not running"
     job = before.get("job_id")
     if job and cl.scheduler != "none" and cl.login_endpoint_id:
@@ -216,7 +227,7 @@ async def stop_model(spec: ModelSpec, cl: ClusterSpec, why: str) -> dict[str, An
         logger.info(
             "%s: batch job %s stays until the endpoint's idle time ends it (no login_endpoint_id)", cl.name, job
         )
-    await publish_state(cl.name, spec.name, "cold", detail=f"{result['result']} ({why})")
+    await publish_state(cl.name, spec.instance_name, "cold", detail=f"{result['result']} ({why})")
     return result
 
 
@@ -250,11 +261,11 @@ async def publish_observations(probes: list[Probe], previous: dict[tuple[str, st
     now = time.time()
 
     async def one(p: Probe) -> Observation:
-        prev = previous.get((p.cluster.name, p.model.name))
+        prev = previous.get((p.cluster.name, p.model.instance_name))
         state = observed_state(p.status["state"], prev, p.cluster, now)
         base_url = p.status.get("base_url") if state != "cold" else None
         detail = p.status.get("detail") or (prev.detail if prev is not None and state == prev.state else None)
-        obs = Observation(cluster=p.cluster.name, model=p.model.name, state=state, base_url=base_url,
+        obs = Observation(cluster=p.cluster.name, model=p.model.instance_name, state=state, base_url=base_url,
                           detail=short(detail), source=source())  # fmt: skip
         await bus.publish(obs)
         return obs

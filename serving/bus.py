@@ -55,6 +55,12 @@ class InstanceUse(BaseModel):
     inflight: int = 0
     last_used: float | None = None
     hot_since: float | None = None
+    # What autoscale reads (the last LOAD_WINDOW_S): requests waiting for a slot now, requests served, requests
+    # refused after waiting their bound, and the median wait for a slot.
+    waiting: int = 0
+    requests_1m: int = 0
+    refused_1m: int = 0
+    queue_ms_p50: float | None = None
 
 
 class GatewayReport(BaseModel):

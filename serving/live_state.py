@@ -44,12 +44,13 @@ log = logging.getLogger("first.state")
 WarmRunner = Callable[[ModelSpec, ClusterSpec], Awaitable[dict[str, Any]]]
 STATES = ("unknown", "cold", "queued", "starting", "hot", "draining", "failed")
 RECENT_S = 300.0  # the window of "recent" latency and errors
+LOAD_WINDOW_S = 60.0  # the window of the load a gateway reports for autoscale
 
 
 @dataclass(eq=False)
 class Instance:
     cluster: ClusterSpec
-    model: ModelSpec
+    model: ModelSpec  # this instance's spec: ``model.replica`` says which of the model's instances there it is
     state: str = "unknown"  # unknown | cold | queued | starting | hot | failed (draining is derived: shown_state)
     base_url: str | None = None
     inflight: int = 0
@@ -70,6 +71,8 @@ class Instance:
     breaker: Breaker | None = None  # this model's server on this cluster (LiveState.instance_breaker)
     batch_slots: asyncio.Semaphore | None = None  # batch lines in flight here (made on the first one)
     admission: FairQueue | None = None  # waiting requests once it is full (serving/fair_queue.py)
+    queue_waits: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=500))  # (when, ms)
+    refusals: deque[float] = field(default_factory=lambda: deque(maxlen=500))  # turned away after waiting
 
     def batch_lane(self, share: float) -> asyncio.Semaphore:
         """The slots batch lines share on this instance: ``share`` of its cluster's ``max_concurrency`` (at least
@@ -86,7 +89,7 @@ class Instance:
 
     @property
     def key(self) -> str:
-        return f"{self.cluster.name}/{self.model.name}"
+        return f"{self.cluster.name}/{self.model.instance_name}"
 
     def set(self, state: str, base_url: str | None = None, error: str | None = None, at: float | None = None) -> None:
         now = time.time()
@@ -114,10 +117,22 @@ class Instance:
             "errors": sum(1 for t in self.error_times if now - t <= RECENT_S),
         }
 
+    def use(self, now: float) -> InstanceUse:
+        """What this gateway tells the lifecycle flows about the instance (its last LOAD_WINDOW_S)."""
+        waits = [ms for t, ms in self.queue_waits if now - t <= LOAD_WINDOW_S]
+        return InstanceUse(
+            state=self.shown_state, inflight=self.inflight, last_used=self.last_used, hot_since=self.hot_since,
+            waiting=self.admission.queued if self.admission else 0,
+            requests_1m=sum(1 for t, _ in self.latencies_ms if now - t <= LOAD_WINDOW_S),
+            refused_1m=sum(1 for t in self.refusals if now - t <= LOAD_WINDOW_S),
+            queue_ms_p50=round(statistics.median(waits), 1) if waits else None,
+        )  # fmt: skip
+
     def snapshot(self, detail: bool = True) -> dict[str, Any]:
         now = time.time()
         doc = {
-            "model": self.model.name, "cluster": self.cluster.name, "state": self.shown_state,
+            "model": self.model.name, "cluster": self.cluster.name, "instance": self.model.replica,
+            "state": self.shown_state,
             "inflight": self.inflight, "capacity": self.cluster.max_concurrency, "since": self.since,
             "last_status": self.last_status, "last_used": self.last_used, "recent": self.recent(now),
             "requests": self.requests, "errors": self.errors, "warm_ups": self.warm_ups,
@@ -171,7 +186,8 @@ class LiveState:
         self.settings = settings
         self.warm_wait_s = settings.warm_wait_s
         self.warm_runner = warm_runner
-        self._instances: dict[tuple[str, str], Instance] = {}
+        self._instances: dict[tuple[str, str, int], Instance] = {}  # (cluster, model, replica)
+        self._bases: dict[tuple[str, str, int], ModelSpec] = {}  # the registry's spec each instance was made from
         self.breakers: dict[str, Breaker] = {}
         self.estimates: dict[str, float] = {}  # learned cold-to-hot seconds per cluster
         self.failovers = 0
@@ -179,14 +195,23 @@ class LiveState:
 
     # ---- instances ----
 
-    def instance(self, cluster: ClusterSpec, model: ModelSpec) -> Instance:
-        key = (cluster.name, model.name)
+    def instance(self, cluster: ClusterSpec, model: ModelSpec, replica: int = 0) -> Instance:
+        """The model's instance ``replica`` on the cluster (0: the one requests warm up; autoscale starts more)."""
+        key = (cluster.name, model.name, replica)
         inst = self._instances.get(key)
         if inst is None:
-            inst = self._instances[key] = Instance(cluster, model)
-        elif inst.model is not model or inst.cluster is not cluster:  # the registry was refreshed: keep the rest
-            inst.model, inst.cluster = model, cluster
+            inst = self._instances[key] = Instance(cluster, model.as_replica(replica))
+            self._bases[key] = model
+        elif self._bases.get(key) is not model or inst.cluster is not cluster:  # the registry was refreshed
+            inst.model, inst.cluster, self._bases[key] = model.as_replica(replica), cluster, model
         return inst
+
+    def instances_of(self, cluster: ClusterSpec, model: ModelSpec) -> list[Instance]:
+        """The instances a request may use: the first always; further ones while they run (autoscale's)."""
+        first = self.instance(cluster, model)
+        more = [self.instance(cluster, model, r) for (c, m, r), i in list(self._instances.items())
+                if c == cluster.name and m == model.name and r > 0 and i.state in RUNNING]  # fmt: skip
+        return [first, *more]
 
     def all(self) -> list[Instance]:
         return list(self._instances.values())
@@ -388,8 +413,9 @@ class LiveState:
 
     def adopt(self, obs: Observation, registry_clusters: dict[str, ClusterSpec], models: dict[str, ModelSpec]) -> bool:
         """Take a lifecycle run's observation if it is newer than what this gateway knows. True if adopted."""
-        cluster, model = registry_clusters.get(obs.cluster), models.get(obs.model)
-        if cluster is None or model is None:
+        name, at, n = obs.model.partition("@")  # "m@1": the model's second instance on the cluster
+        cluster, model = registry_clusters.get(obs.cluster), models.get(name)
+        if cluster is None or model is None or (at and not n.isdigit()):
             return False
         if obs.ts > time.time() + CLOCK_SKEW_S:  # a future time would shadow every genuine observation after it
             log.warning("ignored an observation of %s on %s dated in the future (%.0f s ahead)", model.name,
@@ -399,7 +425,7 @@ class LiveState:
             log.warning("ignored an observation of %s on %s: its server URL %r is not one the cluster's spec allows",
                         model.name, cluster.name, obs.base_url[:200])  # fmt: skip
             return False
-        inst = self.instance(cluster, model)
+        inst = self.instance(cluster, model, int(n) if at else 0)
         if inst.last_status is not None and obs.ts <= inst.last_status:
             return False
         if inst.warm is not None and not inst.warm.done() and obs.state not in ("queued", "starting", "hot"):
@@ -411,13 +437,9 @@ class LiveState:
         return True
 
     def report(self, gateway: str, maintenance: list[str]) -> GatewayReport:
+        now = time.time()
         return GatewayReport(
             gateway=gateway,
-            instances={
-                i.key: InstanceUse(
-                    state=i.shown_state, inflight=i.inflight, last_used=i.last_used, hot_since=i.hot_since
-                )
-                for i in self._instances.values()
-            },
+            instances={i.key: i.use(now) for i in self._instances.values()},
             maintenance=maintenance,
         )

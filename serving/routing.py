@@ -132,6 +132,8 @@ def rank(
         if state in ("starting", "queued"):
             remaining = expected - (now - inst.since)
             return (1 if state == "starting" else 2, True, remaining, 0.0)
+        if state == "draining":  # autoscale is retiring it (flows/autoscale.py): nothing new goes there
+            return (6, True, 0.0, 0.0)
         if state in ("cold", "unknown"):
             full = running.get(cluster.name, 0) >= cluster.max_instances
             return (6 if full else 4, True, expected, 0.0)

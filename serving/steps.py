@@ -18,7 +18,7 @@ from blocks.registry import ModelSpec, RateLimits
 from core.errors import APIError
 from core.principal import Principal
 from core.settings import Settings
-from serving.fair_queue import BATCH, DEMOTED, INTERACTIVE, Slot, enter
+from serving.fair_queue import BATCH, DEMOTED, INTERACTIVE, QueueFull, Slot, enter
 from serving.limits import Limit
 from serving.live_state import Instance, fault_scope
 from serving.protocol import backend_body, requested_max_tokens, token_estimate
@@ -115,7 +115,7 @@ async def select_cluster(req: InferenceRequest, model: ModelSpec, svc: Services,
         elif cluster.maintenance:
             maintenance.append(f"{name}: {cluster.maintenance_message or 'in maintenance'}")
         else:
-            candidates.append(svc.live.instance(cluster, model))
+            candidates.extend(svc.live.instances_of(cluster, model))
     if not candidates:
         if maintenance:
             raise APIError(
@@ -188,9 +188,14 @@ async def wait_for_slot(req: InferenceRequest, inst: Instance, svc: Services, ou
     if svc.budgets.demoted(svc.registry.project_of(req.principal.groups)):
         priority = DEMOTED
     where = f"Model '{inst.model.name}' on cluster '{inst.cluster.name}'"
-    slot = await enter(inst.fair_queue(), flow, inst.model.group_weights.get(flow, 1.0), priority,
-                       svc.settings.queue_wait_s, where)  # fmt: skip
+    try:
+        slot = await enter(inst.fair_queue(), flow, inst.model.group_weights.get(flow, 1.0), priority,
+                           svc.settings.queue_wait_s, where)  # fmt: skip
+    except QueueFull:
+        inst.refusals.append(time.time())
+        raise
     out.queue_ms = slot.waited_s * 1000
+    inst.queue_waits.append((time.time(), out.queue_ms))
     return slot
 
 
