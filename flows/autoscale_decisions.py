@@ -8,10 +8,11 @@ For each model, from the instances' states (lifecycle observations) and the load
   (the always-hot tier);
 - **one start at a time**: while an instance of the model starts (or waits in a batch queue), nothing else;
 - **scale out** when the model is under pressure: utilization ``(in flight + waiting) / (hot instances x
-  max_concurrency)`` at or above ``high``, or requests refused after waiting, or a median wait for a slot above
-  ``queue_ms_high``. The new instance goes to the model's cluster with the smallest expected start (new
-  capacity soonest), then the fewest of its instances, that is out of maintenance and under both bounds (the cluster's ``max_instances``
-  for all its models, the model's own ``max_instances`` there). ``out_cooldown_s`` after a scale-out, no other;
+  max_concurrency)`` at or above ``high``, or (while utilization is above ``low``) requests refused after waiting
+  or a median wait for a slot above ``queue_ms_high`` in the last minute. The new instance goes to the model's
+  cluster with the smallest expected start (new capacity soonest), then the fewest of its instances, that is out
+  of maintenance and under both bounds (the cluster's ``max_instances`` for all its models, the model's own
+  ``max_instances`` there). ``out_cooldown_s`` after a scale-out, no other;
 - **scale in** when utilization stayed at or below ``low`` for ``scale_in_after_s`` and would stay below ``high``
   without one instance, and no scale action happened for ``in_cooldown_s``: the hot instance with the highest
   number (autoscale's newest), never below a cluster's ``min_instances``, never the model's last hot instance
@@ -132,9 +133,10 @@ def decide_model(
     pressure = []
     if util >= policy.high:
         pressure.append(f"utilization {util:.2f} >= {policy.high}")
-    if refused:
+    busy = util > policy.low  # the last minute's refusals and waits count only while the load lasts
+    if refused and busy:
         pressure.append(f"{refused} request(s) refused after waiting, last minute")
-    if wait is not None and wait >= policy.queue_ms_high:
+    if wait is not None and wait >= policy.queue_ms_high and busy:
         pressure.append(f"median wait for a slot {wait:.0f} ms >= {policy.queue_ms_high:.0f} ms")
     if pressure:
         memory.low_since = None

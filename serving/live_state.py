@@ -151,7 +151,8 @@ _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 def allowed_base_url(cluster: ClusterSpec, model: ModelSpec, url: str) -> bool:
     """Whether a lifecycle run may point routing at ``url``: the block's own URL for a direct-HTTP cluster;
     loopback and the model's port for a local one; http(s) on the model's port for a Globus Compute cluster
-    (its node is whatever host the batch job got: the port and scheme are what the spec fixes)."""
+    (its node is whatever host the batch job got: the port and scheme are what the spec fixes). A model's further
+    instances (autoscale's ``m@1``...) take a free port where they start: any unprivileged one."""
     try:
         u = urlsplit(url)
         port = u.port
@@ -162,9 +163,10 @@ def allowed_base_url(cluster: ClusterSpec, model: ModelSpec, url: str) -> bool:
     if cluster.transport == "http":
         return cluster.base_url is not None and url.rstrip("/") == cluster.base_url.rstrip("/")
     expected_port = model.on(cluster.name).port
+    port_ok = port == expected_port if model.replica == 0 else port is not None and port >= 1024
     if cluster.transport == "local":
-        return u.hostname in _LOOPBACK and port == expected_port
-    return port == expected_port
+        return u.hostname in _LOOPBACK and port_ok
+    return port_ok
 
 
 # Failures of the way to a cluster (its endpoint, its functions): they close the cluster to every model.
@@ -421,11 +423,12 @@ class LiveState:
             log.warning("ignored an observation of %s on %s dated in the future (%.0f s ahead)", model.name,
                         cluster.name, obs.ts - time.time())  # fmt: skip
             return False
-        if obs.base_url is not None and not allowed_base_url(cluster, model, obs.base_url):
+        replica = int(n) if at else 0
+        if obs.base_url is not None and not allowed_base_url(cluster, model.as_replica(replica), obs.base_url):
             log.warning("ignored an observation of %s on %s: its server URL %r is not one the cluster's spec allows",
-                        model.name, cluster.name, obs.base_url[:200])  # fmt: skip
+                        obs.model, cluster.name, obs.base_url[:200])  # fmt: skip
             return False
-        inst = self.instance(cluster, model, int(n) if at else 0)
+        inst = self.instance(cluster, model, replica)
         if inst.last_status is not None and obs.ts <= inst.last_status:
             return False
         if inst.warm is not None and not inst.warm.done() and obs.state not in ("queued", "starting", "hot"):

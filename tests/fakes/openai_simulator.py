@@ -48,9 +48,15 @@ def text_tokens(n: int) -> list[str]:
 
 class OpenAISimulatorDouble:
     def __init__(
-        self, latency_s: float = 0.05, capacity: int = 4, name: str = "sim", api_key: str | None = None
+        self,
+        latency_s: float = 0.05,
+        capacity: int = 4,
+        name: str = "sim",
+        api_key: str | None = None,
+        port: int = 0,
     ) -> None:
         self.latency_s, self.capacity, self.name = latency_s, capacity, name
+        self._port = port  # 0: a free one
         self.api_key = api_key  # as vLLM's --api-key: /v1 routes want "Authorization: Bearer <key>", /health not
         self.healthy = True
         self.fail_mode: str | None = None  # None | "500" | "close" | "hang"
@@ -77,7 +83,7 @@ class OpenAISimulatorDouble:
 
     def start(self) -> OpenAISimulatorDouble:
         self._sock = socket.socket()
-        self._sock.bind(("127.0.0.1", 0))
+        self._sock.bind(("127.0.0.1", self._port))
         config = uvicorn.Config(
             self._app, interface="asgi3", lifespan="off", log_level="critical", access_log=False,
             backlog=2048, timeout_keep_alive=75,  # hundreds of connections at once, reused as vLLM's are

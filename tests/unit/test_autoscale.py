@@ -47,6 +47,8 @@ def test_refusals_or_long_waits_are_pressure_too():
     assert d.action == "out" and "3 request(s) refused" in d.reason
     d = decide_model(registry(), "m", [hot("a", 0, 5, queue_ms_p50=4000.0)], Memory(), 0.0, POLICY)
     assert d.action == "out" and "median wait for a slot 4000 ms" in d.reason
+    after = decide_model(registry(), "m", [hot("a", 0, 0, queue_ms_p50=4000.0)], Memory(), 0.0, POLICY)
+    assert after.action == "keep", "the last minute's waits are no pressure once the load is gone"
 
 
 def test_at_the_bound_it_scales_to_the_next_cluster_or_says_which_bound():

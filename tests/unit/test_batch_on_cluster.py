@@ -30,7 +30,7 @@ from serving.batches.files import FileStore
 from serving.batches.paths import choose_path
 from serving.batches.store import BatchStore
 
-RUNNER_DOUBLE = Path(__file__).resolve().parent.parent / "fakes" / "vllm_batch_runner_double"
+RUNNER_DOUBLE = Path(__file__).resolve().parent.parent / "fakes" / "vllm_double"
 
 
 def chat_line(i: int, text: str | None = None, model: str = "m") -> dict:
