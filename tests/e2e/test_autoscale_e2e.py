@@ -4,11 +4,14 @@ given, started and stopped by the real cluster functions through the local compu
 
 Under a sustained load of 8 concurrent callers on an instance of 2 slots, an `autoscale` run (triggered as the UI
 does) starts a second instance of the model ("m@1") on the cluster; the gateway routes over both. When the load
-stops, the next run retires it: `retire-instance` drains it, then stops its process.
+stops, the next run retires it: `retire-instance` drains it, then stops its process. Then allocation
+accounting over the instance time those runs logged: a project declared as a block is charged, and refused once
+its budget is spent.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -79,7 +82,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     env = {
         **os.environ, **prefect_env(settings, prefect_port), "FIRST_PORT": str(gateway_port),
         "FIRST_VLLM_PORT_BASE": str(settings.vllm_port_base), "FIRST_VLLM_PYTHON": sys.executable,
-        "FIRST_FLOW_SAMPLE_RATE": "0", "FIRST_QUEUE_WAIT_S": "120",
+        "FIRST_FLOW_SAMPLE_RATE": "0", "FIRST_QUEUE_WAIT_S": "120", "FIRST_ALLOCATION_CHECK_S": "1",
     }  # fmt: skip
     procs: list[subprocess.Popen] = []
     (home / "logs").mkdir()
@@ -173,3 +176,38 @@ def _scale_in_when_quiet(stack: Stack) -> None:
     _wait(lambda: stack.instances().get(1, {}).get("state") in (None, "cold"), 120, "m@1 retired")
     _wait(lambda: "Retired `m@1` on `a`" in stack.artifact("retire-instance"), 60, "the retire-instance artifact")
     assert stack.chat().status_code == 200 and stack.instances()[0]["state"] == "hot", "instance 0 still serves"
+
+
+def test_instance_time_is_charged_to_projects_and_a_spent_one_is_refused(stack: Stack) -> None:
+    """After the scale-out and scale-in above: the lifecycle runs logged each instance's time. A project declared
+    with `first apply` (a FIRST Project block) whose callers used the model is charged for it; once its tiny
+    budget is spent, the gateway refuses its callers with a 403 naming it, and serves everyone else."""
+
+    def first(*args: str) -> str:
+        r = subprocess.run([str(BIN / "first"), *args], env=stack.env, cwd=REPO_ROOT, capture_output=True,
+                           text=True, timeout=300)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout.strip()
+
+    events = "".join(p.read_text() for p in (stack.home / "instance-events").glob("*.jsonl"))
+    assert '"model":"m@1","state":"hot"' in events and '"model":"m@1","state":"cold"' in events
+    doc = yaml.safe_load((stack.home / "fleet.yaml").read_text())
+    doc["projects"] = [{"name": "astro", "groups": ["astro-team"], "gpu_hours": 0.0001}]
+    (stack.home / "fleet.yaml").write_text(yaml.safe_dump(doc))
+    first("apply", str(stack.home / "fleet.yaml"))
+    astro = first("keys", "create", "--user", "carol", "--group", "astro-team")
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+    def as_carol() -> httpx.Response:
+        return httpx.post(stack.url + "/v1/chat/completions", json=body, timeout=60,
+                          headers={"Authorization": f"Bearer {astro}"})  # fmt: skip
+
+    assert as_carol().status_code == 200  # nothing charged to astro yet
+    first("usage", "ingest")
+    _wait(lambda: as_carol().status_code == 403, 60, "the gateway to see astro's budget spent")
+    refused = as_carol().json()["error"]
+    assert refused["code"] == "allocation_spent" and "Project 'astro'" in refused["message"]
+    assert stack.chat().status_code == 200, "callers of no spent project are served"
+    rows = {r["project"]: r for r in json.loads(first("usage", "allocations", "--format", "json"))}
+    assert rows["astro"]["spent"] and rows["astro"]["gpu_hours_used"] > 0.0001
+    assert rows["facility"]["gpu_hours_used"] > 0, "hours nobody in a project used go to the idle owner"
