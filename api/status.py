@@ -27,7 +27,9 @@ class StatusController(Controller):
         live = services.live
         pairs = usable_pairs(services.registry, principal, admin_sees_all=True)
         now = time.time()
-        instances = [i.snapshot(detail=principal.is_admin) for m, c in pairs for i in live.instances_of(c, m)]
+        instances = [
+            i.snapshot(detail=principal.is_admin) for m, c in pairs for i in live.instances_of(c, m, routable=False)
+        ]
         clusters = {}
         for _, c in pairs:
             b = live.breaker(c.name)

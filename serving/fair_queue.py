@@ -27,20 +27,54 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from core.errors import APIError
 
+T = TypeVar("T")
 INTERACTIVE, BATCH, DEMOTED = 0, 1, 2  # DEMOTED: a project whose GPU-hour budget is spent (serving/budgets.py)
 RECHECK_S = 1.0  # waiters re-check the capacity this often (other replicas' load changes without a release here)
 
 
 @dataclass(order=True)
-class _Waiter:
+class Entry(Generic[T]):
     priority: int
     finish: float
     seq: int
     flow: str = field(compare=False)
-    future: asyncio.Future[None] = field(compare=False)
+    item: T = field(compare=False)
+
+
+class FairOrder(Generic[T]):
+    """The order of a fair queue, without the waiting: priority first, then self-clocked fair queuing tags per
+    flow. The gateway's FairQueue waits on it; ``bench/resource_sim.py`` replays it in simulated time."""
+
+    def __init__(self) -> None:
+        self.heap: list[Entry[T]] = []
+        self.virtual = 0.0
+        self.last_finish: dict[str, float] = {}
+        self._seq = itertools.count()
+
+    def push(self, flow: str, weight: float, priority: int, item: T) -> Entry[T]:
+        if not self.heap:  # an idle queue starts afresh: old tags mean nothing now
+            self.virtual, self.last_finish = 0.0, {}
+        start = max(self.virtual, self.last_finish.get(flow, 0.0))
+        finish = start + 1.0 / max(weight, 1e-6)
+        self.last_finish[flow] = finish
+        entry = Entry(priority, finish, next(self._seq), flow, item)
+        heapq.heappush(self.heap, entry)
+        return entry
+
+    def pop(self) -> Entry[T]:
+        entry = heapq.heappop(self.heap)
+        self.virtual = entry.finish
+        return entry
+
+    def __len__(self) -> int:
+        return len(self.heap)
+
+
+_Waiter = Entry[asyncio.Future[None]]
 
 
 class QueueFull(APIError):
@@ -55,14 +89,15 @@ class FairQueue:
         self.capacity = capacity
         self.clock = clock
         self.admitted = 0
-        self.waiting: list[_Waiter] = []
-        self.virtual = 0.0
-        self.last_finish: dict[str, float] = {}
+        self.order: FairOrder[asyncio.Future[None]] = FairOrder()
         self.hold_s = 1.0  # mean time a slot is held (exponentially weighted), for Retry-After
         self.served: dict[str, int] = {}  # admissions per flow that had to wait (what fairness shares out)
         self.timeouts = 0
-        self.queued = 0  # waiters still waiting (the heap also holds those that gave up, until they surface)
-        self._seq = itertools.count()
+        self.queued = 0  # waiters still waiting (the order also holds those that gave up, until they surface)
+
+    @property
+    def waiting(self) -> list[_Waiter]:
+        return self.order.heap
 
     def _has_room(self) -> bool:
         return self.admitted < max(1, self.capacity())
@@ -75,31 +110,24 @@ class FairQueue:
         return False
 
     def enqueue(self, flow: str, weight: float, priority: int) -> _Waiter:
-        if not self.waiting:  # an idle queue starts afresh: old tags mean nothing now
-            self.virtual, self.last_finish = 0.0, {}
-        start = max(self.virtual, self.last_finish.get(flow, 0.0))
-        finish = start + 1.0 / max(weight, 1e-6)
-        self.last_finish[flow] = finish
-        waiter = _Waiter(priority, finish, next(self._seq), flow, asyncio.get_running_loop().create_future())
-        heapq.heappush(self.waiting, waiter)
+        waiter = self.order.push(flow, weight, priority, asyncio.get_running_loop().create_future())
         self.queued += 1
         return waiter
 
     def give_up(self, waiter: _Waiter) -> None:
-        waiter.future.cancel()
+        waiter.item.cancel()
         self.queued -= 1
 
     def dispatch(self) -> None:
         """Admit waiters, best tag first, while there is room."""
-        while self.waiting and self._has_room():
-            waiter = heapq.heappop(self.waiting)
-            if waiter.future.done():  # gave up waiting
+        while self.order and self._has_room():
+            waiter = self.order.pop()
+            if waiter.item.done():  # gave up waiting
                 continue
-            self.virtual = waiter.finish
             self.queued -= 1
             self.admitted += 1
             self.served[waiter.flow] = self.served.get(waiter.flow, 0) + 1
-            waiter.future.set_result(None)
+            waiter.item.set_result(None)
 
     def leave(self, held_s: float) -> None:
         self.admitted -= 1
@@ -112,7 +140,7 @@ class FairQueue:
 
     def over_share(self, flow: str) -> bool:
         """Whether ``flow`` holds more than an even share of the waiting requests (it is the flood)."""
-        waiting = [w.flow for w in self.waiting if not w.future.done()]
+        waiting = [w.flow for w in self.waiting if not w.item.done()]
         flows = set(waiting)
         return len(flows) > 1 and waiting.count(flow) > len(waiting) / len(flows)
 
@@ -138,23 +166,23 @@ async def enter(queue: FairQueue, flow: str, weight: float, priority: int, wait_
     queue.dispatch()
     deadline = time.monotonic() + wait_s
     try:
-        while not waiter.future.done():
+        while not waiter.item.done():
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            await asyncio.wait({waiter.future}, timeout=min(RECHECK_S, left))
-            if not waiter.future.done():
+            await asyncio.wait({waiter.item}, timeout=min(RECHECK_S, left))
+            if not waiter.item.done():
                 queue.dispatch()  # the other replicas' share may have shrunk
     except BaseException:  # the request itself was cancelled while it waited: its place, or slot, goes back
-        if waiter.future.done():
+        if waiter.item.done():
             queue.leave(0.0)
         else:
             queue.give_up(waiter)
         raise
-    if waiter.future.done():
+    if waiter.item.done():
         now = queue.clock()
         return Slot(queue, now - t0, now)
-    ahead = sum(1 for w in queue.waiting if not w.future.done() and w < waiter)
+    ahead = sum(1 for w in queue.waiting if not w.item.done() and w < waiter)
     flood = queue.over_share(flow)
     queue.give_up(waiter)
     queue.timeouts += 1

@@ -208,11 +208,13 @@ class LiveState:
             inst.model, inst.cluster, self._bases[key] = model.as_replica(replica), cluster, model
         return inst
 
-    def instances_of(self, cluster: ClusterSpec, model: ModelSpec) -> list[Instance]:
-        """The instances a request may use: the first always; further ones while they run (autoscale's)."""
+    def instances_of(self, cluster: ClusterSpec, model: ModelSpec, routable: bool = True) -> list[Instance]:
+        """The instances a request may use: the first always; further ones (autoscale's) once they are hot. A
+        request never waits for a further instance's start: a full hot one's queue is seconds, a start minutes.
+        ``routable=False``: every instance known, whatever its state (for the status page)."""
         first = self.instance(cluster, model)
         more = [self.instance(cluster, model, r) for (c, m, r), i in list(self._instances.items())
-                if c == cluster.name and m == model.name and r > 0 and i.state in RUNNING]  # fmt: skip
+                if c == cluster.name and m == model.name and r > 0 and (i.state == "hot" or not routable)]  # fmt: skip
         return [first, *more]
 
     def all(self) -> list[Instance]:

@@ -130,7 +130,7 @@ def test_the_gateway_routes_over_every_running_instance_and_never_to_a_draining_
     for name, state in (("m", "hot"), ("m@1", "hot"), ("m@2", "starting")):
         assert live.adopt(Observation(cluster="a", model=name, state=state, base_url=None), reg.clusters, reg.models)
     insts = live.instances_of(a, m)
-    assert [i.key for i in insts] == ["a/m", "a/m@1", "a/m@2"]
+    assert [i.key for i in insts] == ["a/m", "a/m@1"], "a further instance that is still starting is not routed to"
     assert insts[1].model.instance_name == "m@1" and insts[1].model.replica == 1
     insts[0].inflight = 5
     assert live.route(insts)[0].key == "a/m@1", "least loaded first"
