@@ -83,10 +83,21 @@ class ExecutorBackend(ComputeBackend):
         self.pool = pool
         self.relay = relay
 
-    async def submit(self, name: str, *args: Any) -> tuple[Executor, Future[Any]]:
-        """Send one cluster function (by its registered id when there is one) to the cluster's endpoint;
-        returns the executor it went to, and its future."""
-        executor, function_ids = await self.pool.get(self.cluster)
+    def route(self, replica: int) -> ClusterSpec:
+        """Where an instance's tasks go. A model's further instances (autoscale's ``m@1``...) on a multi-user
+        Globus Compute endpoint get a user endpoint of their own (``INSTANCE`` in its user_endpoint_config),
+        hence their own batch job or block: vLLM listens on its node's loopback, so every later task of an
+        instance must land where it started."""
+        if replica == 0 or self.cluster.transport != "globus-compute":
+            return self.cluster
+        config = {**self.cluster.user_endpoint_config, "INSTANCE": replica}
+        return self.cluster.model_copy(update={"user_endpoint_config": config})
+
+    async def submit(self, name: str, *args: Any, replica: int = 0) -> tuple[Executor, Future[Any]]:
+        """Send one cluster function (by its registered id when there is one) to the cluster's endpoint (the
+        instance's own, see ``route``); returns the executor it went to, and its future."""
+        where = self.route(replica)
+        executor, function_ids = await self.pool.get(where)
         try:
             function_id = function_ids.get(name)
             if function_id:
@@ -94,16 +105,16 @@ class ExecutorBackend(ComputeBackend):
             else:
                 fut = executor.submit(functions.CLUSTER_FUNCTIONS[name], *args)
         except Exception as exc:  # the executor itself is broken: build a new one for the next request
-            self.pool.retire(self.cluster, executor)
+            self.pool.retire(where, executor)
             raise task_failed(exc, f"Cluster '{self.cluster.name}'") from exc
         self.pool.track(executor, fut)
         return executor, fut
 
-    async def call(self, name: str, *args: Any, timeout: float | None = None) -> Any:
+    async def call(self, name: str, *args: Any, timeout: float | None = None, replica: int = 0) -> Any:
         """Run one cluster function and await its result. The timeout cancels only this request's future,
         never the shared executor."""
         timeout = timeout or self.settings.request_timeout_s
-        executor, fut = await self.submit(name, *args)
+        executor, fut = await self.submit(name, *args, replica=replica)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
         except TimeoutError:
@@ -113,7 +124,7 @@ class ExecutorBackend(ComputeBackend):
             ) from None
         except Exception as exc:
             if not isinstance(exc, TaskExecutionFailed):  # the route failed, not the function: a new executor
-                self.pool.retire(self.cluster, executor)
+                self.pool.retire(self.route(replica), executor)
             raise task_failed(exc, f"Cluster '{self.cluster.name}'") from exc
 
     async def endpoint_status(self) -> dict[str, Any]:
@@ -154,15 +165,15 @@ class ExecutorBackend(ComputeBackend):
         return self.instance_spec(model, self.cluster, self.settings)
 
     async def status(self, model: ModelSpec) -> dict[str, Any]:
-        return await self.call("vllm_status", self._spec(model), timeout=30)
+        return await self.call("vllm_status", self._spec(model), timeout=30, replica=model.replica)
 
     async def start(self, model: ModelSpec) -> dict[str, Any]:
         # A remote start may wait in the batch queue for a block to run it: bounded by the warm-up, not 60 s.
         timeout = 60 if self.cluster.transport == "local" else self.settings.warm_up_timeout_s
-        return await self.call("start_vllm", self._spec(model), timeout=timeout)
+        return await self.call("start_vllm", self._spec(model), timeout=timeout, replica=model.replica)
 
     async def stop(self, model: ModelSpec) -> dict[str, Any]:
-        return await self.call("stop_vllm", self._spec(model), timeout=60)
+        return await self.call("stop_vllm", self._spec(model), timeout=60, replica=model.replica)
 
     runs_vllm_batches = True
 
@@ -181,8 +192,9 @@ class ExecutorBackend(ComputeBackend):
     async def complete(self, model: ModelSpec, base_url: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
         timeout = self.settings.request_timeout_s
         result = await self.call(
-            "openai_request", base_url, path, body, timeout, self._key_ref(model), timeout=timeout + 5
-        )
+            "openai_request", base_url, path, body, timeout, self._key_ref(model), timeout=timeout + 5,
+            replica=model.replica,
+        )  # fmt: skip
         if result.get("status") != 200:
             raise backend_error(result, f"Cluster '{self.cluster.name}'")
         return result["body"]
@@ -200,8 +212,9 @@ class ExecutorBackend(ComputeBackend):
                 "openai_stream", base_url, path, body, self.settings.request_timeout_s,
                 relay.post_url(self.settings.gateway_url, request_id), relay.token_for(request_id),
                 self.settings.relay_batch_chunks, self.settings.relay_batch_ms, self._key_ref(model),
+                replica=model.replica,
             )  # fmt: skip
-            pool, cluster = self.pool, self.cluster
+            pool, cluster = self.pool, self.route(model.replica)
 
             def on_done(f: Future[Any]) -> None:  # the function failed or its endpoint died: end the stream now
                 exc = f.exception() if not f.cancelled() else None
