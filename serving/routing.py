@@ -6,9 +6,10 @@ Among the instances of the model on the clusters the caller may use, in this ord
    the in-flight requests of all of them): a request with a session key goes to its session's own instance
    (``affinity``), others least loaded first; on equal
    load, the one used least recently, so that equal instances take turns;
-1. **starting**: a warm-up is under way; shortest remaining expected wait first;
-2. **queued**: its start waits in a batch queue;
-3. **hot but full**: wait behind its requests rather than start another instance;
+1. **hot but full**: wait behind its requests (in the gateway's fair queue, seconds) rather than for a start
+   (minutes on a batch cluster) or start another instance;
+2. **starting**: a warm-up is under way; shortest remaining expected wait first;
+3. **queued**: its start waits in a batch queue;
 4. **cold** (or not yet known): the one with the shortest expected start gets warmed up; a cluster already at
    ``max_instances`` running models is passed over;
 5. **failed**: a new start may work; last resort.
@@ -128,10 +129,10 @@ def rank(
         if state == "hot":
             inflight = inst.inflight + inst.others_inflight  # every replica's requests there (serving/replicas)
             load = inflight / cluster.max_concurrency
-            return (0 if inflight < cluster.max_concurrency else 3, inst is not own, load, inst.last_used or 0.0)
+            return (0 if inflight < cluster.max_concurrency else 1, inst is not own, load, inst.last_used or 0.0)
         if state in ("starting", "queued"):
             remaining = expected - (now - inst.since)
-            return (1 if state == "starting" else 2, True, remaining, 0.0)
+            return (2 if state == "starting" else 3, True, remaining, 0.0)
         if state == "draining":  # autoscale is retiring it (flows/autoscale.py): nothing new goes there
             return (6, True, 0.0, 0.0)
         if state in ("cold", "unknown"):

@@ -206,7 +206,7 @@ def test_rank_follows_the_documented_order() -> None:
            "cold-fast": {"expected_start_s": 30}},
     )  # fmt: skip
     order = [i.cluster.name for i in rank(insts, {}, {}, time.time())]
-    assert order == ["hot-idle", "hot-busy", "starting", "queued", "hot-full", "cold-fast", "cold-slow", "failed"]
+    assert order == ["hot-idle", "hot-busy", "hot-full", "starting", "queued", "cold-fast", "cold-slow", "failed"]
     # what a cluster's warm-ups really took (learned) outranks its declared expectation
     assert [i.cluster.name for i in rank(insts[-1:] + insts[:1], {}, {"cold-slow": 5.0}, time.time())] == [
         "cold-slow", "cold-fast"

@@ -9,7 +9,7 @@ import yaml
 from blocks.registry import ClusterSpec, ModelSpec, Registry
 from core.settings import REPO_ROOT
 from deployments.local import DEPLOYMENTS, SCHEDULED
-from flows import batch, batch_retention, fleet_decisions, lifecycle, predictive, usage
+from flows import autoscale, batch, batch_retention, fleet_decisions, lifecycle, predictive, usage
 from flows.fleet_decisions import (
     QUEUED_FRESH_S,
     drain_progress,
@@ -171,6 +171,7 @@ def test_prefect_yaml_declares_the_deployments_the_runner_names() -> None:
         "flows/batch.py": batch,
         "flows/batch_retention.py": batch_retention,
         "flows/predictive.py": predictive,
+        "flows/autoscale.py": autoscale,
     }
     for d in doc["deployments"]:
         path, fn = d["entrypoint"].split(":")
