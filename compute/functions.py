@@ -325,6 +325,31 @@ def _pid_alive(pid: int) -> bool:
     return not any(mask & sigkill_bit for mask in pending)  # killed, not yet scheduled to die
 
 
+def _proc_identity(pid: int) -> str | None:
+    """Who holds ``pid``: this boot's id and the process's start time (clock ticks after boot). A pid freed by a
+    crash and handed to another process has the same number and another identity."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        with open(f"/proc/{pid}/stat") as f:
+            start = f.read().rsplit(") ", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+    return f"{boot}:{start}"
+
+
+def _recorded_process_runs(state: dict[str, Any]) -> tuple[bool, str]:
+    """Whether the vLLM a state file recorded still runs: (runs, why not). A state file from before identities
+    were recorded is judged by its pid alone."""
+    pid = state["pid"]
+    if not _pid_alive(pid):
+        return False, f"vLLM process {pid} exited"
+    recorded = state.get("identity")
+    if recorded is not None and _proc_identity(pid) != recorded:
+        return False, f"process {pid} is no longer the vLLM this state recorded (it died, and its pid was reused)"
+    return True, ""
+
+
 def _group_has_live_members(pgid: int) -> bool:
     """True if a non-zombie process of this process group still runs (Linux /proc)."""
     import os
@@ -352,7 +377,8 @@ def vllm_status(spec: dict[str, Any]) -> dict[str, Any]:
     if not path.exists():
         return {"state": "cold"}
     state = json.loads(path.read_text())
-    if not _pid_alive(state["pid"]):
+    runs, why = _recorded_process_runs(state)
+    if not runs:  # never waited on: a warm-up that finds this starts afresh
         tail = ""
         try:
             with open(state["log"], "rb") as f:
@@ -361,7 +387,7 @@ def vllm_status(spec: dict[str, Any]) -> dict[str, Any]:
                 tail = f.read().decode(errors="replace")
         except OSError:
             pass
-        return {**_public(state), "state": "failed", "detail": f"vLLM process {state['pid']} exited. Log tail:\n{tail}"}
+        return {**_public(state), "state": "failed", "detail": f"{why}. Log tail:\n{tail}"}
     try:
         ok = _http(state["base_url"]).request("GET", state["base_url"] + "/health", timeout=2.0).status == 200
     except HTTPError:
@@ -414,6 +440,7 @@ def start_vllm(spec: dict[str, Any]) -> dict[str, Any]:
             # On a batch cluster this runs inside the endpoint's block: its job is the one holding the node.
             "job_id": os.environ.get("PBS_JOBID") or os.environ.get("SLURM_JOB_ID"),
             "api_key": api_key,
+            "identity": _proc_identity(proc.pid),  # a pid reused after a crash is not taken for this vLLM
         }  # fmt: skip
         tmp = _state_path(spec).with_suffix(".tmp")
         tmp.unlink(missing_ok=True)
@@ -435,6 +462,9 @@ def stop_vllm(spec: dict[str, Any], grace_s: float = 20.0) -> dict[str, Any]:
         return {"state": "cold", "stopped": False}
     state = json.loads(path.read_text())
     pid = state["pid"]
+    if state.get("identity") is not None and _pid_alive(pid) and _proc_identity(pid) != state["identity"]:
+        path.unlink(missing_ok=True)  # its pid now belongs to another process: signal nothing
+        return {"state": "cold", "stopped": False, "pid": pid}
 
     def group_alive() -> bool:
         try:

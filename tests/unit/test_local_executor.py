@@ -134,3 +134,24 @@ def test_a_killed_server_is_not_alive_before_its_parent_reaps_it():
     finally:
         child.wait()
     assert not functions._pid_alive(child.pid)
+
+
+def test_a_state_whose_pid_was_reused_is_failed_at_once_and_never_signalled(tmp_path):
+    """After a crash, a state file's pid may belong to another process: vllm_status says failed (a warm-up then
+    starts afresh instead of waiting on it), and stop_vllm signals nothing."""
+    import json
+
+    spec = {"state_dir": str(tmp_path), "model": "m"}
+    identity = functions._proc_identity(os.getpid())
+    assert identity is not None
+    boot, start = identity.rsplit(":", 1)
+    state = {"pid": os.getpid(), "port": 9, "base_url": "http://127.0.0.1:9", "log": str(tmp_path / "m.log"),
+             "model": "m", "identity": f"{boot}:{int(start) + 1}"}  # fmt: skip  # this test's pid, another process
+    (tmp_path / "m.json").write_text(json.dumps(state))
+    status = functions.vllm_status(spec)
+    assert status["state"] == "failed" and "pid was reused" in status["detail"]
+    assert functions.stop_vllm(spec) == {"state": "cold", "stopped": False, "pid": os.getpid()}
+    assert not (tmp_path / "m.json").exists()  # and this process is still here to say so
+    state["identity"] = identity  # the real one: alive, /health not answering yet
+    (tmp_path / "m.json").write_text(json.dumps(state))
+    assert functions.vllm_status(spec)["state"] == "starting"
