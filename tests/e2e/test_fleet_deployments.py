@@ -295,7 +295,7 @@ def test_the_deployments_are_registered(fleet: Fleet) -> None:
         "refresh-status/refresh-status": [60.0], "scale-down-idle/scale-down-idle": [300.0],
         "ingest-usage/ingest-usage": [60.0], "usage-report/usage-report": ["0 6 * * *"],
         "audit-retention/audit-retention": ["0 3 * * *"], "batch-retention/batch-retention": [300.0],
-        "predictive-warm-up/predictive-warm-up": [600.0],
+        "predictive-warm-up/predictive-warm-up": [600.0], "autoscale/autoscale": [30.0],
     }  # fmt: skip
 
 

@@ -215,7 +215,7 @@ def test_tracking_all_records_every_request_as_an_infer_flow_run(stack: Stack) -
     assert runs["completions tiny for alice"]["state_type"] == "COMPLETED"
     assert runs["chat.completions nope for alice"]["state_type"] == "FAILED"
     flow_run_id = runs["chat.completions tiny for alice"]["id"]
-    expected = {"authorize", "select-cluster", "ensure-warm", "execute", "record-usage"}
+    expected = {"authorize", "select-cluster", "ensure-warm", "wait-for-slot", "execute", "record-usage"}
     deadline = time.monotonic() + 30  # the server's task-run recorder writes in batches
     while time.monotonic() < deadline:
         tasks = httpx.post(

@@ -158,3 +158,19 @@ def test_further_instances_take_their_own_state_file_and_a_free_port():
     assert (first["model"], first["port"]) == ("m", 8100) and (third["model"], third["port"]) == ("m@2", 0)
     assert m.instance_bounds("a") == (0, 3) and m.instance_bounds("b") == (0, 1)
     assert "replica" not in m.as_replica(2).model_dump(), "the replica number is never stored in the block"
+
+
+def test_a_further_instance_gets_a_user_endpoint_and_a_job_of_its_own() -> None:
+    """A model's further instance on a multi-user Globus Compute endpoint: another user_endpoint_config (INSTANCE),
+    so another user endpoint with its own job (deployments/endpoints/multi-user), and another executor here."""
+    from compute.backends import ExecutorBackend
+    from compute.executors import ExecutorPool
+
+    options = {"ACCOUNT": "myproject", "QUEUE": "debug"}
+    cluster = ClusterSpec(name="polaris", transport="globus-compute", endpoint_id="e", user_endpoint_config=options)
+    backend = ExecutorBackend(cluster, Settings(), ExecutorPool(Settings()), None)
+    first, second = backend.route(0), backend.route(2)
+    assert first is cluster and second.user_endpoint_config == {**options, "INSTANCE": 2}
+    assert ExecutorPool.key(first) != ExecutorPool.key(second)
+    local = ClusterSpec(name="lab", transport="local")
+    assert ExecutorBackend(local, Settings(), ExecutorPool(Settings()), None).route(3) is local

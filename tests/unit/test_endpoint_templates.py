@@ -270,23 +270,12 @@ def test_multi_user_template_defaults() -> None:
     assert "export FIRST_INSTANCE=0 " in provider["worker_init"]
 
 
-def test_a_further_instance_gets_a_user_endpoint_and_a_job_of_its_own() -> None:
-    """The gateway sends INSTANCE for a model's further instances (compute.backends.ExecutorBackend.route):
-    another user_endpoint_config, so the multi-user endpoint starts another user endpoint with its own job."""
-    from blocks.registry import ClusterSpec
-    from compute.backends import ExecutorBackend
-    from compute.executors import ExecutorPool
-    from core.settings import Settings
-
-    cluster = ClusterSpec(
-        name="polaris", transport="globus-compute", endpoint_id="e", user_endpoint_config=SAMPLE_OPTIONS
-    )
-    backend = ExecutorBackend(cluster, Settings(), ExecutorPool(Settings()), None)
-    first, second = backend.route(0), backend.route(2)
-    assert first is cluster and second.user_endpoint_config == {**SAMPLE_OPTIONS, "INSTANCE": 2}
-    assert ExecutorPool.key(first) != ExecutorPool.key(second)
-    jsonschema.validate(instance=second.user_endpoint_config, schema=_json(MULTI_USER / "user_config_schema.json"))
-    assert "export FIRST_INSTANCE=2 " in _multi_user(second.user_endpoint_config)["engine"]["provider"]["worker_init"]
+def test_a_further_instance_renders_with_its_instance_number() -> None:
+    """The gateway sends INSTANCE for a model's further instances (tests/unit/test_autoscale.py): the schema takes
+    it, and the job's environment says which instance it is."""
+    options = {**SAMPLE_OPTIONS, "INSTANCE": 2}
+    jsonschema.validate(instance=options, schema=_json(MULTI_USER / "user_config_schema.json"))
+    assert "export FIRST_INSTANCE=2 " in _multi_user(options)["engine"]["provider"]["worker_init"]
 
 
 @pytest.mark.parametrize(
