@@ -66,7 +66,9 @@ async def follow_budgets(svc: Any) -> None:
     loop = asyncio.get_running_loop()
     while True:
         registry = svc.registry
-        if registry.projects:
+        if not registry.projects:
+            svc.budgets.update([])  # no project declared (any more): nobody is refused or demoted
+        else:
             try:
                 store = UsageStore(svc.settings.usage_db)
                 df = await loop.run_in_executor(
