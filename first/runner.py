@@ -54,6 +54,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_block(n: int = 2, low: int = 20000, high: int = 32000) -> int:
+    """The first of ``n`` consecutive ports on 127.0.0.1 that nothing listens on now, below the kernel's ephemeral
+    range (32768 and up on Linux), where no outgoing connection can take one meanwhile: a stack's vLLM ports
+    (FIRST_VLLM_PORT_BASE and the ports after it) for tests and benches."""
+    import random
+
+    for _ in range(200):
+        base = random.randrange(low, high - n)
+        socks = []
+        try:
+            for port in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports between {low} and {high}")
+
+
 def stop_group(
     proc: subprocess.Popen, name: str, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT), grace_s: float = 8.0
 ) -> None:

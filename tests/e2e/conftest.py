@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from core.settings import REPO_ROOT, Settings, prefect_env
-from first.runner import free_port, gateway_command, stop_group, wait_http
+from first.runner import free_port, free_port_block, gateway_command, stop_group, wait_http
 
 BIN = Path(sys.executable).parent
 
@@ -54,7 +54,7 @@ class Stack:
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     home = tmp_path_factory.mktemp("first-home")
-    prefect_port, gateway_port, vllm_port = free_port(), free_port(), free_port()
+    prefect_port, gateway_port, vllm_port = free_port(), free_port(), free_port_block(2)  # tiny, tiny-embed
     settings = Settings(home=home, port=gateway_port, vllm_port_base=vllm_port)
     env = {
         **os.environ,
@@ -160,7 +160,7 @@ def start_make_run(home: Path) -> tuple[subprocess.Popen, dict[str, Any], dict[s
     """`make run` on FIRST_HOME ``home`` with free ports, as a new user runs it: (the make process, its ready
     line, its environment). Stop it as Ctrl-C does: ``os.killpg(make.pid, signal.SIGINT)``."""
     env = {**os.environ, "FIRST_HOME": str(home), "FIRST_PORT": str(free_port()),
-           "FIRST_VLLM_PORT_BASE": str(free_port())}  # fmt: skip
+           "FIRST_VLLM_PORT_BASE": str(free_port_block(2))}  # fmt: skip
     for name in ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_API_AUTH_STRING", "PREFECT_SERVER_API_AUTH_STRING"):
         env.pop(name, None)
     make = subprocess.Popen(

@@ -28,7 +28,7 @@ import yaml
 
 from core.settings import REPO_ROOT, Settings, prefect_env
 from deployments import local as deployments
-from first.runner import free_port, gateway_command, stop_local_models, wait_http
+from first.runner import free_port, free_port_block, gateway_command, stop_local_models, wait_http
 from tests.e2e.conftest import BIN, prefect_api, stop
 
 pytestmark = pytest.mark.e2e
@@ -78,7 +78,7 @@ def _wait(check: Any, timeout_s: float, what: str) -> None:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     home = tmp_path_factory.mktemp("autoscale-home")
     prefect_port, gateway_port = free_port(), free_port()
-    settings = Settings(home=home, port=gateway_port, vllm_port_base=free_port())
+    settings = Settings(home=home, port=gateway_port, vllm_port_base=free_port_block(2))
     env = {
         **os.environ, **prefect_env(settings, prefect_port), "FIRST_PORT": str(gateway_port),
         "FIRST_VLLM_PORT_BASE": str(settings.vllm_port_base), "FIRST_VLLM_PYTHON": sys.executable,

@@ -21,7 +21,7 @@ import pytest
 from blocks.registry import Registry
 from compute.backends import ExecutorBackend
 from core.settings import REPO_ROOT, Settings
-from first.runner import free_port, stop_local_models
+from first.runner import free_port_block, stop_local_models
 from tests.e2e.conftest import BIN
 
 pytestmark = pytest.mark.e2e
@@ -48,7 +48,7 @@ def processes_with(marker: str) -> list[int]:
 
 def test_cluster_functions_through_globus_compute_engine(tmp_path: Path) -> None:
     assert ENDPOINT_PYTHON.exists(), "no .venv-endpoint: `make test` builds it"
-    settings = Settings(home=tmp_path, vllm_port_base=free_port())
+    settings = Settings(home=tmp_path, vllm_port_base=free_port_block(2))
     subprocess.run(
         [str(BIN / "first"), "model", "build-tiny", str(settings.models_dir / "tiny")],
         check=True,

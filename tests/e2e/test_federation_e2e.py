@@ -29,7 +29,7 @@ import yaml
 from blocks.registry import ClusterModelArgs, ClusterSpec, Registry
 from core.settings import REPO_ROOT, Settings, prefect_env
 from deployments import local as deployments
-from first.runner import free_port, gateway_command, stop_local_models, wait_http
+from first.runner import free_port, free_port_block, gateway_command, stop_local_models, wait_http
 from tests.e2e.conftest import BIN, prefect_api, stop
 
 pytestmark = pytest.mark.e2e
@@ -93,7 +93,7 @@ def _wait(check: Any, timeout_s: float, what: str) -> None:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     home = tmp_path_factory.mktemp("fleet-home")
-    prefect_port, gateway_port, vllm_port = free_port(), free_port(), free_port()
+    prefect_port, gateway_port, vllm_port = free_port(), free_port(), free_port_block(2)
     settings = Settings(home=home, port=gateway_port, vllm_port_base=vllm_port)
     env = {
         **os.environ, **prefect_env(settings, prefect_port), "FIRST_PORT": str(gateway_port),
@@ -120,7 +120,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     tiny = default.models["tiny"].model_copy(
         update={
             "clusters": ["alpha", "beta"],
-            "per_cluster": {"beta": ClusterModelArgs(port=free_port())},
+            "per_cluster": {"beta": ClusterModelArgs(port=free_port_block(1))},
         }
     )
     doc = {

@@ -26,7 +26,7 @@ from blocks.registry import ClusterSpec, ModelSpec
 from compute.backends import ExecutorBackend
 from core.settings import Settings, prefect_env
 from deployments import local
-from first.runner import free_port
+from first.runner import free_port, free_port_block
 from serving import bus
 from serving.bus import GatewayReport, InstanceUse
 from tests.e2e.conftest import BIN, REPO_ROOT, dump, stop
@@ -255,7 +255,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
                                    "--port", str(prefect_port)])  # fmt: skip
         wait_http(f"{fleet.api}/health", 120, server, "the Prefect server")
         registry_file = home / "registry.yaml"
-        registry_file.write_text(REGISTRY.format(alpha=free_port(), beta=free_port()))
+        registry_file.write_text(REGISTRY.format(alpha=free_port_block(1), beta=free_port_block(1)))
         subprocess.run([str(BIN / "first"), "apply", str(registry_file)], env=env, cwd=REPO_ROOT, check=True,
                        capture_output=True, timeout=120)  # fmt: skip
         local.register(env)

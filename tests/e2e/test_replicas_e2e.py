@@ -20,7 +20,7 @@ import yaml
 
 from analytics.store import UsageStore
 from core.settings import Settings
-from first.runner import free_port
+from first.runner import free_port, free_port_block
 from serving.auth import KeyStore
 from tests.fakes.openai_simulator import OpenAISimulatorDouble
 from tests.fakes.slow_sse import SlowStreamDouble
@@ -71,7 +71,7 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
                          {"name": "local", "transport": "local"}],
             "models": [{"name": "m", "clusters": ["sim"], "path": "-", "limits": {"tpm": TPM}},
                        {"name": "free", "clusters": ["sim"], "path": "-"},
-                       {"name": "slow", "clusters": ["local"], "path": "-", "port": free_port()}],
+                       {"name": "slow", "clusters": ["local"], "path": "-", "port": free_port_block(1)}],
         }))  # fmt: skip
         store = KeyStore(keys_url)
         stack.callback(store.engine.dispose)
