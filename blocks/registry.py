@@ -11,6 +11,7 @@ from prefect.blocks.core import Block
 from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 from pydantic import BaseModel, Field, PositiveFloat
 
+from blocks.projects import ProjectBlock, ProjectSpec
 from core.settings import Settings
 
 log = logging.getLogger("first.registry")
@@ -254,20 +255,6 @@ class ModelSpec(AccessRules):
         )  # fmt: skip
 
 
-class ProjectSpec(BaseModel):
-    """An allocation: the caller groups whose work it pays for, and its GPU-hour budget per period."""
-
-    name: str
-    groups: list[str] = Field(description="Caller groups charged to this project (a caller's first matching project)")
-    gpu_hours: float = Field(gt=0, description="GPU-hours the project may use per period")
-    period: Literal["month", "quarter", "year"] = Field(default="month", description="When the budget renews (UTC)")
-    when_spent: Literal["refuse", "demote"] = Field(
-        default="refuse",
-        description="Once the budget is used: 'refuse' answers 403 naming the project; 'demote' serves its callers "
-        "after everyone else (below batch lines) when a model is full",
-    )
-
-
 class ClusterBlock(Block):
     """A cluster FIRST can run models on."""
 
@@ -290,16 +277,6 @@ class ModelBlock(Block):
 
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-
-
-class ProjectBlock(Block):
-    """A project allocation: which groups it pays for, and its GPU-hour budget."""
-
-    _block_type_name = "FIRST Project"
-    _block_type_slug = "first-project"
-    _description = "A project allocation: the caller groups it pays for and its GPU-hour budget per period."
-
-    spec: ProjectSpec
 
 
 class Registry(BaseModel):
