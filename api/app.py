@@ -11,6 +11,7 @@ one (warm-ups, flow-run tracking) as a ``ControlPlane``.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import socket
@@ -79,6 +80,18 @@ def _record_rejected(request: Request, error: APIError) -> None:
         raise
 
 
+def settle_garbage_collector() -> None:
+    """After startup: what was built so far (modules, the app, the registry) lives as long as the process, so it
+    leaves the collector's view (``gc.freeze``), and young collections run less often. A full collection over
+    every object then took the odd request 10-20 ms at concurrency 1 (docs/benchmarks.md, issue 18)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
+
+
+GC_YOUNG_THRESHOLD = 20_000  # allocations between young collections (Python's default: 700)
+
+
 def create_app(
     settings: Settings,
     registry: Registry | None = None,
@@ -130,6 +143,7 @@ def create_app(
             background.append(asyncio.create_task(follow_globus_block(settings, auth)))
         if isinstance(auth, LocalKeyAuthenticator) and auth.store.shared:
             background.append(asyncio.create_task(auth.follow(settings.keys_refresh_s, settings.keys_max_stale_s)))
+        settle_garbage_collector()
         try:
             yield
         finally:

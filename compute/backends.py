@@ -11,14 +11,12 @@ gateway can reach itself.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor, Future
 from typing import Any
 
-import httpx
 from globus_compute_sdk.errors import TaskExecutionFailed
 
 from blocks.registry import ClusterSpec, ModelSpec
@@ -26,6 +24,7 @@ from blocks.secrets import read_secret
 from compute import functions
 from compute.executors import ExecutorPool
 from compute.failures import backend_error, task_failed
+from compute.model_http import ModelServerClient, ModelServerError, ModelServerUnreachable
 from compute.relay import RelayHub
 from core.errors import APIError
 from core.settings import Settings
@@ -255,10 +254,6 @@ class ExecutorBackend(ComputeBackend):
             relay.close(request_id)
 
 
-def _unreachable(base_url: str, exc: httpx.HTTPError) -> dict[str, Any]:
-    return functions.backend_unreachable(base_url, exc, isinstance(exc, httpx.TimeoutException))
-
-
 class DirectHTTPBackend(ComputeBackend):
     """A cluster that exposes an OpenAI-compatible URL the gateway can reach: a vLLM someone else runs, or a hosted
     OpenAI-compatible API (its key from a Prefect Secret block, extra headers, readiness at ``health_path``). No
@@ -271,45 +266,29 @@ class DirectHTTPBackend(ComputeBackend):
         if not cluster.base_url:
             raise ValueError(f"cluster {cluster.name} has transport 'http' but no base_url")
         self.base_url = cluster.base_url.rstrip("/")
-        # Several small connection pools, taken in turn: httpcore's pool does work per queued request times open
-        # connections each time a connection frees up, so one pool of 128 connections cost ~8 ms of gateway CPU per
-        # call at 64 concurrent calls (bench/federation.py); eight pools of 16 keep that small.
-        self.clients = [
-            httpx.AsyncClient(
-                timeout=settings.request_timeout_s,
-                limits=self.POOL_LIMITS,
-            )
-            for _ in range(self.POOLS)
-        ]
-        self._turn = itertools.cycle(self.clients)
-
-    POOLS = 8
-    POOL_LIMITS = httpx.Limits(max_connections=64, max_keepalive_connections=16)
-
-    @property
-    def client(self) -> httpx.AsyncClient:
-        return next(self._turn)
+        self.http = ModelServerClient(settings.request_timeout_s)
 
     async def headers(self) -> dict[str, str]:
         """What every upstream call carries: the block's extra headers and, if it names one, the API key."""
+        if not self.cluster.api_key_secret:
+            return self.cluster.headers
         headers = dict(self.cluster.headers)
-        if self.cluster.api_key_secret:
-            try:
-                headers["Authorization"] = f"Bearer {await read_secret(self.cluster.api_key_secret)}"
-            except Exception as exc:  # no such block, or Prefect unreachable: the cluster cannot be used now
-                raise APIError(503, f"Cluster '{self.cluster.name}': its API key could not be read",
-                               code="cluster_unreachable", detail=repr(exc)) from exc  # fmt: skip
+        try:
+            headers["Authorization"] = f"Bearer {await read_secret(self.cluster.api_key_secret)}"
+        except Exception as exc:  # no such block, or Prefect unreachable: the cluster cannot be used now
+            raise APIError(503, f"Cluster '{self.cluster.name}': its API key could not be read",
+                           code="cluster_unreachable", detail=repr(exc)) from exc  # fmt: skip
         return headers
 
     async def status(self, model: ModelSpec) -> dict[str, Any]:
         try:
-            r = await self.client.get(self.base_url + self.cluster.health_path, headers=await self.headers(), timeout=5)
-        except (httpx.HTTPError, APIError) as exc:
+            code = await self.http.get_status(self.base_url + self.cluster.health_path, await self.headers())
+        except (ModelServerUnreachable, APIError) as exc:
             return {"state": "failed", "base_url": self.base_url, "detail": repr(exc)}
-        if r.status_code in (401, 403):
-            why = f"{self.cluster.health_path} answered {r.status_code}: check the cluster's API key"
+        if code in (401, 403):
+            why = f"{self.cluster.health_path} answered {code}: check the cluster's API key"
             return {"state": "failed", "base_url": self.base_url, "detail": why}
-        return {"state": "hot" if r.status_code == 200 else "starting", "base_url": self.base_url}
+        return {"state": "hot" if code == 200 else "starting", "base_url": self.base_url}
 
     async def start(self, model: ModelSpec) -> dict[str, Any]:
         return await self.status(model)
@@ -319,49 +298,45 @@ class DirectHTTPBackend(ComputeBackend):
                 "FIRST neither starts nor stops it"}  # fmt: skip
 
     async def complete(self, model: ModelSpec, base_url: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        try:
-            r = await self.client.post(base_url + path, json=body, headers=await self.headers())
-        except httpx.HTTPError as exc:
-            raise backend_error(
-                functions.backend_unreachable(base_url, exc, isinstance(exc, httpx.TimeoutException)),
-                f"Cluster '{self.cluster.name}'",
-            ) from exc
-        try:
-            payload = r.json()
-        except ValueError:
-            payload = {"error": {"message": r.text[:500]}}
-        if r.status_code != 200:
-            raise backend_error({"status": r.status_code, "body": payload}, f"Cluster '{self.cluster.name}'")
-        return payload
+        return await http_complete(self.http, base_url, path, body, await self.headers(), self.cluster.name)
 
-    async def stream(
+    def stream(
         self, model: ModelSpec, base_url: str, path: str, body: dict[str, Any], request_id: str
     ) -> AsyncIterator[dict]:
-        where = f"Cluster '{self.cluster.name}'"
-        try:
-            async with self.client.stream("POST", base_url + path, json=body, headers=await self.headers()) as r:
-                if r.status_code != 200:
-                    await r.aread()
-                    try:
-                        payload = r.json()
-                    except ValueError:
-                        payload = {"error": {"message": r.text[:500]}}
-                    raise backend_error({"status": r.status_code, "body": payload}, where)
-                async for line in r.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        return
-                    yield json.loads(data)
-        except httpx.HTTPError as exc:
-            raise backend_error(
-                functions.backend_unreachable(base_url, exc, isinstance(exc, httpx.TimeoutException)), where
-            ) from exc
+        return self._stream(base_url, path, body)
+
+    async def _stream(self, base_url: str, path: str, body: dict[str, Any]) -> AsyncIterator[dict]:
+        async for chunk in http_stream(self.http, base_url, path, body, await self.headers(), self.cluster.name):
+            yield chunk
 
     async def close(self) -> None:
-        for client in self.clients:
-            await client.aclose()
+        await self.http.close()
+
+
+async def http_complete(
+    http: ModelServerClient, base_url: str, path: str, body: dict[str, Any], headers: dict[str, str], cluster: str
+) -> dict[str, Any]:
+    """One non-streamed call to a model server the gateway reaches itself; failures as OpenAI-shaped errors."""
+    try:
+        status, payload = await http.post(base_url, path, body, headers)
+    except ModelServerUnreachable as exc:
+        raise backend_error(exc.result, f"Cluster '{cluster}'") from exc
+    if status != 200:
+        raise backend_error({"status": status, "body": payload}, f"Cluster '{cluster}'")
+    return payload
+
+
+async def http_stream(
+    http: ModelServerClient, base_url: str, path: str, body: dict[str, Any], headers: dict[str, str], cluster: str
+) -> AsyncIterator[dict]:
+    where = f"Cluster '{cluster}'"
+    try:
+        async for chunk in http.stream(base_url, path, body, headers):
+            yield chunk
+    except ModelServerError as exc:
+        raise backend_error({"status": exc.status, "body": exc.body}, where) from exc
+    except ModelServerUnreachable as exc:
+        raise backend_error(exc.result, where) from exc
 
 
 # What a backend is built from: an edit to any of these (an operator cutting off a compromised endpoint, new

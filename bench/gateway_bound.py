@@ -1,0 +1,351 @@
+"""What the gateway itself costs a request, when the model server answers at once (issue 18).
+
+An instant stand-in OpenAI server (``OpenAISimulatorDouble``, latency 0) is the backend. In front of it, side by side
+in one run, rounds alternating between them:
+
+  direct       the stand-in alone (the floor every other column is measured against);
+  first        FIRST's default gateway (flow tracking ``sample`` with a real Prefect server), one worker process,
+               the stand-in reached through an ``http`` cluster;
+  first-2w     the same with two worker processes (``FIRST_WORKERS=2``);
+  litellm      LiteLLM's proxy (one worker, no database) in front of the same stand-in, when ``--litellm`` names
+               its ``litellm`` executable (``make bench-gateway`` installs it in ``.venv-litellm``).
+
+Each round and target: ``--n`` non-streamed chat calls one after another (latency; added median and p99 over the
+direct column), ``--window-s`` seconds at concurrency 16 and 64 (requests/s), and ``--n-streams`` streams of 8
+chunks one after another (streams/s). The gateway's CPU (its process and children, from /proc) per request and per
+stream comes from the same blocks. The load generator (aiohttp, a process of its own) sends identical bodies.
+
+    make bench-gateway                                   # = .venv/bin/python bench/gateway_bound.py --litellm ...
+    .venv/bin/python bench/gateway_bound.py --quick      # a smoke run; docs/ left alone unless --out is given
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.* and tests.* are not installed
+
+import httpx
+import yaml
+
+from bench.common import (
+    BIN,
+    REPO,
+    BenchError,
+    add_output_args,
+    fmt,
+    log,
+    machine_line,
+    measure_and_write,
+    resolve_output,
+    serve_stand_in,
+    stop_group,
+    tree_cpu_s,
+)
+from core.settings import Settings, prefect_env
+from first.runner import free_port
+from serving.auth import KeyStore
+from tests.gateway_factory import GatewayProcess
+
+SECTION = ("<!-- bench/gateway_bound.py: begin (generated; rerun the script to replace this section) -->",
+           "<!-- bench/gateway_bound.py: end -->")  # fmt: skip
+BODY = {"model": "m", "messages": [{"role": "user", "content": "How far is the moon?"}], "max_tokens": 8}
+STREAM_BODY = {**BODY, "stream": True}
+CONCURRENCY = (16, 64)
+
+
+# ---- the load generator (a process of its own: its CPU is not the gateway's) ----
+
+
+async def _one(session: Any, url: str, body: bytes, stream: bool) -> bool:
+    async with session.post(url, data=body) as r:
+        if r.status != 200:
+            await r.read()
+            return False
+        if not stream:
+            await r.read()
+            return True
+        done = False
+        async for line in r.content:
+            done = done or line.startswith(b"data: [DONE]")
+        return done
+
+
+async def _block(target: dict[str, Any], kind: str, n: int, window_s: float) -> dict[str, Any]:
+    """One block against one target; its latencies, rate, errors and the target's CPU over the block."""
+    import aiohttp
+
+    stream = kind == "stream"
+    concurrency = int(kind[1:]) if kind.startswith("c") else 1
+    url = target["url"] + "/v1/chat/completions"
+    body = json.dumps(STREAM_BODY if stream else BODY).encode()
+    headers = {"Content-Type": "application/json", **target["headers"]}
+    conn = aiohttp.TCPConnector(limit=concurrency + 4)
+    lat: list[float] = []
+    errors = done = 0
+    async with aiohttp.ClientSession(connector=conn, headers=headers, timeout=aiohttp.ClientTimeout(total=60)) as s:
+        for _ in range(min(10, n)):  # warm the connections
+            await _one(s, url, body, stream)
+        cpu0, t0 = tree_cpu_s(target["pid"]), time.perf_counter()
+        stop = t0 + window_s
+
+        async def worker(count: int | None) -> None:
+            nonlocal errors, done
+            while (done + errors < count) if count is not None else time.perf_counter() < stop:
+                start = time.perf_counter()
+                try:
+                    ok = await _one(s, url, body, stream)
+                except (aiohttp.ClientError, TimeoutError):
+                    ok = False
+                lat.append((time.perf_counter() - start) * 1000)
+                done, errors = done + ok, errors + (not ok)
+
+        if concurrency == 1:
+            await worker(n)
+        else:
+            await asyncio.gather(*(worker(None) for _ in range(concurrency)))
+        took = time.perf_counter() - t0
+        cpu = tree_cpu_s(target["pid"]) - cpu0
+    return {"lat": lat, "rate": done / took, "errors": errors, "cpu_ms": cpu * 1000 / max(done + errors, 1)}
+
+
+def load_main(plan_path: str) -> None:
+    """``_load PLAN``: run the plan (rounds x targets x blocks) and print one JSON line of results."""
+    plan = json.loads(Path(plan_path).read_text())
+    out: dict[str, dict[str, list[Any]]] = {t["name"]: {} for t in plan["targets"]}
+    targets = plan["targets"]
+    for r in range(plan["rounds"]):
+        order = targets[r % len(targets):] + targets[:r % len(targets)]  # who goes first rotates
+        for kind in ("c1", *(f"c{c}" for c in CONCURRENCY), "stream"):
+            for t in order:
+                n = plan["n_streams"] if kind == "stream" else plan["n"]
+                res = asyncio.run(_block(t, kind, n, plan["window_s"]))
+                out[t["name"]].setdefault(kind, []).append(res)
+                print(f"round {r + 1} {kind:6} {t['name']:9} {res['rate']:8.1f}/s  errors {res['errors']}",
+                      file=sys.stderr, flush=True)  # fmt: skip
+    print(json.dumps(out))
+
+
+# ---- the processes ----
+
+
+def start_prefect(home: Path, env: dict[str, str], port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=open(home / "prefect.log", "ab"), stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"the Prefect server exited; see {home / 'prefect.log'}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise BenchError("the Prefect server did not answer within 120 s")
+
+
+def start_litellm(exe: str, sim_url: str, tmp: Path) -> tuple[subprocess.Popen, str, str]:
+    port = free_port()
+    config = tmp / "litellm.yaml"
+    config.write_text(yaml.safe_dump({"model_list": [{"model_name": "m", "litellm_params": {
+        "model": "openai/m", "api_base": sim_url + "/v1", "api_key": "none"}}]}))  # fmt: skip
+    master = "sk-" + secrets.token_hex(32)  # LiteLLM checks it on every request, as FIRST checks its keys
+    env = {**os.environ, "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False", "LITELLM_MASTER_KEY": master}
+    proc = subprocess.Popen([exe, "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
+                             "--num_workers", "1"], env=env, stdout=open(tmp / "litellm.log", "ab"),
+                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"LiteLLM exited; see {tmp / 'litellm.log'}")
+        try:
+            if httpx.get(url + "/health/liveliness", timeout=2).status_code == 200:
+                return proc, url, master
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise BenchError("LiteLLM did not answer within 180 s")
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="first-bench-gateway-"))
+    home = tmp / "home"
+    home.mkdir()
+    procs: list[tuple[subprocess.Popen, str]] = []
+    gateways: list[GatewayProcess] = []
+    try:
+        sim = subprocess.Popen([sys.executable, __file__, "_sim"], stdout=subprocess.PIPE, text=True,
+                               start_new_session=True)  # fmt: skip
+        procs.append((sim, "stand-in"))
+        sim_url = sim.stdout.readline().strip()  # type: ignore[union-attr]
+        registry = tmp / "registry.yaml"
+        registry.write_text(yaml.safe_dump({
+            "clusters": [{"name": "sim", "transport": "http", "base_url": sim_url, "max_concurrency": 1024}],
+            "models": [{"name": "m", "clusters": ["sim"], "path": "-"}],
+        }))  # fmt: skip
+        prefect_port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("FIRST_", "PREFECT_"))}
+        env.update(prefect_env(Settings(home=home), prefect_port))
+        env["FIRST_FLOW_TRACKING"] = args.flow_tracking
+        log(f"starting the Prefect server (port {prefect_port})…")
+        procs.append((start_prefect(home, env, prefect_port), "Prefect server"))
+        key = KeyStore(Settings(home=home).keys_db).create("bench")[0]
+        auth = {"Authorization": f"Bearer {key}"}
+        targets = [{"name": "direct", "url": sim_url, "headers": {}, "pid": sim.pid}]
+        for name, workers in (("first", 1), ("first-2w", 2)):
+            if workers > args.max_workers:
+                continue
+            gw = GatewayProcess(home, registry, base_env=env, env={"FIRST_WORKERS": str(workers)}).start(120)
+            gateways.append(gw)
+            assert gw.proc is not None
+            targets.append({"name": name, "url": gw.url, "headers": auth, "pid": gw.proc.pid})
+        if args.litellm:
+            log("starting LiteLLM…")
+            proc, url, master = start_litellm(args.litellm, sim_url, tmp)
+            procs.append((proc, "LiteLLM"))
+            headers = {"Authorization": f"Bearer {master}"}
+            targets.append({"name": "litellm", "url": url, "headers": headers, "pid": proc.pid})
+        plan = tmp / "plan.json"
+        plan.write_text(json.dumps({"targets": targets, "rounds": args.rounds, "n": args.n,
+                                    "n_streams": args.n_streams, "window_s": args.window_s}))  # fmt: skip
+        log(f"measuring {', '.join(t['name'] for t in targets)}: {args.rounds} rounds…")
+        out = subprocess.run([sys.executable, __file__, "_load", str(plan)], stdout=subprocess.PIPE, text=True,
+                             timeout=3600)  # fmt: skip
+        if out.returncode != 0:
+            raise BenchError("the load generator failed (see above)")
+        results = json.loads(out.stdout.strip().splitlines()[-1])
+        import importlib.metadata as md
+
+        results["_versions"] = {"litellm": _litellm_version(args.litellm), "aiohttp": md.version("aiohttp")}
+        return results
+    finally:
+        for gw in gateways:
+            gw.stop()
+        for proc, name in reversed(procs):
+            stop_group(proc, name, grace_s=10)
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            log(f"kept {tmp}")
+
+
+def _litellm_version(exe: str | None) -> str:
+    if not exe:
+        return ""
+    python = Path(exe).parent / "python"
+    r = subprocess.run([str(python), "-c", "import importlib.metadata as m; print(m.version('litellm'))"],
+                       capture_output=True, text=True)  # fmt: skip
+    return r.stdout.strip()
+
+
+# ---- the report ----
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+def summarize(res: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per target: median and p99 at c=1 (all rounds' calls pooled), median over rounds of each rate and CPU."""
+    import statistics
+
+    out: dict[str, dict[str, float]] = {}
+    for name, kinds in res.items():
+        if name.startswith("_"):
+            continue
+        lat = [x for block in kinds["c1"] for x in block["lat"]]
+        row = {"p50": _pct(lat, 0.5), "p99": _pct(lat, 0.99),
+               "errors": sum(b["errors"] for blocks in kinds.values() for b in blocks)}  # fmt: skip
+        for kind, blocks in kinds.items():
+            row[f"rate_{kind}"] = statistics.median(b["rate"] for b in blocks)
+            row[f"cpu_{kind}"] = statistics.median(b["cpu_ms"] for b in blocks)
+        out[name] = row
+    return out
+
+
+def report(args: argparse.Namespace, res: dict[str, Any], started: datetime, wall_s: float) -> str:
+    s = summarize(res)
+    d = s["direct"]
+    names = [n for n in ("litellm", "first", "first-2w") if n in s]
+    heads = {"litellm": f"LiteLLM {res['_versions']['litellm']}", "first": "FIRST (1 worker)",
+             "first-2w": "FIRST (2 workers)"}  # fmt: skip
+
+    def cells(f: Any) -> str:
+        return " | ".join(f(s[n]) for n in names)
+
+    rows = [
+        ("added median latency, non-streamed, c=1", cells(lambda r: f"+{fmt(r['p50'] - d['p50'], '.2f')} ms")),
+        ("added p99, non-streamed, c=1", cells(lambda r: f"+{fmt(r['p99'] - d['p99'], '.2f')} ms")),
+        (f"requests/s, non-streamed, c=1 / {' / '.join(map(str, CONCURRENCY))}",
+         cells(lambda r: " / ".join(fmt(r[f"rate_{k}"], ".0f") for k in ("c1", *(f"c{c}" for c in CONCURRENCY))))),
+        ("streams/s (8 chunks), c=1", cells(lambda r: fmt(r["rate_stream"], ".0f"))),
+        ("gateway CPU per non-streamed request (c=16)", cells(lambda r: f"{fmt(r['cpu_c16'], '.2f')} ms")),
+        ("gateway CPU per 8-chunk stream", cells(lambda r: f"{fmt(r['cpu_stream'], '.2f')} ms")),
+        ("errors in the run", cells(lambda r: str(int(r["errors"])))),
+    ]  # fmt: skip
+    lines = [SECTION[0], "## The gateway alone, against an instant backend (`bench/gateway_bound.py`)", "",
+             machine_line(started, wall_s, quick=args.quick, rerun="`make bench-gateway`",
+                          extra=f"{args.rounds} rounds, aiohttp {res['_versions']['aiohttp']} load generator, "),
+             "", f"The stand-in alone: {fmt(d['p50'], '.2f')} ms median, {fmt(d['p99'], '.2f')} ms p99 at c=1; "
+             f"{fmt(d['rate_c16'], '.0f')} requests/s at c=16. Flow tracking `{args.flow_tracking}`.", "",
+             "| measure | " + " | ".join(heads[n] for n in names) + " |",
+             "|---|" + "---|" * len(names)]  # fmt: skip
+    lines += [f"| {a} | {b} |" for a, b in rows]
+    if "litellm" in s and "first" in s:
+        lit, fir = s["litellm"], s["first"]
+        ratios = [f"c={k[1:]}: {fir[f'rate_{k}'] / lit[f'rate_{k}']:.1f}x" for k in ("c1", "c16", "c64")]
+        ratios.append(f"streams: {fir['rate_stream'] / lit['rate_stream']:.1f}x")
+        lines += ["", f"FIRST (1 worker) against LiteLLM, requests/s: {', '.join(ratios)}; CPU per request "
+                  f"{lit['cpu_c16'] / fir['cpu_c16']:.1f}x less."]  # fmt: skip
+    if "first-2w" in s and "first" in s:
+        two, one = s["first-2w"], s["first"]
+        lines.append(f"Two workers against one: c=16 {two['rate_c16'] / one['rate_c16']:.2f}x, c=64 "
+                     f"{two['rate_c64'] / one['rate_c64']:.2f}x the requests/s.")  # fmt: skip
+    lines += ["", SECTION[1]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "_sim":
+        serve_stand_in(0.0, capacity=4096)
+        return 0
+    if len(sys.argv) > 2 and sys.argv[1] == "_load":
+        load_main(sys.argv[2])
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds, alternating the targets (default 3)")
+    ap.add_argument("--n", type=int, default=400, help="non-streamed calls one after another per block (400)")
+    ap.add_argument("--n-streams", type=int, default=150, help="streams one after another per block (150)")
+    ap.add_argument("--window-s", type=float, default=6.0, help="seconds per concurrent block (6)")
+    ap.add_argument("--max-workers", type=int, default=2, help="also measure FIRST with 2 workers (2) or not (1)")
+    ap.add_argument("--flow-tracking", default="sample", choices=("off", "sample", "all"))
+    default_litellm = REPO / ".venv-litellm" / "bin" / "litellm"
+    ap.add_argument("--litellm", default=str(default_litellm) if default_litellm.exists() else None,
+                    help="LiteLLM's `litellm` executable, measured beside FIRST (default .venv-litellm's, if any)")
+    ap.add_argument("--keep", action="store_true", help="keep the state folder and logs")
+    add_output_args(ap)
+    args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.n, args.n_streams, args.window_s = 1, 100, 40, 2.0
+    resolve_output(args)
+    return measure_and_write(args, SECTION, measure, report)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,123 @@
+"""The gateway's HTTP client for model servers it reaches itself: a direct-HTTP cluster, or a batch cluster's
+vLLM on a node the gateway can reach (the direct data path, ``ClusterSpec.direct_host``).
+
+aiohttp, not httpx, on this path: profiled under load against an instant backend, httpx with httpcore, h11 and
+anyio took 42 % of the gateway's CPU per request (docs/benchmarks.md, issue 18); aiohttp's C parser and plain
+asyncio do the same work for a fraction. Bodies are encoded and decoded with msgspec.
+
+Failures come back as the cluster functions give them (``functions.backend_unreachable``), so a caller turns
+them into the same OpenAI-shaped errors whichever path a request took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from compute import functions
+
+_decode = msgspec.json.decode
+_encode = msgspec.json.encode
+
+
+class ModelServerUnreachable(Exception):
+    """No answer from the model server: refused, reset, or past the timeout. ``result`` is the cluster functions'
+    account of it (status 503 or 504, kind, message); ``before_response`` is true when nothing was received."""
+
+    def __init__(self, result: dict[str, Any], before_response: bool = True) -> None:
+        super().__init__(result["message"])
+        self.result = result
+        self.before_response = before_response
+
+
+class ModelServerClient:
+    """One connection pool per cluster, created on first use inside the serving loop."""
+
+    def __init__(self, timeout_s: float, ca_file: str | None = None, limit: int = 512) -> None:
+        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(10.0, timeout_s), sock_read=timeout_s)
+        self._ssl: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_file) if ca_file else True
+        self._limit = limit
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=self._limit, limit_per_host=0, keepalive_timeout=60,
+                                             ssl=self._ssl)  # fmt: skip
+            self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout,
+                                                  json_serialize=lambda o: _encode(o).decode(),
+                                                  skip_auto_headers=("User-Agent",),
+                                                  read_bufsize=2**20)  # an SSE line may be long  # fmt: skip
+        return self._session
+
+    async def post(self, base_url: str, path: str, body: dict[str, Any], headers: dict[str, str]) -> tuple[int, Any]:
+        """POST a JSON body; the status and the decoded answer (an error body for one that is not JSON)."""
+        try:
+            async with self.session.post(base_url + path, data=_encode(body), headers=_json(headers)) as r:
+                raw = await r.read()
+                return r.status, _payload(raw)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise ModelServerUnreachable(_unreachable(base_url, exc)) from exc
+
+    async def get_status(self, url: str, headers: dict[str, str], timeout_s: float = 5.0) -> int:
+        try:
+            async with self.session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:
+                await r.read()
+                return r.status
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise ModelServerUnreachable(_unreachable(url, exc)) from exc
+
+    async def stream(
+        self, base_url: str, path: str, body: dict[str, Any], headers: dict[str, str]
+    ) -> AsyncIterator[dict[str, Any]]:
+        """POST a streaming request; yields each SSE ``data:`` chunk, decoded, until ``[DONE]``. A non-200 answer
+        raises ``ModelServerError`` with its body."""
+        received = False
+        try:
+            async with self.session.post(base_url + path, data=_encode(body), headers=_json(headers)) as r:
+                if r.status != 200:
+                    raise ModelServerError(r.status, _payload(await r.read()))
+                async for line in r.content:
+                    received = True
+                    if not line.startswith(b"data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        return
+                    yield _decode(data)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise ModelServerUnreachable(_unreachable(base_url, exc), before_response=not received) from exc
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            await asyncio.sleep(0)  # aiohttp closes its transports on the next loop turn
+
+
+class ModelServerError(Exception):
+    """The model server answered with an error status; ``status`` and the decoded ``body``."""
+
+    def __init__(self, status: int, body: Any) -> None:
+        super().__init__(f"model server answered {status}")
+        self.status, self.body = status, body
+
+
+def _json(headers: dict[str, str]) -> dict[str, str]:
+    return {"Content-Type": "application/json", **headers}
+
+
+def _payload(raw: bytes) -> Any:
+    try:
+        return _decode(raw)
+    except msgspec.DecodeError:
+        return {"error": {"message": raw[:500].decode(errors="replace")}}
+
+
+def _unreachable(base_url: str, exc: BaseException) -> dict[str, Any]:
+    timed_out = isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError)
+    return functions.backend_unreachable(base_url, exc if isinstance(exc, Exception) else Exception(exc), timed_out)
