@@ -127,7 +127,7 @@ def load_main(plan_path: str) -> None:
     out: dict[str, dict[str, list[Any]]] = {t["name"]: {} for t in plan["targets"]}
     targets = plan["targets"]
     for r in range(plan["rounds"]):
-        order = targets[r % len(targets):] + targets[:r % len(targets)]  # who goes first rotates
+        order = targets[r % len(targets) :] + targets[: r % len(targets)]  # who goes first rotates
         for kind in ("c1", *(f"c{c}" for c in CONCURRENCY), "stream"):
             for t in order:
                 n = plan["n_streams"] if kind == "stream" else plan["n"]
@@ -336,8 +336,11 @@ def main() -> int:
     ap.add_argument("--max-workers", type=int, default=2, help="also measure FIRST with 2 workers (2) or not (1)")
     ap.add_argument("--flow-tracking", default="sample", choices=("off", "sample", "all"))
     default_litellm = REPO / ".venv-litellm" / "bin" / "litellm"
-    ap.add_argument("--litellm", default=str(default_litellm) if default_litellm.exists() else None,
-                    help="LiteLLM's `litellm` executable, measured beside FIRST (default .venv-litellm's, if any)")
+    ap.add_argument(
+        "--litellm",
+        default=str(default_litellm) if default_litellm.exists() else None,
+        help="LiteLLM's `litellm` executable, measured beside FIRST (default .venv-litellm's, if any)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the state folder and logs")
     add_output_args(ap)
     args = ap.parse_args()
