@@ -55,6 +55,7 @@ from serving.globus_auth import GlobusAuthenticator
 from serving.limits import FailedAuthThrottle, RateLimiter
 from serving.live_state import LiveState
 from serving.replicas.limits import Admission
+from serving.replicas.workers import for_this_worker
 from serving.request import ControlPlane, Services
 
 log = logging.getLogger("first.api")
@@ -93,7 +94,7 @@ GC_YOUNG_THRESHOLD = 20_000  # allocations between young collections (Python's d
 
 
 def create_app(
-    settings: Settings,
+    configured: Settings,
     registry: Registry | None = None,
     globus: GlobusAuthBlock | None = None,
     control: ControlPlane | None = None,
@@ -104,6 +105,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        settings = for_this_worker(configured)  # one of FIRST_WORKERS processes: a replica name of its own
         settings.make_home()
         prefect = bool(os.environ.get("PREFECT_API_URL"))
         reg = registry or (await Registry.load(settings) if prefect else Registry.embedded_default(settings))

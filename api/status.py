@@ -28,7 +28,9 @@ class StatusController(Controller):
         pairs = usable_pairs(services.registry, principal, admin_sees_all=True)
         now = time.time()
         instances = [
-            i.snapshot(detail=principal.is_admin) for m, c in pairs for i in live.instances_of(c, m, routable=False)
+            {**i.snapshot(detail=principal.is_admin), **services.backends.get(c).data_path(i.model)}
+            for m, c in pairs
+            for i in live.instances_of(c, m, routable=False)
         ]
         clusters = {}
         for _, c in pairs:

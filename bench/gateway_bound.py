@@ -58,6 +58,7 @@ from core.settings import Settings, prefect_env
 from first.runner import free_port
 from serving.auth import KeyStore
 from tests.gateway_factory import GatewayProcess
+from tests.services import RedisServer
 
 SECTION = ("<!-- bench/gateway_bound.py: begin (generated; rerun the script to replace this section) -->",
            "<!-- bench/gateway_bound.py: end -->")  # fmt: skip
@@ -188,6 +189,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     home.mkdir()
     procs: list[tuple[subprocess.Popen, str]] = []
     gateways: list[GatewayProcess] = []
+    cleanups: list[Any] = []
     try:
         sim = subprocess.Popen([sys.executable, __file__, "_sim"], stdout=subprocess.PIPE, text=True,
                                start_new_session=True)  # fmt: skip
@@ -210,7 +212,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         for name, workers in (("first", 1), ("first-2w", 2)):
             if workers > args.max_workers:
                 continue
-            gw = GatewayProcess(home, registry, base_env=env, env={"FIRST_WORKERS": str(workers)}).start(120)
+            extra = {"FIRST_WORKERS": str(workers)}
+            if workers > 1:  # several workers share their state through Redis (FIRST_REDIS_URL), as replicas do
+                redis = RedisServer(tmp / "redis").start()
+                cleanups.append(redis.stop)
+                extra["FIRST_REDIS_URL"] = redis.url
+            gw = GatewayProcess(home, registry, base_env=env, env=extra).start(120)
             gateways.append(gw)
             assert gw.proc is not None
             targets.append({"name": name, "url": gw.url, "headers": auth, "pid": gw.proc.pid})
@@ -238,6 +245,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             gw.stop()
         for proc, name in reversed(procs):
             stop_group(proc, name, grace_s=10)
+        for cleanup in cleanups:
+            cleanup()
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
         else:

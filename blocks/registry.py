@@ -107,6 +107,21 @@ class ClusterSpec(AccessRules):
     )
     maintenance: bool = Field(default=False, description="Route nothing here (drain-cluster sets it)")
     maintenance_message: str = ""
+    direct_host: str | None = Field(
+        default=None,
+        description="Compute clusters whose nodes the gateway can reach (the site network, or a tunnel the site "
+        "runs): the address vLLM listens on there, or 'node' for each node's own host name. Inference then goes "
+        "straight to the node's vLLM with the instance's key; the lifecycle still goes through the endpoint, and a "
+        "node that cannot be reached falls back to it (docs/architecture.md, the direct data path)",
+    )
+    direct_scheme: Literal["http", "https"] = Field(
+        default="https", description="With direct_host: https needs vLLM started with --ssl-certfile/--ssl-keyfile "
+        "(the model's vllm_args there); http only where the network itself is private",
+    )  # fmt: skip
+    direct_ca_file: str | None = Field(
+        default=None, description="With direct_host and https: the CA bundle, on the gateway, that signed the nodes' "
+        "certificates (default: the system's)",
+    )  # fmt: skip
 
 
 class ClusterModelArgs(BaseModel):

@@ -22,6 +22,7 @@ from globus_compute_sdk.errors import TaskExecutionFailed
 from blocks.registry import ClusterSpec, ModelSpec
 from blocks.secrets import read_secret
 from compute import functions
+from compute.direct_path import DirectPath
 from compute.executors import ExecutorPool
 from compute.failures import backend_error, task_failed
 from compute.model_http import ModelServerClient, ModelServerError, ModelServerUnreachable
@@ -73,6 +74,10 @@ class ComputeBackend(ABC):
     async def close(self) -> None:
         return None
 
+    def data_path(self, model: ModelSpec) -> dict[str, Any]:
+        """How requests reach the model's server: ``compute`` (through the endpoint), ``direct`` or ``http``."""
+        return {"data_path": "compute"}
+
 
 class ExecutorBackend(ComputeBackend):
     """A cluster reached through a compute endpoint (Globus Compute, or the local endpoint)."""
@@ -81,6 +86,20 @@ class ExecutorBackend(ComputeBackend):
         super().__init__(cluster, settings)
         self.pool = pool
         self.relay = relay
+        self.direct = DirectPath(cluster, self._fetch_access)
+        self.http = None if not self.direct.enabled else ModelServerClient(settings.request_timeout_s,
+                                                                           cluster.direct_ca_file)  # fmt: skip
+
+    async def _fetch_access(self, model: ModelSpec) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call("vllm_access", self._spec(model), timeout=30, replica=model.replica)
+        return result
+
+    def data_path(self, model: ModelSpec) -> dict[str, Any]:
+        return self.direct.describe(model)
+
+    async def close(self) -> None:
+        if self.http is not None:
+            await self.http.close()
 
     def route(self, replica: int) -> ClusterSpec:
         """Where an instance's tasks go. A model's further instances (autoscale's ``m@1``...) on a multi-user
@@ -158,6 +177,9 @@ class ExecutorBackend(ComputeBackend):
             "state_dir": str(settings.instances_dir / cluster.name)
             if cluster.transport == "local"
             else f"{cluster.first_home}/instances/{cluster.name}",
+            # The direct data path: vLLM listens where the gateway reaches it, not on the node's loopback.
+            "host": cluster.direct_host or "127.0.0.1",
+            "scheme": cluster.direct_scheme if cluster.direct_host else "http",
         }
 
     def _spec(self, model: ModelSpec) -> dict[str, Any]:
@@ -189,6 +211,21 @@ class ExecutorBackend(ComputeBackend):
         return {"state_dir": spec["state_dir"], "model": spec["model"]}
 
     async def complete(self, model: ModelSpec, base_url: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        access = await self.direct.access(model, base_url)
+        if access is not None and self.http is not None:  # the direct data path
+            try:
+                status, payload = await self.http.post(base_url, path, body, access.headers or {})
+            except ModelServerUnreachable as exc:
+                if not exc.not_sent:  # the node may have it: never sent twice
+                    raise backend_error(exc.result, f"Cluster '{self.cluster.name}'") from exc
+                self.direct.down(model, exc.result["message"])  # served below, through the endpoint
+            else:
+                if status == 401:  # a new key (the instance restarted at the same URL): ask again, serve below
+                    self.direct.forget(model)
+                elif status != 200:
+                    raise backend_error({"status": status, "body": payload}, f"Cluster '{self.cluster.name}'")
+                else:
+                    return payload  # type: ignore[no-any-return]
         timeout = self.settings.request_timeout_s
         result = await self.call(
             "openai_request", base_url, path, body, timeout, self._key_ref(model), timeout=timeout + 5,
@@ -201,6 +238,30 @@ class ExecutorBackend(ComputeBackend):
     async def stream(
         self, model: ModelSpec, base_url: str, path: str, body: dict[str, Any], request_id: str
     ) -> AsyncIterator[dict]:
+        access = await self.direct.access(model, base_url)
+        if access is not None and self.http is not None:  # the direct data path; before any chunk, a fallback
+            started = False
+            try:
+                async for chunk in self.http.stream(base_url, path, body, access.headers or {}):
+                    started = True
+                    yield chunk
+                return
+            except ModelServerUnreachable as exc:
+                if started or not exc.not_sent:
+                    raise backend_error(exc.result, f"Cluster '{self.cluster.name}'") from exc
+                self.direct.down(model, exc.result["message"])
+            except ModelServerError as exc:
+                if exc.status != 401:
+                    where = f"Cluster '{self.cluster.name}'"
+                    raise backend_error({"status": exc.status, "body": exc.body}, where) from exc
+                self.direct.forget(model)
+        async for chunk in self._relayed(model, base_url, path, body, request_id):
+            yield chunk
+
+    async def _relayed(
+        self, model: ModelSpec, base_url: str, path: str, body: dict[str, Any], request_id: str
+    ) -> AsyncIterator[dict]:
+        """A stream through the compute path: the function posts its chunks to the gateway's relay."""
         if self.relay is None:
             raise APIError(503, "Streaming needs the gateway's relay, which is not configured", code="no_relay")
         relay = self.relay
@@ -311,6 +372,9 @@ class DirectHTTPBackend(ComputeBackend):
 
     async def close(self) -> None:
         await self.http.close()
+
+    def data_path(self, model: ModelSpec) -> dict[str, Any]:
+        return {"data_path": "http"}
 
 
 async def http_complete(

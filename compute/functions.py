@@ -389,10 +389,39 @@ def vllm_status(spec: dict[str, Any]) -> dict[str, Any]:
             pass
         return {**_public(state), "state": "failed", "detail": f"{why}. Log tail:\n{tail}"}
     try:
-        ok = _http(state["base_url"]).request("GET", state["base_url"] + "/health", timeout=2.0).status == 200
+        ok = _own_server(state["base_url"]).request("GET", state["base_url"] + "/health", timeout=2.0).status == 200
     except HTTPError:
         ok = False
     return {**_public(state), "state": "hot" if ok else "starting"}
+
+
+def _own_server(url: str) -> Any:
+    """The pool a node probes its own vLLM with: an https one (the direct data path) has the site's certificate,
+    which names the address the gateway uses; the node asks its own server, so it does not check it."""
+    if not url.startswith("https:"):
+        return _http(url)
+    import urllib3
+
+    pool = _pools.get("own-tls")
+    if pool is None:
+        pool = _pools["own-tls"] = urllib3.PoolManager(maxsize=8, retries=False, cert_reqs="CERT_NONE",
+                                                       assert_hostname=False)  # fmt: skip
+    return pool
+
+
+def vllm_access(spec: dict[str, Any]) -> dict[str, Any]:
+    """For the direct data path: the URL and API key of the model's vLLM, when it is hot. Only the gateway calls
+    this (through the cluster's endpoint, as it calls every function), to reach the node itself."""
+    import json
+
+    status = vllm_status(spec)
+    if status["state"] != "hot":
+        return {"state": status["state"]}
+    try:
+        state = json.loads(_state_path(spec).read_text())
+    except (OSError, ValueError) as exc:
+        return {"state": "failed", "detail": repr(exc)}
+    return {"state": "hot", "base_url": state["base_url"], "api_key": state.get("api_key")}
 
 
 def start_vllm(spec: dict[str, Any]) -> dict[str, Any]:
@@ -419,13 +448,16 @@ def start_vllm(spec: dict[str, Any]) -> dict[str, Any]:
         if current["state"] in ("starting", "hot"):
             return current
         port = int(spec["port"]) or _free_port()  # 0: another instance of a model, on a port of its own
+        # Where vLLM listens: the node's loopback, or (the direct data path) where the gateway reaches it.
+        host = spec.get("host") or "127.0.0.1"
+        bind, advertised = ("0.0.0.0", socket.getfqdn()) if host == "node" else (host, host)
         log_path = state_dir / f"{spec['model']}.log"
         # On a machine it shares with the gateway, vLLM's busy threads yield the CPU to it first (`nice`).
         nice = ["nice", "-n", str(spec["nice"])] if spec.get("nice") else []
         cmd = [
             *nice, expand_cluster_path(spec["python"], "python"), "-m", "vllm.entrypoints.openai.api_server",
             "--model", spec["model_path"], "--served-model-name", spec["served_name"],
-            "--host", "127.0.0.1", "--port", str(port), *spec.get("args", []),
+            "--host", bind, "--port", str(port), *spec.get("args", []),
         ]  # fmt: skip
         api_key = secrets.token_urlsafe(32)
         env = {**os.environ, **spec.get("env", {}), "VLLM_API_KEY": api_key}
@@ -435,7 +467,8 @@ def start_vllm(spec: dict[str, Any]) -> dict[str, Any]:
                 start_new_session=True,  # its own process group: stop_vllm ends vLLM and its workers together
             )  # fmt: skip
         state = {
-            "pid": proc.pid, "port": port, "base_url": f"http://127.0.0.1:{port}", "log": str(log_path),
+            "pid": proc.pid, "port": port, "base_url": f"{spec.get('scheme') or 'http'}://{advertised}:{port}",
+            "log": str(log_path),
             "started": time.time(), "model": spec["model"], "cmd": cmd, "host": socket.gethostname(),
             # On a batch cluster this runs inside the endpoint's block: its job is the one holding the node.
             "job_id": os.environ.get("PBS_JOBID") or os.environ.get("SLURM_JOB_ID"),
@@ -528,6 +561,7 @@ CLUSTER_FUNCTIONS: dict[str, Any] = {
     "openai_request": openai_request,
     "openai_stream": openai_stream,
     "vllm_status": vllm_status,
+    "vllm_access": vllm_access,
     "start_vllm": start_vllm,
     "stop_vllm": stop_vllm,
     "scheduler_status": scheduler_status,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -27,28 +27,36 @@ _encode = msgspec.json.encode
 
 class ModelServerUnreachable(Exception):
     """No answer from the model server: refused, reset, or past the timeout. ``result`` is the cluster functions'
-    account of it (status 503 or 504, kind, message); ``before_response`` is true when nothing was received."""
+    account of it (status 503 or 504, kind, message); ``not_sent`` when no connection was made, so the server
+    cannot have seen the request (it is safe to send it elsewhere)."""
 
-    def __init__(self, result: dict[str, Any], before_response: bool = True) -> None:
+    def __init__(self, result: dict[str, Any], not_sent: bool = False) -> None:
         super().__init__(result["message"])
         self.result = result
-        self.before_response = before_response
+        self.not_sent = not_sent
 
 
 class ModelServerClient:
     """One connection pool per cluster, created on first use inside the serving loop."""
 
-    def __init__(self, timeout_s: float, ca_file: str | None = None, limit: int = 512) -> None:
+    def __init__(
+        self,
+        timeout_s: float,
+        ca_file: str | None = None,
+        limit: int = 512,
+        connector: Callable[[], aiohttp.BaseConnector] | None = None,
+    ) -> None:
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(10.0, timeout_s), sock_read=timeout_s)
         self._ssl: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_file) if ca_file else True
         self._limit = limit
+        self._connector = connector  # how connections are made (default: TCP, TLS per the CA file)
         self._session: aiohttp.ClientSession | None = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=self._limit, limit_per_host=0, keepalive_timeout=60,
-                                             ssl=self._ssl)  # fmt: skip
+            connector = self._connector() if self._connector else aiohttp.TCPConnector(
+                limit=self._limit, limit_per_host=0, keepalive_timeout=60, ssl=self._ssl)  # fmt: skip
             self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout,
                                                   json_serialize=lambda o: _encode(o).decode(),
                                                   skip_auto_headers=("User-Agent",),
@@ -62,7 +70,7 @@ class ModelServerClient:
                 raw = await r.read()
                 return r.status, _payload(raw)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise ModelServerUnreachable(_unreachable(base_url, exc)) from exc
+            raise ModelServerUnreachable(_unreachable(base_url, exc), not_sent=_not_sent(exc)) from exc
 
     async def get_status(self, url: str, headers: dict[str, str], timeout_s: float = 5.0) -> int:
         try:
@@ -77,13 +85,11 @@ class ModelServerClient:
     ) -> AsyncIterator[dict[str, Any]]:
         """POST a streaming request; yields each SSE ``data:`` chunk, decoded, until ``[DONE]``. A non-200 answer
         raises ``ModelServerError`` with its body."""
-        received = False
         try:
             async with self.session.post(base_url + path, data=_encode(body), headers=_json(headers)) as r:
                 if r.status != 200:
                     raise ModelServerError(r.status, _payload(await r.read()))
                 async for line in r.content:
-                    received = True
                     if not line.startswith(b"data:"):
                         continue
                     data = line[5:].strip()
@@ -91,7 +97,7 @@ class ModelServerClient:
                         return
                     yield _decode(data)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise ModelServerUnreachable(_unreachable(base_url, exc), before_response=not received) from exc
+            raise ModelServerUnreachable(_unreachable(base_url, exc), not_sent=_not_sent(exc)) from exc
 
     async def close(self) -> None:
         if self._session is not None:
@@ -121,3 +127,8 @@ def _payload(raw: bytes) -> Any:
 def _unreachable(base_url: str, exc: BaseException) -> dict[str, Any]:
     timed_out = isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError)
     return functions.backend_unreachable(base_url, exc if isinstance(exc, Exception) else Exception(exc), timed_out)
+
+
+def _not_sent(exc: BaseException) -> bool:
+    """The connection itself failed (refused, no route, connect timeout): the request never left."""
+    return isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)

@@ -74,6 +74,12 @@ class Settings(BaseSettings):
         "redis://redis:6379/0; unset: this process's own state (one gateway)",
     )
     redis_prefix: str = Field(default="first", description="Prefix of every Redis key FIRST writes")
+    workers: int = Field(
+        default=1, ge=1, le=64,
+        description="Gateway worker processes on this host (uvicorn --workers), each a replica of the others: more "
+        "than 1 needs FIRST_REDIS_URL, where they share limits, caps, warm-ups, load and streams. One per core, "
+        "less the cores the host's other work needs (docs/deploy.md)",
+    )  # fmt: skip
     replica: str | None = Field(
         default=None,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$",

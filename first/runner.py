@@ -38,13 +38,16 @@ KEEP_ALIVE_S = 75
 HTTP_PROTOCOL = "first.http_protocol:Guarded"
 
 
-def gateway_command(host: str, port: int, max_connections: int | None = None) -> list[str]:
+def gateway_command(host: str, port: int, max_connections: int | None = None, workers: int | None = None) -> list[str]:
     """The gateway as its own process (uvicorn, one worker, no access log: it costs throughput), with a header
     timeout (``first/http_protocol.py``) and a bound on connections."""
-    limit = max_connections or Settings().max_connections
+    settings = Settings()
+    limit = max_connections or settings.max_connections
+    n = workers or settings.workers  # FIRST_WORKERS
+    more = ["--workers", str(n)] if n > 1 else []
     return [str(BIN / "python"), "-m", "uvicorn", "first.asgi:app", "--host", host, "--port", str(port),
             "--no-access-log", "--log-level", "warning", "--timeout-keep-alive", str(KEEP_ALIVE_S),
-            "--http", HTTP_PROTOCOL, "--limit-concurrency", str(limit)]  # fmt: skip
+            "--http", HTTP_PROTOCOL, "--limit-concurrency", str(limit), *more]  # fmt: skip
 
 
 def free_port() -> int:

@@ -165,7 +165,7 @@ def allowed_base_url(cluster: ClusterSpec, model: ModelSpec, url: str) -> bool:
     expected_port = model.on(cluster.name).port
     port_ok = port == expected_port if model.replica == 0 else port is not None and port >= 1024
     if cluster.transport == "local":
-        return u.hostname in _LOOPBACK and port_ok
+        return (u.hostname in _LOOPBACK or u.hostname == cluster.direct_host) and port_ok
     return port_ok
 
 

@@ -106,12 +106,12 @@ class GatewayProcess:
         else:
             env = dict(self.base_env)
         env.update({"FIRST_HOST": "127.0.0.1", "FIRST_PORT": str(self.port), "PYTHONUNBUFFERED": "1"})
-        cmd = gateway_command("127.0.0.1", self.port)
+        env.update(self.extra_env)
+        cmd = gateway_command("127.0.0.1", self.port, workers=int(env.get("FIRST_WORKERS", "1")))
         if self.registry_path is not None:
             env[REGISTRY_ENV] = str(self.registry_path)
             cmd[cmd.index("first.asgi:app")] = "tests.gateway_factory:gateway_app"
             cmd.append("--factory")
-        env.update(self.extra_env)
         self.proc = subprocess.Popen(
             cmd, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, env=env, cwd=REPO_ROOT, start_new_session=True,

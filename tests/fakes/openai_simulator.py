@@ -54,9 +54,11 @@ class OpenAISimulatorDouble:
         name: str = "sim",
         api_key: str | None = None,
         port: int = 0,
+        host: str = "127.0.0.1",
     ) -> None:
         self.latency_s, self.capacity, self.name = latency_s, capacity, name
         self._port = port  # 0: a free one
+        self.host = host
         self.api_key = api_key  # as vLLM's --api-key: /v1 routes want "Authorization: Bearer <key>", /health not
         self.healthy = True
         self.fail_mode: str | None = None  # None | "500" | "close" | "hang"
@@ -77,13 +79,13 @@ class OpenAISimulatorDouble:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     # ---- lifecycle ----
 
     def start(self) -> OpenAISimulatorDouble:
         self._sock = socket.socket()
-        self._sock.bind(("127.0.0.1", self._port))
+        self._sock.bind((self.host, self._port))
         config = uvicorn.Config(
             self._app, interface="asgi3", lifespan="off", log_level="critical", access_log=False,
             backlog=2048, timeout_keep_alive=75,  # hundreds of connections at once, reused as vLLM's are

@@ -20,7 +20,7 @@ stop = threading.Event()
 signal.signal(signal.SIGTERM, lambda *_: stop.set())
 sim = OpenAISimulatorDouble(
     latency_s=float(os.environ.get("FAKE_VLLM_LATENCY_S", "0.05")), capacity=256, name=f"port-{args.port}",
-    api_key=os.environ.get("VLLM_API_KEY"), port=args.port,
+    api_key=os.environ.get("VLLM_API_KEY"), port=args.port, host=args.host,
 ).start()  # fmt: skip
 print(f"vLLM double serving {args.served_model_name or args.model} on port {args.port}", flush=True)
 stop.wait()
