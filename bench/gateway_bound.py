@@ -57,7 +57,7 @@ from bench.common import (
 from core.settings import Settings, prefect_env
 from first.runner import free_port
 from serving.auth import KeyStore
-from tests.gateway_factory import GatewayProcess
+from tests.gateway_factory import GatewayProcess, stand_in_instance
 from tests.services import RedisServer
 
 SECTION = ("<!-- bench/gateway_bound.py: begin (generated; rerun the script to replace this section) -->",
@@ -91,7 +91,7 @@ async def _block(target: dict[str, Any], kind: str, n: int, window_s: float) -> 
     stream = kind == "stream"
     concurrency = int(kind[1:]) if kind.startswith("c") else 1
     url = target["url"] + "/v1/chat/completions"
-    body = json.dumps(STREAM_BODY if stream else BODY).encode()
+    body = json.dumps({**(STREAM_BODY if stream else BODY), "model": target["model"]}).encode()
     headers = {"Content-Type": "application/json", **target["headers"]}
     conn = aiohttp.TCPConnector(limit=concurrency + 4)
     lat: list[float] = []
@@ -196,10 +196,25 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         procs.append((sim, "stand-in"))
         sim_url = sim.stdout.readline().strip()  # type: ignore[union-attr]
         registry = tmp / "registry.yaml"
+        sim_port = int(sim_url.rsplit(":", 1)[1])
+        # m: the stand-in as an http cluster. m-endpoint: the same stand-in as a model "running" on a local cluster
+        # (the Globus Compute-shaped path: a task through the local endpoint process per request, streams through
+        # the relay). m-direct: the same local cluster with direct_host, the direct data path.
         registry.write_text(yaml.safe_dump({
-            "clusters": [{"name": "sim", "transport": "http", "base_url": sim_url, "max_concurrency": 1024}],
-            "models": [{"name": "m", "clusters": ["sim"], "path": "-"}],
+            "clusters": [
+                {"name": "sim", "transport": "http", "base_url": sim_url, "max_concurrency": 1024},
+                {"name": "endpoint", "transport": "local", "max_concurrency": 1024},
+                {"name": "direct", "transport": "local", "max_concurrency": 1024, "direct_host": "127.0.0.1",
+                 "direct_scheme": "http"},
+            ],
+            "models": [{"name": "m", "clusters": ["sim"], "path": "-"},
+                       {"name": "m-endpoint", "clusters": ["endpoint"], "path": "-", "port": sim_port},
+                       {"name": "m-direct", "clusters": ["direct"], "path": "-", "port": sim_port}],
         }))  # fmt: skip
+        for cluster, model in (("endpoint", "m-endpoint"), ("direct", "m-direct")):
+            ctx = stand_in_instance(home, cluster, model, sim_url, sim_port)
+            ctx.__enter__()
+            cleanups.append(lambda c=ctx: c.__exit__(None, None, None))
         prefect_port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("FIRST_", "PREFECT_"))}
         env.update(prefect_env(Settings(home=home), prefect_port))
@@ -208,7 +223,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         procs.append((start_prefect(home, env, prefect_port), "Prefect server"))
         key = KeyStore(Settings(home=home).keys_db).create("bench")[0]
         auth = {"Authorization": f"Bearer {key}"}
-        targets = [{"name": "direct", "url": sim_url, "headers": {}, "pid": sim.pid}]
+        targets = [{"name": "direct", "url": sim_url, "headers": {}, "pid": sim.pid, "model": "m"}]
         for name, workers in (("first", 1), ("first-2w", 2)):
             if workers > args.max_workers:
                 continue
@@ -220,13 +235,17 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             gw = GatewayProcess(home, registry, base_env=env, env=extra).start(120)
             gateways.append(gw)
             assert gw.proc is not None
-            targets.append({"name": name, "url": gw.url, "headers": auth, "pid": gw.proc.pid})
+            targets.append({"name": name, "url": gw.url, "headers": auth, "pid": gw.proc.pid, "model": "m"})
+            if workers == 1 and args.paths:
+                for path in ("endpoint", "direct"):
+                    targets.append({"name": f"first-{path}", "url": gw.url, "headers": auth, "pid": gw.proc.pid,
+                                    "model": f"m-{path}"})  # fmt: skip
         if args.litellm:
             log("starting LiteLLM…")
             proc, url, master = start_litellm(args.litellm, sim_url, tmp)
             procs.append((proc, "LiteLLM"))
             headers = {"Authorization": f"Bearer {master}"}
-            targets.append({"name": "litellm", "url": url, "headers": headers, "pid": proc.pid})
+            targets.append({"name": "litellm", "url": url, "headers": headers, "pid": proc.pid, "model": "m"})
         plan = tmp / "plan.json"
         plan.write_text(json.dumps({"targets": targets, "rounds": args.rounds, "n": args.n,
                                     "n_streams": args.n_streams, "window_s": args.window_s}))  # fmt: skip
@@ -288,6 +307,21 @@ def summarize(res: dict[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
+def rows_of(d: dict[str, float], conc: tuple[int, ...]) -> list[tuple[str, Any]]:
+    """The table's rows: a label and how to read a target's cell (``d``: the stand-in alone)."""
+    kinds = ("c1", *(f"c{c}" for c in conc))
+    return [
+        ("added median latency, non-streamed, c=1", lambda r: f"+{fmt(r['p50'] - d['p50'], '.2f')} ms"),
+        ("added p99, non-streamed, c=1", lambda r: f"+{fmt(r['p99'] - d['p99'], '.2f')} ms"),
+        (f"requests/s, non-streamed, c=1 / {' / '.join(map(str, conc))}",
+         lambda r: " / ".join(fmt(r[f"rate_{k}"], ".0f") for k in kinds)),
+        ("streams/s (8 chunks), c=1", lambda r: fmt(r["rate_stream"], ".0f")),
+        ("gateway CPU per non-streamed request (c=16)", lambda r: f"{fmt(r['cpu_c16'], '.2f')} ms"),
+        ("gateway CPU per 8-chunk stream", lambda r: f"{fmt(r['cpu_stream'], '.2f')} ms"),
+        ("errors in the run", lambda r: str(int(r["errors"]))),
+    ]  # fmt: skip
+
+
 def report(args: argparse.Namespace, res: dict[str, Any], started: datetime, wall_s: float) -> str:
     s = summarize(res)
     d = s["direct"]
@@ -298,16 +332,7 @@ def report(args: argparse.Namespace, res: dict[str, Any], started: datetime, wal
     def cells(f: Any) -> str:
         return " | ".join(f(s[n]) for n in names)
 
-    rows = [
-        ("added median latency, non-streamed, c=1", cells(lambda r: f"+{fmt(r['p50'] - d['p50'], '.2f')} ms")),
-        ("added p99, non-streamed, c=1", cells(lambda r: f"+{fmt(r['p99'] - d['p99'], '.2f')} ms")),
-        (f"requests/s, non-streamed, c=1 / {' / '.join(map(str, CONCURRENCY))}",
-         cells(lambda r: " / ".join(fmt(r[f"rate_{k}"], ".0f") for k in ("c1", *(f"c{c}" for c in CONCURRENCY))))),
-        ("streams/s (8 chunks), c=1", cells(lambda r: fmt(r["rate_stream"], ".0f"))),
-        ("gateway CPU per non-streamed request (c=16)", cells(lambda r: f"{fmt(r['cpu_c16'], '.2f')} ms")),
-        ("gateway CPU per 8-chunk stream", cells(lambda r: f"{fmt(r['cpu_stream'], '.2f')} ms")),
-        ("errors in the run", cells(lambda r: str(int(r["errors"])))),
-    ]  # fmt: skip
+    rows = [(a, cells(f)) for a, f in rows_of(d, CONCURRENCY)]
     lines = [SECTION[0], "## The gateway alone, against an instant backend (`bench/gateway_bound.py`)", "",
              machine_line(started, wall_s, quick=args.quick, rerun="`make bench-gateway`",
                           extra=f"{args.rounds} rounds, aiohttp {res['_versions']['aiohttp']} load generator, "),
@@ -326,6 +351,20 @@ def report(args: argparse.Namespace, res: dict[str, Any], started: datetime, wal
         two, one = s["first-2w"], s["first"]
         lines.append(f"Two workers against one: c=16 {two['rate_c16'] / one['rate_c16']:.2f}x, c=64 "
                      f"{two['rate_c64'] / one['rate_c64']:.2f}x the requests/s.")  # fmt: skip
+    paths = [n for n in ("first", "first-endpoint", "first-direct") if n in s]
+    if len(paths) > 1:
+        names = paths
+        heads.update({"first": "`http` cluster", "first-endpoint": "local endpoint (Globus Compute-shaped)",
+                      "first-direct": "direct data path (`direct_host`)"})  # fmt: skip
+        lines += ["", "The same gateway (1 worker), the same stand-in, by each path a request can take "
+                  "(docs/architecture.md): CPU here is the gateway's and its local endpoint process's.", "",
+                  "| measure | " + " | ".join(heads[n] for n in names) + " |",
+                  "|---|" + "---|" * len(names)]  # fmt: skip
+        lines += [f"| {a} | {cells(f)} |" for a, f in rows_of(d, CONCURRENCY)]
+        e, h = s.get("first-endpoint"), s["first"]
+        if e is not None:
+            lines.append(f"\nThe local endpoint hop adds {fmt(e['p50'] - h['p50'], '.2f')} ms at the median and "
+                         f"{fmt(e['p99'] - h['p99'], '.2f')} ms at p99 over the `http` path, at c=1.")  # fmt: skip
     lines += ["", SECTION[1]]
     return "\n".join(lines) + "\n"
 
@@ -344,6 +383,12 @@ def main() -> int:
     ap.add_argument("--window-s", type=float, default=6.0, help="seconds per concurrent block (6)")
     ap.add_argument("--max-workers", type=int, default=2, help="also measure FIRST with 2 workers (2) or not (1)")
     ap.add_argument("--flow-tracking", default="sample", choices=("off", "sample", "all"))
+    ap.add_argument(
+        "--no-paths",
+        dest="paths",
+        action="store_false",
+        help="leave out the local endpoint path and the direct data path (m-endpoint, m-direct)",
+    )
     default_litellm = REPO / ".venv-litellm" / "bin" / "litellm"
     ap.add_argument(
         "--litellm",

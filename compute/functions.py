@@ -138,21 +138,26 @@ def openai_request(
     return {"status": r.status, "body": _json_or_error(r.data)}
 
 
-def _readable_within(response: Any, seconds: float) -> bool:
-    """Whether more of the response may be read within ``seconds`` (select on its socket). True when unsure:
-    bytes already buffered by the reader don't show on the socket, and reading them costs no wait."""
-    import select
+def _pieces_in_background(response: Any) -> Any:
+    """A queue that a thread fills with the response's HTTP chunks as they arrive, then None (or the exception
+    that ended the read). The batching loop waits on the queue with a timeout: bytes the HTTP reader has already
+    buffered are in the queue at once, where a select on the socket would not see them and would wait out the
+    whole batch window for each chunk of a burst (20 ms per chunk; docs/benchmarks.md, issue 18)."""
+    import queue
+    import threading
 
-    sock = getattr(getattr(response, "connection", None), "sock", None)
-    if sock is None:  # a response that will close its connection holds the socket in its reader
+    pieces: queue.Queue[Any] = queue.Queue()
+
+    def read() -> None:
         try:
-            sock = response._fp.fp.raw._sock
-        except AttributeError:
-            return True
-    try:
-        return bool(select.select([sock], [], [], max(0.0, seconds))[0])
-    except (OSError, ValueError):
-        return True
+            for piece in response.stream(None):  # each HTTP chunk as it arrives: vLLM sends one SSE event per chunk
+                pieces.put(piece)
+            pieces.put(None)
+        except BaseException as exc:  # the stream broke, or was closed because the caller left
+            pieces.put(exc)
+
+    threading.Thread(target=read, daemon=True, name="first-stream-reader").start()
+    return pieces
 
 
 def _is_content(chunk: dict[str, Any]) -> bool:
@@ -183,6 +188,7 @@ def openai_stream(
     """
     import contextlib
     import json
+    import queue
     import time
 
     from urllib3.exceptions import HTTPError
@@ -241,16 +247,21 @@ def openai_stream(
         content_sent = False  # the first token goes out at once (time to first token), with the role chunk
         deadline = 0.0
         pending = b""
-        pieces = r.stream(None)  # each HTTP chunk as it arrives: vLLM sends one SSE event per chunk
+        pieces = _pieces_in_background(r)
         while True:
             # (Before the first token, the role chunk waits for it: they go out together.)
-            if batch and content_sent and not _readable_within(r, deadline - time.monotonic()):
-                post(batch)  # the model went quiet with chunks waiting: don't hold them past their window
+            wait = max(0.0, deadline - time.monotonic()) if batch and content_sent else None
+            try:
+                piece = pieces.get(timeout=wait)
+            except queue.Empty:  # the model went quiet with chunks waiting: don't hold them past their window
+                post(batch)
                 sent += len(batch)
                 batch, deadline = [], time.monotonic() + batch_ms / 1000
-            piece = next(pieces, None)
+                continue
             if piece is None:
                 break
+            if isinstance(piece, BaseException):
+                raise piece
             *lines, pending = (pending + piece).split(b"\n")
             for line in lines:
                 if not line.startswith(b"data:"):
