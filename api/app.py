@@ -112,6 +112,7 @@ def create_app(
         relay = RelayHub()
         replica = await replicas.join(settings, relay, RELAY_ROOM_WAIT_S)  # one of several (docs/deploy.md)
         backends = Backends(settings, relay)
+        backends.pool.serving_loop = asyncio.get_running_loop()  # lives as long as the executors (closed below)
         live = LiveState(backends, settings, warm_locks=replica.warm_locks if replica else None)
         svc = Services(
             settings=settings, registry=reg, live=live, backends=backends, spool=UsageSpool(settings.spool_dir),

@@ -35,6 +35,8 @@ class ExecutorPool:
         self.shut_down = 0  # retired executors shut down so far
         self._building: dict[tuple[str, ...], asyncio.Future[tuple[Executor, dict[str, str]]]] = {}
         self.built = 0  # executors built so far (first use and rebuilds)
+        # The gateway's serving loop (set by its lifespan): local endpoints read their results on it directly.
+        self.serving_loop: asyncio.AbstractEventLoop | None = None
 
     @staticmethod
     def key(cluster: ClusterSpec) -> tuple[str, ...]:
@@ -70,7 +72,7 @@ class ExecutorPool:
         if cluster.transport == "local":
             from compute.local import LocalComputeExecutor
 
-            local = LocalComputeExecutor(workers=self.settings.local_workers)
+            local = LocalComputeExecutor(workers=self.settings.local_workers, loop=self.serving_loop)
             # Registered by id, as `first functions register` does with Globus Compute: one code path for both.
             return local, {name: local.register_function(fn) for name, fn in functions.CLUSTER_FUNCTIONS.items()}
         from compute.globus_compute import globus_compute_executor

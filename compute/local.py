@@ -11,6 +11,8 @@ infrastructure failure the gateway answers with 503 and recovers from by startin
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import os
 import secrets
@@ -27,6 +29,13 @@ from typing import Any
 
 from globus_compute_sdk.errors import TaskExecutionFailed
 from globus_compute_sdk.serialize import ComputeSerializer
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 class EndpointLost(ConnectionError):
@@ -73,7 +82,9 @@ def _endpoint_main(conn: Any, workers: int, parent_pid: int) -> None:
 class LocalComputeExecutor(Executor):
     """Submit cluster functions to a local endpoint process."""
 
-    def __init__(self, workers: int = 64) -> None:
+    def __init__(self, workers: int = 64, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """``loop``: the event loop that lives as long as this executor (the gateway's serving loop), on which
+        results are read as they arrive; without one, a reader thread reads them."""
         self._serializer = ComputeSerializer()
         # A plain subprocess (not multiprocessing's spawn, which re-imports the caller's __main__),
         # connected back over a private Unix socket with a random auth key.
@@ -93,8 +104,12 @@ class LocalComputeExecutor(Executor):
         self._futures: dict[int, Future[Any]] = {}
         self._lock = threading.Lock()
         self._closed = False
-        self._reader = threading.Thread(target=self._read, daemon=True, name="first-local-endpoint-reader")
-        self._reader.start()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        if loop is not None:  # results are read on the serving loop itself: no thread between them and it
+            self._loop = loop
+            loop.call_soon_threadsafe(loop.add_reader, self._conn.fileno(), self._on_readable)
+        else:
+            threading.Thread(target=self._read, daemon=True, name="first-local-endpoint-reader").start()
 
     @property
     def pid(self) -> int:
@@ -139,23 +154,39 @@ class LocalComputeExecutor(Executor):
         return fut
 
     def _read(self) -> None:
+        """The reader thread (no serving loop given): results until the endpoint goes away."""
         while True:
             try:
-                task_id, ok, payload = self._conn.recv()
+                self._deliver(*self._conn.recv())
             except (EOFError, OSError):
                 break
-            with self._lock:
-                fut = self._futures.pop(task_id, None)
-            if fut is None or not fut.set_running_or_notify_cancel():
-                continue
-            if ok:
-                try:
-                    fut.set_result(self._serializer.deserialize(payload))
-                except Exception as exc:  # a result that does not deserialize is the function's failure
-                    fut.set_exception(TaskExecutionFailed(f"result did not deserialize: {exc!r}"))
-            else:
-                fut.set_exception(TaskExecutionFailed(payload))
-        # The endpoint went away: fail whatever is still waiting.
+        self._fail_pending()
+
+    def _on_readable(self) -> None:
+        """On the serving loop, when the endpoint's socket has data: every result that has arrived."""
+        try:
+            while self._conn.poll():
+                self._deliver(*self._conn.recv())
+        except (EOFError, OSError):
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._conn.fileno())  # type: ignore[union-attr]
+            self._fail_pending()
+
+    def _deliver(self, task_id: int, ok: bool, payload: Any) -> None:
+        with self._lock:
+            fut = self._futures.pop(task_id, None)
+        if fut is None or not fut.set_running_or_notify_cancel():
+            return
+        if ok:
+            try:
+                fut.set_result(self._serializer.deserialize(payload))
+            except Exception as exc:  # a result that does not deserialize is the function's failure
+                fut.set_exception(TaskExecutionFailed(f"result did not deserialize: {exc!r}"))
+        else:
+            fut.set_exception(TaskExecutionFailed(payload))
+
+    def _fail_pending(self) -> None:
+        """The endpoint went away: fail whatever is still waiting."""
         with self._lock:
             pending, self._futures = self._futures, {}
         for fut in pending.values():
@@ -179,8 +210,23 @@ class LocalComputeExecutor(Executor):
                 self._proc.wait(timeout=2)
             except subprocess.TimeoutExpired:
                 self._proc.kill()
-        self._conn.close()
+        loop = self._loop
+        if loop is not None and _running_loop() is not loop and not loop.is_closed():
+            try:  # the socket is watched by the serving loop: it stops watching, then closes it, there
+                loop.call_soon_threadsafe(self._close_connection)
+            except RuntimeError:  # that loop closed meanwhile
+                self._loop = None
+                self._close_connection()
+        else:
+            self._close_connection()
         self._tmp.cleanup()
+
+    def _close_connection(self) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._conn.fileno())
+        self._conn.close()
+        self._fail_pending()
 
 
 if __name__ == "__main__":  # the endpoint process: python -m compute.local SOCKET WORKERS PARENT_PID
