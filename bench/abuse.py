@@ -317,7 +317,9 @@ async def run_soak(args: argparse.Namespace) -> dict[str, Any]:
             for out in outs:
                 for kind, n in json.loads(out.read_text()).items():
                     result[kind] = result.get(kind, 0) + n
-            await asyncio.sleep(3)  # the last streams' usage rows, connections closing
+            # The last streams' usage rows, connections closing: the gateway's idle connections to the model
+            # server close after its keep-alive (compute/model_http.py, 4 s; aiohttp checks every 4 s).
+            await asyncio.sleep(10)
         async with httpx.AsyncClient(base_url=stack.gw.url, timeout=30) as fresh:
             after = {**proc_stats(pid), "tasks": await gateway_tasks(fresh, stack.keys["admin"])}
         ok = result.pop("ok", 0)

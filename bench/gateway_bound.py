@@ -168,6 +168,37 @@ def start_prefect(home: Path, env: dict[str, str], port: int) -> subprocess.Pope
     raise BenchError("the Prefect server did not answer within 120 s")
 
 
+def start_other_tree(tree: Path, tmp: Path, sim_url: str, sim_port: int, env: dict[str, str]) -> subprocess.Popen:
+    """A gateway built from another checkout's modules (its own tests/gateway_factory.py and registry schema), on
+    the same Prefect server, keys and stand-in; its usage spool is a folder of its own (FIRST_REPLICA=before)."""
+    registry = tmp / "registry-before.yaml"
+    registry.write_text(yaml.safe_dump({
+        "clusters": [{"name": "sim", "transport": "http", "base_url": sim_url, "max_concurrency": 1024},
+                     {"name": "endpoint", "transport": "local", "max_concurrency": 1024}],
+        "models": [{"name": "m", "clusters": ["sim"], "path": "-"},
+                   {"name": "m-endpoint", "clusters": ["endpoint"], "path": "-", "port": sim_port}],
+    }))  # fmt: skip
+    port = free_port()
+    child = {**env, "PYTHONPATH": str(tree), "FIRST_TEST_REGISTRY": str(registry), "FIRST_PORT": str(port),
+             "FIRST_HOST": "127.0.0.1", "FIRST_REPLICA": "before"}  # fmt: skip
+    cmd = [str(BIN / "python"), "-m", "uvicorn", "tests.gateway_factory:gateway_app", "--factory", "--host",
+           "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning", "--timeout-keep-alive",
+           "75", "--http", "first.http_protocol:Guarded"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=tree, env=child, stdout=open(tmp / "gateway-before.log", "ab"),
+                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"the --against gateway exited; see {tmp / 'gateway-before.log'}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise BenchError("the --against gateway did not answer within 120 s")
+
+
 def start_litellm(exe: str, sim_url: str, tmp: Path) -> tuple[subprocess.Popen, str, str]:
     port = free_port()
     config = tmp / "litellm.yaml"
@@ -234,14 +265,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         key = KeyStore(Settings(home=home).keys_db).create("bench")[0]
         auth = {"Authorization": f"Bearer {key}"}
         targets = [{"name": "direct", "url": sim_url, "headers": {}, "pid": sim.pid, "model": "m"}]
-        for name, workers in (("first", 1), ("first-2w", 2)):
-            if workers > args.max_workers:
+        redis: RedisServer | None = None
+        for name, workers, shared in (("first", 1, False), ("first-redis", 1, True), ("first-2w", 2, True)):
+            if workers > args.max_workers or (shared and workers == 1 and args.max_workers < 2):
                 continue
             extra = {"FIRST_WORKERS": str(workers)}
-            if workers > 1:  # several workers share their state through Redis (FIRST_REDIS_URL), as replicas do
-                redis = RedisServer(tmp / "redis").start()
-                cleanups.append(redis.stop)
-                extra["FIRST_REDIS_URL"] = redis.url
+            if shared:  # several workers share their state through Redis (FIRST_REDIS_URL), as replicas do
+                if redis is None:
+                    redis = RedisServer(tmp / "redis").start()
+                    cleanups.append(redis.stop)
+                extra.update(FIRST_REDIS_URL=redis.url, FIRST_REDIS_PREFIX=f"first-{name}")
             gw = GatewayProcess(home, registry, base_env=env, env=extra).start(120)
             gateways.append(gw)
             assert gw.proc is not None
@@ -250,6 +283,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 for path in ("endpoint", "direct"):
                     targets.append({"name": f"first-{path}", "url": gw.url, "headers": auth, "pid": gw.proc.pid,
                                     "model": f"m-{path}"})  # fmt: skip
+        if args.against:  # the same gateway from another checkout (e.g. before a change), in the same run
+            before = start_other_tree(Path(args.against), tmp, sim_url, sim_port, env)
+            procs.append((before, "gateway (--against)"))
+            url = f"http://127.0.0.1:{before.args[before.args.index('--port') + 1]}"  # type: ignore[union-attr]
+            targets.append({"name": "before", "url": url, "headers": auth, "pid": before.pid, "model": "m"})
+            if args.paths:
+                targets.append({"name": "before-endpoint", "url": url, "headers": auth, "pid": before.pid,
+                                "model": "m-endpoint"})  # fmt: skip
         if args.litellm:
             log("starting LiteLLM…")
             proc, url, master = start_litellm(args.litellm, sim_url, tmp)
@@ -335,22 +376,23 @@ def rows_of(d: dict[str, float], conc: tuple[int, ...]) -> list[tuple[str, Any]]
 def report(args: argparse.Namespace, res: dict[str, Any], started: datetime, wall_s: float) -> str:
     s = summarize(res)
     d = s["direct"]
-    names = [n for n in ("litellm", "first", "first-2w") if n in s]
-    heads = {"litellm": f"LiteLLM {res['_versions']['litellm']}", "first": "FIRST (1 worker)",
-             "first-2w": "FIRST (2 workers)"}  # fmt: skip
 
-    def cells(f: Any) -> str:
-        return " | ".join(f(s[n]) for n in names)
+    def table(columns: dict[str, str]) -> list[str]:
+        """Rows of the measures, one column per target that was measured (``name: heading``)."""
+        names = [n for n in columns if n in s]
+        out = ["| measure | " + " | ".join(columns[n] for n in names) + " |", "|---|" + "---|" * len(names)]
+        for label, f in rows_of(d, CONCURRENCY):
+            out.append(f"| {label} | " + " | ".join(f(s[n]) for n in names) + " |")
+        return out
 
-    rows = [(a, cells(f)) for a, f in rows_of(d, CONCURRENCY)]
     lines = [SECTION[0], "## The gateway alone, against an instant backend (`bench/gateway_bound.py`)", "",
              machine_line(started, wall_s, quick=args.quick, rerun="`make bench-gateway`",
                           extra=f"{args.rounds} rounds, aiohttp {res['_versions']['aiohttp']} load generator, "),
              "", f"The stand-in alone: {fmt(d['p50'], '.2f')} ms median, {fmt(d['p99'], '.2f')} ms p99 at c=1; "
-             f"{fmt(d['rate_c16'], '.0f')} requests/s at c=16. Flow tracking `{args.flow_tracking}`.", "",
-             "| measure | " + " | ".join(heads[n] for n in names) + " |",
-             "|---|" + "---|" * len(names)]  # fmt: skip
-    lines += [f"| {a} | {b} |" for a, b in rows]
+             f"{fmt(d['rate_c16'], '.0f')} requests/s at c=16. Flow tracking `{args.flow_tracking}`. Medians over the "
+             "rounds; latencies pooled over them.", ""]  # fmt: skip
+    lines += table({"litellm": f"LiteLLM {res['_versions']['litellm']}", "first": "FIRST (1 worker)",
+                    "first-redis": "FIRST (1 worker, Redis)", "first-2w": "FIRST (2 workers, Redis)"})  # fmt: skip
     if "litellm" in s and "first" in s:
         lit, fir = s["litellm"], s["first"]
         ratios = [f"c={k[1:]}: {fir[f'rate_{k}'] / lit[f'rate_{k}']:.1f}x" for k in ("c1", "c16", "c64")]
@@ -359,22 +401,30 @@ def report(args: argparse.Namespace, res: dict[str, Any], started: datetime, wal
                   f"{lit['cpu_c16'] / fir['cpu_c16']:.1f}x less."]  # fmt: skip
     if "first-2w" in s and "first" in s:
         two, one = s["first-2w"], s["first"]
-        lines.append(f"Two workers against one: c=16 {two['rate_c16'] / one['rate_c16']:.2f}x, c=64 "
-                     f"{two['rate_c64'] / one['rate_c64']:.2f}x the requests/s.")  # fmt: skip
-    paths = [n for n in ("first", "first-endpoint", "first-direct") if n in s]
-    if len(paths) > 1:
-        names = paths
-        heads.update({"first": "`http` cluster", "first-endpoint": "local endpoint (Globus Compute-shaped)",
-                      "first-direct": "direct data path (`direct_host`)"})  # fmt: skip
+        lines.append(f"Two workers against one: {two['rate_c16'] / one['rate_c16']:.2f}x the requests/s at c=16, "
+                     f"{two['rate_c64'] / one['rate_c64']:.2f}x at c=64.")  # fmt: skip
+        if "first-redis" in s:
+            red = s["first-redis"]
+            lines.append(f"Redis (what several workers share) costs one worker "
+                         f"{red['cpu_c16'] - one['cpu_c16']:.2f} ms of CPU per request and "
+                         f"{red['p50'] - one['p50']:.2f} ms at the median, c=1.")  # fmt: skip
+    if "first-endpoint" in s or "first-direct" in s:
         lines += ["", "The same gateway (1 worker), the same stand-in, by each path a request can take "
-                  "(docs/architecture.md): CPU here is the gateway's and its local endpoint process's.", "",
-                  "| measure | " + " | ".join(heads[n] for n in names) + " |",
-                  "|---|" + "---|" * len(names)]  # fmt: skip
-        lines += [f"| {a} | {cells(f)} |" for a, f in rows_of(d, CONCURRENCY)]
-        e, h = s.get("first-endpoint"), s["first"]
-        if e is not None:
+                  "(docs/architecture.md); CPU is the gateway's and its local endpoint process's.", ""]  # fmt: skip
+        lines += table({"first": "`http` cluster", "first-endpoint": "local endpoint (Globus Compute-shaped)",
+                        "first-direct": "direct data path (`direct_host`)"})  # fmt: skip
+        if "first-endpoint" in s:
+            e, h = s["first-endpoint"], s["first"]
             lines.append(f"\nThe local endpoint hop adds {fmt(e['p50'] - h['p50'], '.2f')} ms at the median and "
                          f"{fmt(e['p99'] - h['p99'], '.2f')} ms at p99 over the `http` path, at c=1.")  # fmt: skip
+    if "before" in s:
+        lines += ["", f"Before and after, in this run: the gateway of commit `{args.against_commit}` (`--against`), "
+                  "1 worker, beside this one.", ""]  # fmt: skip
+        lines += table({"before": "before, `http`", "first": "now, `http`", "before-endpoint": "before, local endpoint",
+                        "first-endpoint": "now, local endpoint"})  # fmt: skip
+        b, n = s["before"], s["first"]
+        lines.append(f"\nNow against before, `http` path: {n['rate_c16'] / b['rate_c16']:.2f}x the requests/s at "
+                     f"c=16, {b['cpu_c16'] / n['cpu_c16']:.2f}x less CPU per request.")  # fmt: skip
     lines += ["", SECTION[1]]
     return "\n".join(lines) + "\n"
 
@@ -405,12 +455,21 @@ def main() -> int:
         default=str(default_litellm) if default_litellm.exists() else None,
         help="LiteLLM's `litellm` executable, measured beside FIRST (default .venv-litellm's, if any)",
     )
+    ap.add_argument(
+        "--against",
+        metavar="PATH",
+        help="also measure the gateway of another checkout (e.g. `git "
+        "worktree add /tmp/before <commit>`), 1 worker, in the same run",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the state folder and logs")
     add_output_args(ap)
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.n, args.n_streams, args.window_s = 1, 100, 40, 2.0
     resolve_output(args)
+    if args.against:
+        r = subprocess.run(["git", "-C", args.against, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        args.against_commit = r.stdout.strip() or args.against
     return measure_and_write(args, SECTION, measure, report)
 
 

@@ -55,7 +55,10 @@ def summarize(raw: Path, top: int) -> tuple[list[tuple[str, float]], list[tuple[
             continue
         n = int(count)
         total += n
-        package, func = where(stack.split(";")[-1])
+        frames = [f for f in stack.split(";") if not f.startswith("process ")]  # --subprocesses names each one
+        if not frames:
+            continue
+        package, func = where(frames[-1])
         packages[package] += n
         funcs[f"{func} ({package})"] += n
     share = lambda c: [(k, 100 * v / max(total, 1)) for k, v in c.most_common(top)]  # noqa: E731

@@ -21,6 +21,10 @@ import msgspec
 
 from compute import functions
 
+# An idle pooled connection is closed after this: below vLLM's own keep-alive (uvicorn's default, 5 s), so the
+# gateway never sends a request on a connection the server is closing at that moment.
+KEEPALIVE_S = 4.0
+
 _decode = msgspec.json.decode
 _encode = msgspec.json.encode
 
@@ -56,7 +60,7 @@ class ModelServerClient:
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = self._connector() if self._connector else aiohttp.TCPConnector(
-                limit=self._limit, limit_per_host=0, keepalive_timeout=60, ssl=self._ssl)  # fmt: skip
+                limit=self._limit, limit_per_host=0, keepalive_timeout=KEEPALIVE_S, ssl=self._ssl)  # fmt: skip
             self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout,
                                                   json_serialize=lambda o: _encode(o).decode(),
                                                   skip_auto_headers=("User-Agent",),

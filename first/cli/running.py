@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from core.settings import get_settings
+from core.settings import Settings, get_settings
 from first.cli.render import err
 
 _source: list[str] = []  # where this command's Prefect came from, for what it prints
@@ -47,6 +47,15 @@ def prefect_for_writing() -> str:
     return url
 
 
+def _check_workers(settings: Settings) -> None:
+    """Several workers share their state through Redis: say so before anything starts, not in a worker's log."""
+    if settings.workers > 1 and not settings.redis_url:
+        err.print(f"[red]FIRST_WORKERS={settings.workers} needs FIRST_REDIS_URL[/red]: the worker processes share "
+                  "their limits, caps, warm-ups and streams through Redis (docs/deploy.md). Set FIRST_REDIS_URL="
+                  "redis://host:6379/0, or run one worker (FIRST_WORKERS=1).")  # fmt: skip
+        raise typer.Exit(2)
+
+
 def run(
     prefect_port: Annotated[int, typer.Option(help="Port of the local Prefect server (UI and API)")] = 4200,
     warm: Annotated[bool, typer.Option(help="Warm the demo model up at start (through the warm-up deployment)")] = True,
@@ -57,6 +66,7 @@ def run(
     from core.settings import prefect_env
 
     settings = get_settings()
+    _check_workers(settings)
     # Prefect reads its settings when first imported: point this process at the local server first.
     os.environ.update(prefect_env(settings, prefect_port))
     from first.runner import Runner
@@ -74,6 +84,7 @@ def gateway(
     from first.runner import HTTP_PROTOCOL, KEEP_ALIVE_S
 
     s = get_settings()
+    _check_workers(s)
     uvicorn.run(
         "first.asgi:app", host=host or s.host, port=port or s.port, log_level="warning", access_log=False,
         timeout_keep_alive=KEEP_ALIVE_S, http=HTTP_PROTOCOL, limit_concurrency=s.max_connections,
