@@ -279,7 +279,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             gateways.append(gw)
             assert gw.proc is not None
             targets.append({"name": name, "url": gw.url, "headers": auth, "pid": gw.proc.pid, "model": "m"})
-            if workers == 1 and args.paths:
+            if name == "first" and args.paths:
                 for path in ("endpoint", "direct"):
                     targets.append({"name": f"first-{path}", "url": gw.url, "headers": auth, "pid": gw.proc.pid,
                                     "model": f"m-{path}"})  # fmt: skip
