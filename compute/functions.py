@@ -415,6 +415,7 @@ def _own_server(url: str) -> Any:
 
     pool = _pools.get("own-tls")
     if pool is None:
+        urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)  # this pool's requests are meant so
         pool = _pools["own-tls"] = urllib3.PoolManager(maxsize=8, retries=False, cert_reqs="CERT_NONE",
                                                        assert_hostname=False)  # fmt: skip
     return pool

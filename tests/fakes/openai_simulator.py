@@ -55,10 +55,13 @@ class OpenAISimulatorDouble:
         api_key: str | None = None,
         port: int = 0,
         host: str = "127.0.0.1",
+        ssl_certfile: str | None = None,
+        ssl_keyfile: str | None = None,
     ) -> None:
         self.latency_s, self.capacity, self.name = latency_s, capacity, name
         self._port = port  # 0: a free one
         self.host = host
+        self.ssl = {"ssl_certfile": ssl_certfile, "ssl_keyfile": ssl_keyfile} if ssl_certfile else {}  # as vLLM's
         self.api_key = api_key  # as vLLM's --api-key: /v1 routes want "Authorization: Bearer <key>", /health not
         self.healthy = True
         self.fail_mode: str | None = None  # None | "500" | "close" | "hang"
@@ -79,7 +82,7 @@ class OpenAISimulatorDouble:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.ssl else 'http'}://{self.host}:{self.port}"
 
     # ---- lifecycle ----
 
@@ -90,6 +93,7 @@ class OpenAISimulatorDouble:
             self._app, interface="asgi3", lifespan="off", log_level="critical", access_log=False,
             backlog=2048, timeout_keep_alive=75,  # hundreds of connections at once, reused as vLLM's are
             timeout_graceful_shutdown=0.2,  # "hang" requests must not hold up stop()
+            **self.ssl,
         )  # fmt: skip
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True)

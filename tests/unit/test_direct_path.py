@@ -5,6 +5,7 @@ double started by the real ``start_vllm`` on another loopback address (127.0.0.2
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 from collections.abc import Iterator
@@ -38,16 +39,18 @@ class UnreachableNodeDouble(aiohttp.TCPConnector):
         raise aiohttp.ClientConnectorError(req.connection_key, OSError(113, "No route to host"))
 
 
-@pytest.fixture
-def node(settings: Settings) -> Iterator[tuple[Registry, Settings, str]]:
-    """A hot instance of model m on cluster 'site', its vLLM listening on 127.0.0.2; an admin key."""
+@contextlib.contextmanager
+def _hot_instance(
+    settings: Settings, args: list[str] | None = None, **cluster: Any
+) -> Iterator[tuple[Registry, Settings, str]]:
+    """A hot instance of model m on cluster 'site', its vLLM (the double) listening on 127.0.0.2; an admin key."""
     s = settings.model_copy(update={"vllm_python": Path(sys.executable)})
-    site = ClusterSpec(name="site", transport="local", direct_host=NODE, direct_scheme="http")
-    model = ModelSpec(name="m", clusters=["site"], path="-", port=free_port_block(1),
+    site = ClusterSpec(name="site", transport="local", direct_host=NODE, **{"direct_scheme": "http", **cluster})
+    model = ModelSpec(name="m", clusters=["site"], path="-", port=free_port_block(1), vllm_args=args or [],
                       vllm_env={"PYTHONPATH": f"{DOUBLE}:{REPO_ROOT}", "FAKE_VLLM_LATENCY_S": "0"})  # fmt: skip
     spec = ExecutorBackend.instance_spec(model, site, s)
     started = functions.start_vllm(spec)
-    assert started["base_url"] == f"http://{NODE}:{model.port}"
+    assert started["base_url"] == f"{site.direct_scheme}://{NODE}:{model.port}"
     deadline = time.monotonic() + 30
     while functions.vllm_status(spec)["state"] != "hot":
         assert time.monotonic() < deadline, "the vLLM double did not come up"
@@ -57,6 +60,12 @@ def node(settings: Settings) -> Iterator[tuple[Registry, Settings, str]]:
         yield Registry(clusters={"site": site}, models={"m": model}), s, key
     finally:
         functions.stop_vllm(spec)
+
+
+@pytest.fixture
+def node(settings: Settings) -> Iterator[tuple[Registry, Settings, str]]:
+    with _hot_instance(settings) as hot:
+        yield hot
 
 
 def _instance(status: dict[str, Any]) -> dict[str, Any]:
@@ -125,3 +134,50 @@ async def test_access_is_fetched_once_per_instance_and_retried_after_a_fallback(
     assert await path.access(model, url) is not None and len(calls) == 2
     assert await path.access(model, "http://127.0.0.2:9001") is None  # the status moved on: not this instance
     assert path.describe(model)["data_path"] == "compute"
+
+
+def _self_signed(folder: Path, ip: str) -> tuple[Path, Path]:
+    """A certificate for ``ip`` (the site's CA would sign the nodes' certificates; here it signs itself)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "first-test-node")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    cert_path, key_path = folder / "node.pem", folder / "node.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))  # fmt: skip
+    return cert_path, key_path
+
+
+async def test_https_to_the_node_with_the_sites_ca(settings: Settings, tmp_path: Path) -> None:
+    """The default scheme: vLLM serves TLS with the site's certificate (its vllm_args there), the gateway checks it
+    against direct_ca_file; the node checks its own server's health without it."""
+    cert, key_file = _self_signed(tmp_path, NODE)
+    with _hot_instance(
+        settings,
+        direct_scheme="https",
+        direct_ca_file=str(cert),
+        args=["--ssl-certfile", str(cert), "--ssl-keyfile", str(key_file)],
+    ) as (registry, s, key):
+        assert registry.clusters["site"].direct_scheme == "https"
+        h = {"Authorization": f"Bearer {key}"}
+        async with AsyncTestClient(app=create_gateway(s, registry)) as c:
+            r = await c.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=h)
+            assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]"), r.text
+            inst = _instance((await c.get("/v1/status", headers=h)).json())
+            assert inst["data_path"] == "direct" and inst["base_url"].startswith(f"https://{NODE}:"), inst
