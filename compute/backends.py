@@ -4,8 +4,9 @@
 ``globus_compute_sdk.Executor`` interface: a ``globus_compute_sdk.Executor(endpoint_id=...)`` for a cluster
 with transport ``globus-compute``, the local endpoint (``compute.local``) for transport ``local``. Both run
 functions registered once, by id (``submit_to_registered_function``); the same code path either way.
-Streams come back through the relay. ``DirectHTTPBackend`` talks to an OpenAI-compatible URL that the
-gateway can reach itself.
+Streams come back through the relay. A compute cluster whose nodes the gateway can reach (``direct_host``) keeps
+its lifecycle there but sends inference straight to the node (``compute/direct_path.py``). ``DirectHTTPBackend``
+talks to an OpenAI-compatible URL that the gateway can reach itself. Both direct kinds use ``compute/model_http.py``.
 """
 
 from __future__ import annotations

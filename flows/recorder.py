@@ -98,11 +98,13 @@ class FlowRecorder:
             if params is None:
                 return
             proc = self._process()
+            if proc is None or proc.stdin is None:  # no recorder process now: the request was served; its record
+                self.dropped += 1  # is lost
+                continue
             try:
-                assert proc is not None and proc.stdin is not None
                 proc.stdin.write(json.dumps(params, default=str).encode() + b"\n")
                 proc.stdin.flush()
-            except (AssertionError, OSError):  # no recorder process now: the request was served; its record is lost
+            except OSError:  # the process died meanwhile
                 self.dropped += 1
 
     def _read(self, proc: subprocess.Popen[bytes]) -> None:
