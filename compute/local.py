@@ -232,4 +232,7 @@ class LocalComputeExecutor(Executor):
 if __name__ == "__main__":  # the endpoint process: python -m compute.local SOCKET WORKERS PARENT_PID
     _address, _workers, _parent = sys.argv[1:4]
     _conn = Client(_address, family="AF_UNIX", authkey=bytes.fromhex(os.environ.pop("FIRST_ENDPOINT_AUTHKEY")))
-    _endpoint_main(_conn, int(_workers), int(_parent))
+    try:
+        _endpoint_main(_conn, int(_workers), int(_parent))
+    except KeyboardInterrupt:  # Ctrl-C reached its process group: the gateway is stopping too, quietly
+        pass

@@ -26,6 +26,7 @@ from rich.console import Console
 from blocks.registry import Registry
 from compute import functions
 from core.settings import REPO_ROOT, Settings, prefect_env
+from first import preflight
 from serving.auth import KeyStore
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -103,7 +104,7 @@ def stop_local_models(settings: Settings) -> list[int]:
     stopped = []
     for state in sorted(settings.instances_dir.glob("*/*.json")):
         spec = {"state_dir": str(state.parent), "model": state.stem}
-        result = functions.stop_vllm(spec)
+        result = functions.stop_vllm(spec, grace_s=8.0)  # as the other processes: SIGKILL after 8 s
         if result.get("stopped"):
             stopped.append(result["pid"])
             console.print(f"  stopped vLLM for {state.stem} (pid {result['pid']})")
@@ -123,16 +124,44 @@ def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None, 
 
 
 class Runner:
-    def __init__(self, settings: Settings, prefect_port: int = 4200, warm: bool = True) -> None:
+    def __init__(self, settings: Settings, prefect_port: int = 4200, warm: bool = True, replace: bool = False) -> None:
         self.s = settings
         self.prefect_port = prefect_port
         self.warm = warm
+        self.replace = replace  # stop an earlier stack of this FIRST_HOME that holds a port
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self.stop = threading.Event()
         self.api_url = f"http://127.0.0.1:{prefect_port}/api"
         self.env = {**os.environ, **prefect_env(settings, prefect_port)}
 
     # ---- steps ----
+
+    def ports(self) -> dict[str, int]:
+        """Every port this stack will listen on: what for -> port."""
+        reg = Registry.embedded_default(self.s)
+        return {"Prefect server": self.prefect_port, "gateway": self.s.port,
+                **{f"vLLM for '{m.name}'": m.port for m in reg.models.values() if m.port}}  # fmt: skip
+
+    def preflight(self) -> bool:
+        """Each port free before anything starts; else say who holds it, and stop an earlier stack of this
+        FIRST_HOME only when told to (``--replace``). False: nothing was started, the caller exits."""
+        held = preflight.check(self.ports(), self.s.home)
+        if held and self.replace and all(h.ours for h in held):
+            for h in held:
+                console.print(f"[yellow]{h.describe()}: stopping it (--replace)[/yellow]")
+            preflight.stop_earlier_stack(held)
+            held = preflight.check(self.ports(), self.s.home)
+        if not held:
+            return True
+        for h in held:
+            console.print(f"[red]✗[/red] {h.describe()}")
+        if any(h.ours for h in held):
+            console.print("Stop that stack (Ctrl-C in its terminal, or `kill` the pids above), or run `first run "
+                          "--replace` (`make run RUN_ARGS=--replace`) to stop it now.")  # fmt: skip
+        if not all(h.ours for h in held):
+            console.print("Free those ports, or move this stack: --prefect-port N, FIRST_PORT, FIRST_VLLM_PORT_BASE "
+                          "(the models' ports start there).")  # fmt: skip
+        return False
 
     def spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
         self.s.logs_dir.mkdir(parents=True, exist_ok=True)
@@ -288,6 +317,8 @@ class Runner:
         signal.signal(signal.SIGTERM, on_signal)
         os.umask(0o077)  # every file of the stack (and of its children: Prefect's database, logs) is the owner's only
         self.s.make_home()
+        if not self.preflight():
+            return 2
         code = 0
         try:
             self.ensure_model()
@@ -313,19 +344,40 @@ class Runner:
             console.print(f"[red]error:[/red] {exc}")
             code = 1
         finally:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            # A second Ctrl-C (or SIGTERM) while stopping: everything ends at once.
+            signal.signal(signal.SIGINT, lambda *_: self.kill_now())
+            signal.signal(signal.SIGTERM, lambda *_: self.kill_now())
             self.shutdown()
         return code
 
     def shutdown(self) -> None:
-        console.print("stopping…")
+        """The gateway and the worker first (nothing new starts), then the models and the Prefect server; each
+        pair in parallel."""
+        console.print("stopping… (Ctrl-C again to stop at once)")
+        t0 = time.monotonic()
         by_name = dict(self.procs)
-        for name in ("gateway", "worker"):
-            if name in by_name:
-                stop_group(by_name[name], name)
-        stop_local_models(self.s)
+        _in_parallel([lambda n=n: stop_group(by_name[n], n) for n in ("gateway", "worker") if n in by_name])
+        last = [lambda: stop_local_models(self.s)]
         if "prefect-server" in by_name:
-            stop_group(by_name["prefect-server"], "Prefect server")
+            last.append(lambda: stop_group(by_name["prefect-server"], "Prefect server"))
+        _in_parallel(last)
         (self.s.home / "prefect-api-url").unlink(missing_ok=True)
-        console.print("[green]all processes stopped[/green]")
+        console.print(f"[green]all processes stopped[/green] in {time.monotonic() - t0:.1f} s")
+
+    def kill_now(self) -> None:
+        """SIGKILL every process group of the stack: its children, and the models it started."""
+        console.print("[yellow]stopping at once (SIGKILL)[/yellow]")
+        for _, proc in self.procs:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        for state in self.s.instances_dir.glob("*/*.json"):  # (a pid that now names another process is spared)
+            with contextlib.suppress(Exception):
+                functions.stop_vllm({"state_dir": str(state.parent), "model": state.stem}, grace_s=0)
+
+
+def _in_parallel(steps: list) -> None:
+    threads = [threading.Thread(target=step) for step in steps]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()

@@ -59,6 +59,9 @@ def _check_workers(settings: Settings) -> None:
 def run(
     prefect_port: Annotated[int, typer.Option(help="Port of the local Prefect server (UI and API)")] = 4200,
     warm: Annotated[bool, typer.Option(help="Warm the demo model up at start (through the warm-up deployment)")] = True,
+    replace: Annotated[
+        bool, typer.Option(help="Stop an earlier stack of this FIRST_HOME that still holds a port (after a crash)")
+    ] = False,
 ) -> None:
     """Run everything on this machine until Ctrl-C: Prefect server, lifecycle worker, gateway, vLLM CPU."""
     import os
@@ -71,7 +74,7 @@ def run(
     os.environ.update(prefect_env(settings, prefect_port))
     from first.runner import Runner
 
-    raise SystemExit(Runner(settings, prefect_port=prefect_port, warm=warm).run())
+    raise SystemExit(Runner(settings, prefect_port=prefect_port, warm=warm, replace=replace).run())
 
 
 def gateway(

@@ -66,15 +66,28 @@ def test_make_run_serves_then_ctrl_c_stops_everything(tmp_path: Path) -> None:
         shown = subprocess.run([str(REPO_ROOT / ".venv/bin/first"), "registry", "show"], env=env, cwd=REPO_ROOT,
                                capture_output=True, text=True, timeout=120)  # fmt: skip
         assert shown.returncode == 0 and "tiny" in shown.stdout, shown.stderr[-2000:]
+        # A second `make run` on the same ports says who holds them, before it starts anything (issue 20): this
+        # stack's own processes for the same FIRST_HOME, someone else's for another.
+        prefect_port = ready["prefect_ui"].rsplit(":", 1)[1]
+        for other_home, expected in ((home, "earlier FIRST stack of this FIRST_HOME"), (tmp_path / "b", "in use by")):
+            again = subprocess.run([str(REPO_ROOT / ".venv/bin/first"), "run", "--prefect-port", prefect_port],
+                                   env={**env, "FIRST_HOME": str(other_home)}, cwd=REPO_ROOT, capture_output=True,
+                                   text=True, timeout=120)  # fmt: skip
+            said = again.stdout + again.stderr
+            assert again.returncode == 2 and expected in said and "✓" not in said, said[-2000:]
+            assert f"port {prefect_port} (Prefect server)" in said and "port " + env["FIRST_PORT"] in said
         before = _processes_mentioning(str(home))
         vllm = [json.loads(p.read_text())["pid"] for p in (home / "instances").glob("*/*.json")]
         assert vllm and all(pid in before for pid in vllm), (vllm, before)
         assert len(before) >= 5  # runner, Prefect server, worker, gateway, local endpoint, vLLM and its workers
     finally:
+        stopping = time.monotonic()
         os.killpg(make.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: SIGINT to the foreground group
         make.wait(timeout=120)
+        stopped_in = time.monotonic() - stopping
     deadline = time.monotonic() + 10
     while (left := _processes_mentioning(str(home))) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert left == [], f"processes left after Ctrl-C: {left}"
-    print(f"make run was ready in {started_in:.0f} s with the setup already done")
+    print(f"make run was ready in {started_in:.0f} s with the setup already done; Ctrl-C stopped it in "
+          f"{stopped_in:.1f} s")  # fmt: skip
