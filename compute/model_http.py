@@ -12,6 +12,7 @@ them into the same OpenAI-shaped errors whichever path a request took.
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -99,7 +100,7 @@ class ModelServerClient:
                     data = line[5:].strip()
                     if data == b"[DONE]":
                         return
-                    yield _decode(data)
+                    yield _loads(data)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise ModelServerUnreachable(_unreachable(base_url, exc), not_sent=_not_sent(exc)) from exc
 
@@ -121,10 +122,18 @@ def _json(headers: dict[str, str]) -> dict[str, str]:
     return {"Content-Type": "application/json", **headers}
 
 
-def _payload(raw: bytes) -> Any:
+def _loads(raw: bytes) -> Any:
+    """msgspec, or the standard library for what msgspec rejects and Python's json accepts (NaN, Infinity)."""
     try:
         return _decode(raw)
     except msgspec.DecodeError:
+        return json.loads(raw)
+
+
+def _payload(raw: bytes) -> Any:
+    try:
+        return _loads(raw)
+    except ValueError:
         return {"error": {"message": raw[:500].decode(errors="replace")}}
 
 
