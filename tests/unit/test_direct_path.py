@@ -50,13 +50,13 @@ def _hot_instance(
                       vllm_env={"PYTHONPATH": f"{DOUBLE}:{REPO_ROOT}", "FAKE_VLLM_LATENCY_S": "0"})  # fmt: skip
     spec = ExecutorBackend.instance_spec(model, site, s)
     started = functions.start_vllm(spec)
-    assert started["base_url"] == f"{site.direct_scheme}://{NODE}:{model.port}"
-    deadline = time.monotonic() + 30
-    while functions.vllm_status(spec)["state"] != "hot":
-        assert time.monotonic() < deadline, "the vLLM double did not come up"
-        time.sleep(0.2)
-    key = KeyStore(s.keys_db).create("ops", ["admin"])[0]
-    try:
+    try:  # (stopped whatever fails below)
+        assert started["base_url"] == f"{site.direct_scheme}://{NODE}:{model.port}"
+        deadline = time.monotonic() + 30
+        while functions.vllm_status(spec)["state"] != "hot":
+            assert time.monotonic() < deadline, "the vLLM double did not come up"
+            time.sleep(0.2)
+        key = KeyStore(s.keys_db).create("ops", ["admin"])[0]
         yield Registry(clusters={"site": site}, models={"m": model}), s, key
     finally:
         functions.stop_vllm(spec)
