@@ -37,7 +37,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.* and tests.* are not installed
 
-import httpx
 import yaml
 
 from bench.common import (
@@ -55,7 +54,7 @@ from bench.common import (
     tree_cpu_s,
 )
 from core.settings import Settings, prefect_env
-from first.runner import free_port
+from first.runner import free_port, wait_http
 from serving.auth import KeyStore
 from tests.gateway_factory import GatewayProcess, stand_in_instance
 from tests.services import RedisServer
@@ -151,21 +150,20 @@ def load_main(plan_path: str) -> None:
 # ---- the processes ----
 
 
+def _wait(url: str, timeout_s: float, proc: subprocess.Popen, what: str, log_path: Path) -> None:
+    """first.runner.wait_http, as a BenchError that names the log to read."""
+    try:
+        wait_http(url, timeout_s, proc, what)
+    except RuntimeError as exc:
+        raise BenchError(f"{exc}; see {log_path}") from None
+
+
 def start_prefect(home: Path, env: dict[str, str], port: int) -> subprocess.Popen:
     proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                             env=env, stdout=open(home / "prefect.log", "ab"), stderr=subprocess.STDOUT,
                             start_new_session=True)  # fmt: skip
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise BenchError(f"the Prefect server exited; see {home / 'prefect.log'}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise BenchError("the Prefect server did not answer within 120 s")
+    _wait(f"http://127.0.0.1:{port}/api/health", 120, proc, "the Prefect server", home / "prefect.log")
+    return proc
 
 
 def start_other_tree(tree: Path, tmp: Path, sim_url: str, sim_port: int, env: dict[str, str]) -> subprocess.Popen:
@@ -186,17 +184,8 @@ def start_other_tree(tree: Path, tmp: Path, sim_url: str, sim_port: int, env: di
            "75", "--http", "first.http_protocol:Guarded"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=tree, env=child, stdout=open(tmp / "gateway-before.log", "ab"),
                             stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise BenchError(f"the --against gateway exited; see {tmp / 'gateway-before.log'}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise BenchError("the --against gateway did not answer within 120 s")
+    _wait(f"http://127.0.0.1:{port}/health", 120, proc, "the --against gateway", tmp / "gateway-before.log")
+    return proc
 
 
 def start_litellm(exe: str, sim_url: str, tmp: Path) -> tuple[subprocess.Popen, str, str]:
@@ -210,17 +199,8 @@ def start_litellm(exe: str, sim_url: str, tmp: Path) -> tuple[subprocess.Popen, 
                              "--num_workers", "1"], env=env, stdout=open(tmp / "litellm.log", "ab"),
                             stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise BenchError(f"LiteLLM exited; see {tmp / 'litellm.log'}")
-        try:
-            if httpx.get(url + "/health/liveliness", timeout=2).status_code == 200:
-                return proc, url, master
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise BenchError("LiteLLM did not answer within 180 s")
+    _wait(url + "/health/liveliness", 180, proc, "LiteLLM", tmp / "litellm.log")
+    return proc, url, master
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:

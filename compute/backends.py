@@ -26,7 +26,7 @@ from compute import functions
 from compute.direct_path import DirectPath
 from compute.executors import ExecutorPool
 from compute.failures import backend_error, task_failed
-from compute.model_http import ModelServerClient, ModelServerError, ModelServerUnreachable
+from compute.model_http import ModelServerClient, ModelServerError, ModelServerUnreachable, http_complete, http_stream
 from compute.relay import RelayHub
 from core.errors import APIError
 from core.settings import Settings
@@ -376,32 +376,6 @@ class DirectHTTPBackend(ComputeBackend):
 
     def data_path(self, model: ModelSpec) -> dict[str, Any]:
         return {"data_path": "http"}
-
-
-async def http_complete(
-    http: ModelServerClient, base_url: str, path: str, body: dict[str, Any], headers: dict[str, str], cluster: str
-) -> dict[str, Any]:
-    """One non-streamed call to a model server the gateway reaches itself; failures as OpenAI-shaped errors."""
-    try:
-        status, payload = await http.post(base_url, path, body, headers)
-    except ModelServerUnreachable as exc:
-        raise backend_error(exc.result, f"Cluster '{cluster}'") from exc
-    if status != 200:
-        raise backend_error({"status": status, "body": payload}, f"Cluster '{cluster}'")
-    return payload
-
-
-async def http_stream(
-    http: ModelServerClient, base_url: str, path: str, body: dict[str, Any], headers: dict[str, str], cluster: str
-) -> AsyncIterator[dict]:
-    where = f"Cluster '{cluster}'"
-    try:
-        async for chunk in http.stream(base_url, path, body, headers):
-            yield chunk
-    except ModelServerError as exc:
-        raise backend_error({"status": exc.status, "body": exc.body}, where) from exc
-    except ModelServerUnreachable as exc:
-        raise backend_error(exc.result, where) from exc
 
 
 # What a backend is built from: an edit to any of these (an operator cutting off a compromised endpoint, new

@@ -21,6 +21,7 @@ import aiohttp
 import msgspec
 
 from compute import functions
+from compute.failures import backend_error
 
 # An idle pooled connection is closed after this: below vLLM's own keep-alive (uvicorn's default, 5 s), so the
 # gateway never sends a request on a connection the server is closing at that moment.
@@ -145,3 +146,29 @@ def _unreachable(base_url: str, exc: BaseException) -> dict[str, Any]:
 def _not_sent(exc: BaseException) -> bool:
     """The connection itself failed (refused, no route, connect timeout): the request never left."""
     return isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
+
+
+async def http_complete(
+    http: ModelServerClient, base_url: str, path: str, body: dict[str, Any], headers: dict[str, str], cluster: str
+) -> dict[str, Any]:
+    """One non-streamed call to a model server the gateway reaches itself; failures as OpenAI-shaped errors."""
+    try:
+        status, payload = await http.post(base_url, path, body, headers)
+    except ModelServerUnreachable as exc:
+        raise backend_error(exc.result, f"Cluster '{cluster}'") from exc
+    if status != 200:
+        raise backend_error({"status": status, "body": payload}, f"Cluster '{cluster}'")
+    return payload
+
+
+async def http_stream(
+    http: ModelServerClient, base_url: str, path: str, body: dict[str, Any], headers: dict[str, str], cluster: str
+) -> AsyncIterator[dict]:
+    where = f"Cluster '{cluster}'"
+    try:
+        async for chunk in http.stream(base_url, path, body, headers):
+            yield chunk
+    except ModelServerError as exc:
+        raise backend_error({"status": exc.status, "body": exc.body}, where) from exc
+    except ModelServerUnreachable as exc:
+        raise backend_error(exc.result, where) from exc
