@@ -28,7 +28,6 @@ from analytics.spool import UsageSpool
 from api.batches import BatchesController
 from api.errors import handle_exception
 from api.files import FilesController
-from api.guards import AUTH_THROTTLED
 from api.inference.routes import INFERENCE_PATHS, InferenceController
 from api.metrics import metrics_registry
 from api.models import ModelsController
@@ -63,15 +62,17 @@ log = logging.getLogger("first.api")
 
 def _record_rejected(request: Request, error: APIError) -> None:
     """A request to an inference route that failed before the pipeline ran still gets its usage record, with
-    the id its response carries."""
+    the id its response carries. One refused before anyone was identified (401, or 429 for an address that
+    failed too often) is nobody's usage: it is counted in the metrics (``first_auth_failures``,
+    ``first_auth_throttled``), not as rows for a user ``-`` that would open every report."""
     endpoint = INFERENCE_PATHS.get(request.url.path)
     svc: Services | None = getattr(request.app.state, "services", None)
-    if endpoint is None or svc is None or error.code == AUTH_THROTTLED:  # a flood of those: metrics, not rows
-        return
     principal: Principal | None = getattr(request.state, "principal", None)
+    if endpoint is None or svc is None or principal is None:
+        return
     record = UsageRecord(
-        request_id=request_id(request.scope), ts=time.time(), user=principal.user if principal else "-",
-        groups=list(principal.groups) if principal else [], model="", endpoint=endpoint,
+        request_id=request_id(request.scope), ts=time.time(), user=principal.user,
+        groups=list(principal.groups), model="", endpoint=endpoint,
         status=error.status, error_type=error.type,
     )  # fmt: skip
     try:

@@ -304,4 +304,4 @@ async def test_a_flood_of_bogus_tokens_from_one_address_is_throttled_before_glob
     store = UsageStore(s.usage_db)
     store.ingest(s.spool_dir)
     statuses = store.query("SELECT status FROM usage WHERE endpoint = 'chat.completions'").to_series().to_list()
-    assert statuses == [401] * 5  # the 401s have rows; the 35 throttled ones do not
+    assert statuses == []  # nobody was identified: the 401s and the 429s are in the metrics above, not rows
