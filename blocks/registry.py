@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field, PositiveFloat
 
 from blocks.projects import ProjectBlock, ProjectSpec
 from core.settings import Settings
+from core.strict_keys import unknown_keys
 
 log = logging.getLogger("first.registry")
 
@@ -428,12 +429,15 @@ class Registry(BaseModel):
                  ("projects", ProjectSpec, reg.projects))  # fmt: skip
         for key, spec_cls, target in lists:
             for i, item in enumerate(doc.get(key) or []):
+                label = f"{key}[{i}] ({item.get('name', '?') if isinstance(item, dict) else '?'})"
+                stray = unknown_keys(spec_cls, item)
+                problems += [f"{label}: {p}" for p in stray]
                 try:
                     spec = spec_cls.model_validate(item)
                 except ValidationError as exc:
                     for e in exc.errors():
                         where = ".".join(str(x) for x in e["loc"])
-                        problems.append(f"{key}[{i}] ({(item or {}).get('name', '?')}): {where}: {e['msg']}")
+                        problems.append(f"{label}: {where}: {e['msg']}")
                     continue
                 if spec.name in target:
                     problems.append(f"{key}: {spec.name!r} is declared twice")

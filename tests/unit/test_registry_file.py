@@ -66,3 +66,48 @@ def test_plan_says_what_applying_changes():
     assert ("update", "model", "tiny") in plan and ("create", "model", "llama-70b") in plan
     assert ("keep", "cluster", "old") in plan  # not in the file: kept unless pruned
     assert ("delete", "cluster", "old") in current.plan(desired, prune=True)
+
+
+def test_unknown_keys_anywhere_in_the_file_are_refused_and_each_is_named():
+    """A misspelled key is not silently dropped (issue 19): at the top of a spec, inside its limits, inside a
+    group's limits and inside a model's per-cluster settings, each is named with its path and the key it is
+    close to; the specs with no stray key still count (no knock-on 'undeclared cluster' for them)."""
+    text = """
+clusters:
+  - name: a
+    max_instance: 4
+    limits: {rpm: 3, tmp: 4}
+    group_limits: {staff: {rpn: 1}}
+  - name: b
+models:
+  - name: m
+    path: /x
+    clusters: [a, b]
+    per_cluster: {a: {gpu: 2}}
+    colour: red
+projects:
+  - name: p
+    groups: [staff]
+    gpu_hour: 10
+"""
+    with pytest.raises(ValueError) as e:
+        Registry.from_yaml(text)
+    lines = str(e.value).splitlines()[1:]
+    assert [line.strip() for line in lines] == [
+        "clusters[0] (a): max_instance: unknown key (did you mean 'max_instances'?)",
+        "clusters[0] (a): limits.tmp: unknown key (did you mean 'tpm'?)",
+        "clusters[0] (a): group_limits.staff.rpn: unknown key (did you mean 'rpm'?)",
+        "models[0] (m): per_cluster.a.gpu: unknown key (did you mean 'gpus'?)",
+        "models[0] (m): colour: unknown key",
+        "projects[0] (p): gpu_hour: unknown key (did you mean 'gpu_hours'?)",
+        "projects[0] (p): gpu_hours: Field required",
+    ]
+
+
+def test_free_form_maps_take_any_key():
+    """headers, vllm_env and user_endpoint_config are the operator's own maps: their keys are not checked."""
+    reg = Registry.from_yaml(
+        "clusters:\n  - name: a\n    headers: {X-Org: o}\n    user_endpoint_config: {account: x, queue: debug}\n"
+        "models:\n  - name: m\n    path: /x\n    clusters: [a]\n    vllm_env: {ANY_THING: '1'}\n"
+    )
+    assert reg.clusters["a"].user_endpoint_config == {"account": "x", "queue": "debug"}
