@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 _USAGE_EPILOG = (
     "Filters: --since/--until take 30m, 12h, 1d, 2w (ago) or an ISO date/time (UTC unless it has an offset); "
     "--since is inclusive, --until exclusive. Each command first ingests the spool (--no-ingest skips that). "
-    "Formats: table (default), csv, json, parquet (needs --output FILE)."
+    "Formats: table (default: the key columns that fit the terminal; --wide for all, --columns to pick), "
+    "csv, json, parquet (needs --output FILE); those keep every column."
 )
 
 
@@ -39,6 +40,14 @@ UsageFmt = Annotated[
 ]
 UsageOutput = Annotated[
     Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout (required for parquet)")
+]
+UsageColumns = Annotated[
+    str | None,
+    typer.Option("--columns", help="Only these columns, in this order (comma-separated), in every format"),
+]
+UsageWide = Annotated[
+    bool,
+    typer.Option("--wide", help="Table: every column (default: the key ones that fit the terminal; csv/json keep all)"),
 ]
 UsageIngest = Annotated[
     bool, typer.Option("--ingest/--no-ingest", help="Ingest the spool first, so the latest requests count")
@@ -108,6 +117,8 @@ def _report(
     fmt: OutputFormat,
     output: Path | None,
     ingest: bool,
+    columns: str | None = None,
+    wide: bool = False,
     traffic: str | None = None,
     **options: object,
 ) -> None:
@@ -116,8 +127,8 @@ def _report(
     _check_output(fmt, output)
     f = _usage_filter(since, until, user, model, cluster, group, traffic)
     df = run_report(_usage_store(ingest), name, f, **options)
-    emit(df, fmt, output, _title(name, since, until, user=user, model=model, cluster=cluster, group=group,
-                                 traffic=traffic))  # fmt: skip
+    title = _title(name, since, until, user=user, model=model, cluster=cluster, group=group, traffic=traffic)
+    emit(df, fmt, output, title, columns=columns, wide=wide)
 
 
 @app.command("ingest")
@@ -150,6 +161,8 @@ def usage_summary(
     ] = None,
     fmt: UsageFmt = OutputFormat.table,
     output: UsageOutput = None,
+    columns: UsageColumns = None,
+    wide: UsageWide = False,
     ingest: UsageIngest = True,
 ) -> None:
     """Requests, users, errors and error rate, tokens, p50/p95 latency, p50 TTFT, cold starts, first/last request.
@@ -170,7 +183,7 @@ def usage_summary(
         raise typer.BadParameter("choose interactive or batch", param_hint="--traffic")
     _report(
         "summary", since=since, until=until, user=user, model=model, cluster=cluster, group=group,
-        fmt=fmt, output=output, ingest=ingest, by=keys, traffic=traffic,
+        fmt=fmt, output=output, ingest=ingest, columns=columns, wide=wide, by=keys, traffic=traffic,
     )  # fmt: skip
 
 
@@ -185,6 +198,8 @@ def usage_top_users(
     limit: Annotated[int, typer.Option(min=1, help="How many users")] = 10,
     fmt: UsageFmt = OutputFormat.table,
     output: UsageOutput = None,
+    columns: UsageColumns = None,
+    wide: UsageWide = False,
     ingest: UsageIngest = True,
 ) -> None:
     """The users with the most tokens: requests, total/prompt/completion tokens, errors.
@@ -193,7 +208,7 @@ def usage_top_users(
     """
     _report(
         "top-users", since=since, until=until, user=user, model=model, cluster=cluster, group=group,
-        fmt=fmt, output=output, ingest=ingest, limit=limit,
+        fmt=fmt, output=output, ingest=ingest, columns=columns, wide=wide, limit=limit,
     )  # fmt: skip
 
 
@@ -209,11 +224,13 @@ def _simple_report(name: str, doc: str) -> None:
         group: UsageGroup = None,
         fmt: UsageFmt = OutputFormat.table,
         output: UsageOutput = None,
+        columns: UsageColumns = None,
+        wide: UsageWide = False,
         ingest: UsageIngest = True,
     ) -> None:
         _report(
             name, since=since, until=until, user=user, model=model, cluster=cluster, group=group,
-            fmt=fmt, output=output, ingest=ingest,
+            fmt=fmt, output=output, ingest=ingest, columns=columns, wide=wide,
         )  # fmt: skip
 
     command.__doc__ = doc
@@ -264,6 +281,8 @@ def usage_sql(
     query: Annotated[str, typer.Argument(help="SQL over the table `usage` (columns: docs/usage-schema.md)")],
     fmt: UsageFmt = OutputFormat.table,
     output: UsageOutput = None,
+    columns: UsageColumns = None,
+    wide: UsageWide = False,
     ingest: UsageIngest = True,
 ) -> None:
     """Run your own read-only SQL (DuckDB) over the usage table; writes and file access are refused.
@@ -280,7 +299,7 @@ def usage_sql(
     except UsageQueryError as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
-    emit(df, fmt, output, "usage sql")
+    emit(df, fmt, output, "usage sql", columns=columns, wide=wide)
 
 
 @app.command("export", epilog=_USAGE_EPILOG)
@@ -314,6 +333,8 @@ def usage_allocations(
     fmt: UsageFmt = OutputFormat.table,
     output: UsageOutput = None,
     chart: Annotated[Path | None, typer.Option("--chart", help="Also draw the burn as a PNG to this file")] = None,
+    columns: UsageColumns = None,
+    wide: UsageWide = False,
     ingest: UsageIngest = True,
 ) -> None:
     """Each project's GPU-hours this period (month, quarter or year, as its block says): budget, used, left, and
@@ -337,7 +358,7 @@ def usage_allocations(
     if not registry.projects:
         err.print("no projects are declared: add a `projects:` list to your registry file and `first apply` it")
     df = allocation_report(_usage_store(ingest), s.instance_events_dir, registry, s.allocation_idle_owner)
-    emit(df, fmt, output, "GPU-hours by project, this period")
+    emit(df, fmt, output, "GPU-hours by project, this period", columns=columns, wide=wide)
     if chart is not None:
         from analytics.charts import write_allocation_chart
 

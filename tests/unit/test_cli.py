@@ -85,3 +85,66 @@ def test_commands_that_write_to_prefect_refuse_an_ephemeral_one(home, tmp_path, 
         r = runner.invoke(app, command)
         assert r.exit_code == 2, r.output
         assert "No Prefect server to write to" in r.output and "PREFECT_API_URL" in r.output
+
+
+def _spool_some(home, users=("alice@uchicago.edu", "bob@anl.gov")):
+    spool = UsageSpool(home / "spool")
+    now = time.time()
+    for i, user in enumerate(users * 3):
+        model = ("tiny", "llama-3.1-8b")[i // 2 % 2]
+        record = UsageRecord(
+            request_id=f"w{i}", ts=now - 3600 * 24 * 10, user=user, model=model, cluster="local",
+            endpoint="chat.completions", prompt_tokens=1200, completion_tokens=340, total_tokens=1540,
+            status=200, latency_ms=812.5 + i, ttft_ms=40.0,
+        )  # fmt: skip
+        spool.append(record)
+    spool.close()
+
+
+@pytest.mark.parametrize("report", ["summary", "top-users", "by-model", "by-cluster", "latency", "errors", "daily"])
+def test_table_reports_fit_80_columns_with_whole_headers(home, monkeypatch, report):
+    """An 80-column terminal (issue 19): every line fits, no header is cut, and the columns left out are named
+    on stderr with how to get them."""
+    _spool_some(home)
+    monkeypatch.setenv("COLUMNS", "80")
+    r = runner.invoke(app, ["usage", report, "--since", "2w"])
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, r.stdout
+    assert "…" not in r.stdout  # no header or cell cut short
+    header = next(line for line in lines if "│" in line or "┃" in line)
+    shown = [h.strip() for h in header.replace("┃", "│").split("│") if h.strip()]
+    assert shown and all(" " not in h for h in shown), shown  # whole column names, not wrapped halves
+    wide = runner.invoke(app, ["usage", report, "--since", "2w", "--format", "json"])
+    every = list(json.loads(wide.stdout)[0]) if json.loads(wide.stdout) else []
+    if shown == ["column", "value"]:  # one row: one line per column, every column there
+        assert all(c in r.stdout for c in every)
+    elif len(every) > len(shown):
+        assert "more column(s)" in r.stderr and "--wide" in r.stderr
+        assert all(c in r.stderr for c in every if c not in shown)
+
+
+def test_summary_shows_its_key_columns_and_wide_or_columns_gives_the_rest(home, monkeypatch):
+    _spool_some(home)
+    monkeypatch.setenv("COLUMNS", "80")
+    narrow = runner.invoke(app, ["usage", "summary", "--since", "2w"])
+    for key in ("user", "model", "requests", "errors", "total_tokens"):
+        assert key in narrow.stdout
+    assert "first_ts" not in narrow.stdout and "first_ts" in narrow.stderr
+    monkeypatch.setenv("COLUMNS", "400")
+    wide = runner.invoke(app, ["usage", "summary", "--since", "2w", "--wide"])
+    assert "first_ts" in wide.stdout and "cold_starts" in wide.stdout and "more column" not in wide.stderr
+    picked = runner.invoke(app, ["usage", "summary", "--since", "2w", "--columns", "user,p95_latency_ms", "-f", "csv"])
+    assert picked.stdout.splitlines()[0] == "user,p95_latency_ms"
+    bad = runner.invoke(app, ["usage", "summary", "--columns", "user,colour"])
+    assert bad.exit_code == 2 and "no column colour" in bad.output and "total_tokens" in bad.output
+    every = runner.invoke(app, ["usage", "summary", "--since", "2w", "--format", "csv"])
+    assert len(every.stdout.splitlines()[0].split(",")) == 15  # csv keeps every column
+
+
+@pytest.mark.parametrize("since", ["2w", "1.5d", "90m", "3600s", "2026-01-01", "2026-01-01T06:00:00+02:00"])
+def test_the_cli_takes_every_window_the_api_takes(home, since):
+    """One grammar for --since and /v1/usage?since= (core/timewindow.py): what one accepts, the other does."""
+    _spool_some(home)
+    r = runner.invoke(app, ["usage", "by-model", "--since", since, "--format", "json"])
+    assert r.exit_code == 0, r.output
