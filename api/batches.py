@@ -15,6 +15,7 @@ from typing import Any
 from litestar import Controller, Request, get, post
 from pydantic import BaseModel, Field
 
+from api.errors import GUARDED, error_responses
 from api.files import file_store, list_page
 from api.guards import DEPENDENCIES, authenticate, principal_of
 from core.errors import APIError
@@ -42,7 +43,12 @@ class BatchesController(Controller):
     guards = [authenticate]
     dependencies = DEPENDENCIES
 
-    @post("/v1/batches", status_code=200, summary="Create a batch")
+    @post(
+        "/v1/batches",
+        status_code=200,
+        summary="Create a batch",
+        responses=error_responses(*GUARDED, 400, 404, 503),
+    )
     async def create(self, request: Request, data: BatchCreate, services: Services) -> dict[str, Any]:
         """Run every line of an uploaded `purpose=batch` file. The batch is a Prefect flow run (`run-batch`):
         poll it with `client.batches.retrieve(id)` until `completed`, then read `output_file_id` (and
@@ -93,7 +99,7 @@ class BatchesController(Controller):
 
         return store.update(batch.id, started).public()
 
-    @get("/v1/batches", summary="List your batches")
+    @get("/v1/batches", summary="List your batches", responses=error_responses(*GUARDED, 400))
     async def list_batches(self, request: Request, services: Services, after: str | None = None,
                            limit: int = 20) -> dict[str, Any]:  # fmt: skip
         """Your batches, newest first, `limit` (1 to 100) per page after the batch `after`."""
@@ -102,11 +108,16 @@ class BatchesController(Controller):
         batches, more = batch_store(services).list(principal_of(request).user, after, limit)
         return list_page([b.public() for b in batches], more)
 
-    @get("/v1/batches/{batch_id:str}", summary="Retrieve a batch")
+    @get("/v1/batches/{batch_id:str}", summary="Retrieve a batch", responses=error_responses(*GUARDED, 404))
     async def retrieve(self, request: Request, services: Services, batch_id: str) -> dict[str, Any]:
         return batch_store(services).get(batch_id, principal_of(request).user).public()
 
-    @post("/v1/batches/{batch_id:str}/cancel", status_code=200, summary="Cancel a batch")
+    @post(
+        "/v1/batches/{batch_id:str}/cancel",
+        status_code=200,
+        summary="Cancel a batch",
+        responses=error_responses(*GUARDED, 404, 409, 503),
+    )
     async def cancel(self, request: Request, services: Services, batch_id: str) -> dict[str, Any]:
         """The batch goes to `cancelling`; its flow run stops sending lines within a second or two and ends it
         `cancelled`, with the lines already answered in its output file."""

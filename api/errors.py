@@ -9,11 +9,68 @@ from typing import Any
 import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, NotFoundException, ValidationException
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from core.errors import APIError
 
 log = logging.getLogger("first.api")
+
+
+class OpenAIErrorDetail(msgspec.Struct):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIErrorBody(msgspec.Struct):
+    """Every error the gateway answers with, on every route but /v1/messages."""
+
+    error: OpenAIErrorDetail
+
+
+class AnthropicErrorDetail(msgspec.Struct):
+    type: str
+    message: str
+
+
+class AnthropicErrorBody(msgspec.Struct):
+    """An error on /v1/messages, in Anthropic's shape."""
+
+    type: str
+    error: AnthropicErrorDetail
+
+
+# What each status means to a caller, as the OpenAPI document says it.
+_STATUS_MEANS = {
+    400: "The request is invalid (bad JSON, an unknown or out-of-range parameter); `param` names the field",
+    401: "No credential, or one the gateway does not accept (send 'Authorization: Bearer <key>')",
+    403: "Your credential is good but may not use this (the model's or cluster's access rules, an admin-only "
+    "report, a spent project allocation)",
+    404: "No such model (or one hidden from you), file or batch",
+    409: "The batch cannot do that in its present state",
+    413: "The body is larger than the gateway's limit, or past your file quota",
+    429: "Over a rate limit (yours, the model's, or failed authentications from your address); Retry-After says "
+    "when to try again",
+    500: "An internal error; it is logged with the X-Request-Id of the response",
+    502: "The cluster answered with something that is not a valid response",
+    503: "No cluster can serve the model now (down, in maintenance, still starting, or full); Retry-After says "
+    "when to try again where the gateway knows",
+    504: "The model did not answer within the gateway's timeout",
+}
+# The statuses each kind of route can return, for its OpenAPI responses.
+GUARDED = (400, 401, 429, 500)  # 400: a bad path or query parameter, on any route
+INFERENCE = (400, 401, 403, 404, 413, 429, 500, 502, 503, 504)
+
+
+def error_responses(*statuses: int, anthropic: bool = False) -> dict[int, ResponseSpec]:
+    """OpenAPI ``responses`` for these error statuses, each with the error body it carries."""
+    body = AnthropicErrorBody if anthropic else OpenAIErrorBody
+    return {
+        status: ResponseSpec(data_container=body, description=_STATUS_MEANS[status], generate_examples=False)
+        for status in sorted(set(statuses))
+    }
 
 
 # Routes whose errors take Anthropic's shape ({"type": "error", "error": {"type", "message"}}), not OpenAI's.

@@ -13,6 +13,7 @@ from litestar import Controller, Request, Response, delete, get, post
 from litestar.response import File
 from multipart import MultipartError, MultipartSegment, PushMultipartParser, parse_options_header
 
+from api.errors import GUARDED, error_responses
 from api.guards import DEPENDENCIES, authenticate, principal_of
 from core.errors import APIError
 from serving.batches.files import FileObject, FileStore
@@ -33,13 +34,22 @@ def list_page(items: list[dict[str, Any]], more: bool) -> dict[str, Any]:
             "last_id": items[-1]["id"] if items else None, "has_more": more}  # fmt: skip
 
 
+_ONE_FILE = error_responses(*GUARDED, 404)
+
+
 class FilesController(Controller):
     guards = [authenticate]
     dependencies = DEPENDENCIES
 
     # No framework cap on the body: the upload goes to disk as it arrives, and FIRST_MAX_FILE_BYTES (or the owner's
     # quota) ends it with 413 as soon as it is passed.
-    @post("/v1/files", status_code=200, summary="Upload a file", request_max_body_size=None)
+    @post(
+        "/v1/files",
+        status_code=200,
+        summary="Upload a file",
+        request_max_body_size=None,
+        responses=error_responses(*GUARDED, 400, 413, 503),
+    )
     async def upload(self, request: Request, services: Services) -> dict[str, Any]:
         """multipart/form-data with `file` and `purpose` (`batch` for a batch input file, which is checked line by
         line: a bad line is a 400 that names it). Larger than the gateway's limit, or past your quota: 413."""
@@ -99,7 +109,7 @@ class FilesController(Controller):
         meta = upload.commit(lines=lines, endpoint=endpoint)
         return meta.public()
 
-    @get("/v1/files", summary="List your files")
+    @get("/v1/files", summary="List your files", responses=error_responses(*GUARDED, 400))
     async def list_files(
         self, request: Request, services: Services, purpose: str | None = None, after: str | None = None,
         limit: int = 10000, order: str = "desc",
@@ -110,11 +120,16 @@ class FilesController(Controller):
         files, more = file_store(services).list(principal_of(request).user, purpose, after, limit, order)
         return list_page([f.public() for f in files], more)
 
-    @get("/v1/files/{file_id:str}", summary="Retrieve a file's details")
+    @get("/v1/files/{file_id:str}", summary="Retrieve a file's details", responses=_ONE_FILE)
     async def retrieve(self, request: Request, services: Services, file_id: str) -> dict[str, Any]:
         return file_store(services).get(file_id, principal_of(request).user).public()
 
-    @get("/v1/files/{file_id:str}/content", summary="Download a file's content", media_type="application/jsonl")
+    @get(
+        "/v1/files/{file_id:str}/content",
+        summary="Download a file's content",
+        media_type="application/jsonl",
+        responses=_ONE_FILE,
+    )
     async def content(self, request: Request, services: Services, file_id: str) -> File:
         """The file's bytes (a batch's output or error file: one JSON answer per line)."""
         store = file_store(services)
@@ -122,7 +137,7 @@ class FilesController(Controller):
         return File(path=store.data_path(meta.id), filename=meta.filename, media_type="application/jsonl",
                     content_disposition_type="attachment")  # fmt: skip
 
-    @delete("/v1/files/{file_id:str}", status_code=200, summary="Delete a file")
+    @delete("/v1/files/{file_id:str}", status_code=200, summary="Delete a file", responses=_ONE_FILE)
     async def delete_file(self, request: Request, services: Services, file_id: str) -> Response[dict[str, Any]]:
         meta = file_store(services).delete(file_id, principal_of(request).user)
         return Response({"id": meta.id, "object": "file", "deleted": True})

@@ -7,6 +7,7 @@ from typing import Any
 
 from litestar import Controller, Request, get
 
+from api.errors import GUARDED, error_responses
 from api.guards import DEPENDENCIES, authenticate, principal_of
 from blocks.registry import ModelSpec
 from serving.request import Services
@@ -27,14 +28,18 @@ class ModelsController(Controller):
     guards = [authenticate]
     dependencies = DEPENDENCIES
 
-    @get("/v1/models", summary="List the models you may use")
+    @get("/v1/models", summary="List the models you may use", responses=error_responses(*GUARDED))
     async def list_models(self, request: Request, services: Services) -> dict[str, Any]:
         """Each model with its capabilities (kind, endpoints, context length, tools, structured output) and its state
         on each of its clusters (hot, starting, queued, cold, ...)."""
         principal = principal_of(request)
         return {"object": "list", "data": [_describe(m, services) for m in usable_models(services.registry, principal)]}
 
-    @get("/v1/models/{model_id:path}", summary="Retrieve one model you may use")
+    @get(
+        "/v1/models/{model_id:path}",
+        summary="Retrieve one model you may use",
+        responses=error_responses(*GUARDED, 404),
+    )
     async def retrieve_model(self, request: Request, model_id: str, services: Services) -> dict[str, Any]:
         """One model, by its name or an alias (what `client.models.retrieve(id)` asks); 404 for a model you may not
         use, as for one that does not exist."""

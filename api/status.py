@@ -7,6 +7,7 @@ from typing import Any
 
 from litestar import Controller, Request, Response, get
 
+from api.errors import GUARDED, error_responses
 from api.guards import DEPENDENCIES, authenticate, principal_of
 from api.metrics import render
 from core.errors import APIError
@@ -18,7 +19,7 @@ class StatusController(Controller):
     guards = [authenticate]
     dependencies = DEPENDENCIES
 
-    @get("/v1/status", summary="Live state of each model on each cluster")
+    @get("/v1/status", summary="Live state of each model on each cluster", responses=error_responses(*GUARDED, 403))
     async def fleet_status(self, request: Request, services: Services) -> dict[str, Any]:
         """Per model and cluster: state (cold, queued, starting, hot, draining, failed), in-flight requests,
         recent latency and errors, last status time; per cluster: maintenance and circuit breaker. Admins see

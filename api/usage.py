@@ -12,6 +12,7 @@ from typing import Any
 
 from litestar import Controller, Request, get
 
+from api.errors import GUARDED, error_responses
 from api.guards import DEPENDENCIES, authenticate, principal_of
 from blocks.registry import RateLimits
 from core.errors import APIError
@@ -26,7 +27,11 @@ class UsageController(Controller):
     guards = [authenticate]
     dependencies = DEPENDENCIES
 
-    @get("/v1/usage", summary="Usage reports: yours, or everyone's for admins")
+    @get(
+        "/v1/usage",
+        summary="Usage reports: yours, or everyone's for admins",
+        responses=error_responses(*GUARDED, 400, 403, 503),
+    )
     async def usage_report(
         self,
         request: Request,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from litestar import Controller, Request, Response, post
 
+from api.errors import INFERENCE, error_responses
 from api.guards import DEPENDENCIES, authenticate, principal_of
 from api.inference.sse import to_response
 from api.request_ids import request_id, set_request_id
@@ -31,22 +32,24 @@ INFERENCE_PATHS = {
     "/v1/messages": "messages",
 }
 
+_ERRORS = error_responses(*INFERENCE)
+
 
 class InferenceController(Controller):
     guards = [authenticate]
     dependencies = DEPENDENCIES
 
-    @post("/v1/chat/completions", status_code=200, summary="Create a chat completion")
+    @post("/v1/chat/completions", status_code=200, summary="Create a chat completion", responses=_ERRORS)
     async def chat_completions(self, request: Request, data: ChatCompletionRequest, services: Services) -> Response:
         """OpenAI chat completions, streaming (SSE) or not. Unknown fields pass through to vLLM."""
         return await _serve(request, data, "chat.completions", services, principal_of(request))
 
-    @post("/v1/completions", status_code=200, summary="Create a completion")
+    @post("/v1/completions", status_code=200, summary="Create a completion", responses=_ERRORS)
     async def completions(self, request: Request, data: CompletionRequest, services: Services) -> Response:
         """OpenAI (legacy) text completions, streaming (SSE) or not."""
         return await _serve(request, data, "completions", services, principal_of(request))
 
-    @post("/v1/responses", status_code=200, summary="Create a response (OpenAI's Responses API)")
+    @post("/v1/responses", status_code=200, summary="Create a response (OpenAI's Responses API)", responses=_ERRORS)
     async def responses(self, request: Request, data: ResponsesRequest, services: Services) -> Response:
         """OpenAI's Responses API, streaming (typed events) or not: `input` as a string or a list of items,
         `instructions`, `tools`. The gateway keeps no responses: `previous_response_id` and `background` are 400
@@ -56,14 +59,19 @@ class InferenceController(Controller):
             raise APIError(400, unsupported[1], param=unsupported[0], code="unsupported_parameter")
         return await _serve(request, data, "responses", services, principal_of(request))
 
-    @post("/v1/messages", status_code=200, summary="Create a message (Anthropic's Messages API)")
+    @post(
+        "/v1/messages",
+        status_code=200,
+        summary="Create a message (Anthropic's Messages API)",
+        responses=error_responses(*INFERENCE, anthropic=True),
+    )
     async def messages(self, request: Request, data: MessagesRequest, services: Services) -> Response:
         """Anthropic's Messages API, streaming (Anthropic's event names) or not. The credential may come as
         `x-api-key` (what the anthropic client sends) or `Authorization: Bearer`; `anthropic-version` is accepted.
         Errors on this route are in Anthropic's shape."""
         return await _serve(request, data, "messages", services, principal_of(request))
 
-    @post("/v1/embeddings", status_code=200, summary="Create embeddings")
+    @post("/v1/embeddings", status_code=200, summary="Create embeddings", responses=_ERRORS)
     async def embeddings(self, request: Request, data: EmbeddingRequest, services: Services) -> Response:
         """OpenAI embeddings from an embedding model (``kind: embed``): input as a string, a list of strings or
         token ids; ``encoding_format`` float or base64; ``dimensions`` where the model supports it. Metered by its

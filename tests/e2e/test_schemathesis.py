@@ -1,6 +1,7 @@
 """Schemathesis over the gateway's own OpenAPI document (issue 13's reliability suite): every operation, with a
 valid credential and without one, against a real gateway process. Whatever it generates (schema-valid and not):
-no 5xx, every error in OpenAI's shape (Anthropic's on /v1/messages), every response with X-Request-Id.
+no 5xx, every error in OpenAI's shape (Anthropic's on /v1/messages), every response with X-Request-Id, and
+every status one the document names for that operation (issue 19).
 
 Examples per operation: FIRST_SCHEMATHESIS_EXAMPLES (default 40 in CI; set it higher for a longer hunt)."""
 
@@ -10,6 +11,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -62,6 +64,7 @@ def _fuzz(gateway: Gateway, credential: bool, examples: int) -> list[str]:
     """Every operation of the gateway's OpenAPI document, ``examples`` generated cases each (schema-valid ones
     and, by Schemathesis' negative mode, invalid ones)."""
     schema = schemathesis.openapi.from_url(gateway.gw.url + "/docs/openapi.json")
+    documented = httpx.get(gateway.gw.url + "/docs/openapi.json").json()["paths"]
     headers = {"Authorization": f"Bearer {gateway.key}"} if credential else {}
     seen = []
     for result in schema.get_all_operations():
@@ -73,6 +76,8 @@ def _fuzz(gateway: Gateway, credential: bool, examples: int) -> list[str]:
         def run(case: schemathesis.Case) -> None:
             response = case.call(base_url=gateway.gw.url, headers=headers, timeout=30)
             _check_shape(response, case.path)
+            statuses = documented[case.operation.path][case.method.lower()]["responses"]
+            assert str(response.status_code) in statuses, f"{response.status_code} is not in the OpenAPI document"
             if not credential and case.path.startswith("/v1"):
                 assert response.status_code == 401, (case.path, response.status_code)
 
