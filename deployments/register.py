@@ -54,6 +54,7 @@ def register(
         for cmd in (
             [_PREFECT, "work-pool", "create", pool, "--type", pool_type, "--overwrite"],
             [_PREFECT, "--no-prompt", "deploy", "--all", "--prefect-file", fh.name],
+            [sys.executable, "-m", "flows.parameter_choices"],  # model and cluster as drop-downs in the UI
         ):
             r = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
             if r.returncode != 0:

@@ -47,6 +47,7 @@ from flows.lifecycle_tasks import (
     submit_start,
     wait_until_healthy,
 )
+from flows.parameter_choices import offer_choices
 from flows.predictive import busy_models
 from serving import bus
 
@@ -197,6 +198,10 @@ async def refresh_status(timeout_s: float = 30.0) -> list[dict[str, Any]]:
     """
     logger = get_run_logger()
     registry = await fleet().current_registry()
+    try:  # the lifecycle deployments' drop-downs follow registry edits made in the UI
+        await offer_choices(registry)
+    except Exception as exc:
+        logger.warning("could not update the deployments' model and cluster choices: %s", exc)
     pairs = fleet_pairs(registry)
     logger.info("checking %d model/cluster pair(s)", len(pairs))
     previous = {(o.cluster, o.model): o for o in await bus.observations()}

@@ -62,6 +62,7 @@ def apply(
     left as it was, and with --prune deletes blocks the file does not name. Running gateways follow within
     FIRST_REGISTRY_REFRESH_S (5 s)."""
     from blocks.registry import ClusterBlock, ModelBlock, ProjectBlock, Registry
+    from flows.parameter_choices import offer_choices
 
     prefect_for_writing()
 
@@ -75,7 +76,11 @@ def apply(
         for block_type in (ClusterBlock, ModelBlock, ProjectBlock):
             await block_type.register_type_and_schema()
         current = await Registry.load_blocks()
-        return current.plan(desired, prune) if dry_run else await current.apply(desired, prune)
+        if dry_run:
+            return current.plan(desired, prune)
+        steps = await current.apply(desired, prune)
+        await offer_choices(await Registry.load_blocks())  # the deployments' drop-downs follow at once
+        return steps
 
     steps = asyncio.run(go())
     print_table(("action", "kind", "name"), steps, f"{'plan for' if dry_run else 'applied'} {file}", stderr=True)

@@ -286,6 +286,14 @@ def test_the_deployments_are_registered(fleet: Fleet) -> None:
         found[name] = r.json()
     assert found["drain-cluster/drain-cluster"]["parameter_openapi_schema"]["required"] == ["cluster"]
     assert found["warm-up/warm-up"]["parameters"] == {"model": "tiny", "cluster": "best"}
+    # model and cluster are drop-downs of the registry's names (issue 19), not enforced (see parameter_choices)
+    forms = {name: found[name]["parameter_openapi_schema"]["properties"] for name in found}
+    assert forms["warm-up/warm-up"]["model"]["enum"] == ["sim"]
+    assert forms["warm-up/warm-up"]["cluster"]["enum"] == ["best", "alpha", "beta"]
+    assert forms["scale-down/scale-down"]["cluster"]["enum"] == ["all", "alpha", "beta"]
+    assert forms["drain-cluster/drain-cluster"]["cluster"]["enum"] == ["alpha", "beta"]
+    assert "first apply" in forms["warm-up/warm-up"]["model"]["description"]
+    assert not found["warm-up/warm-up"]["enforce_parameter_schema"]
     schedules = {
         name: [s["schedule"].get("interval") or s["schedule"].get("cron") for s in d["schedules"]]
         for name, d in found.items()
