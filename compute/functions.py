@@ -551,7 +551,7 @@ def stop_vllm(spec: dict[str, Any], grace_s: float = 20.0) -> dict[str, Any]:
 
 
 def scheduler_status(kind: str, job_ids: list[str]) -> dict[str, Any]:
-    """On a login-node endpoint: what PBS or Slurm says of these jobs (compute/scheduler.py)."""
+    """On a login-node endpoint: what PBS or Slurm says of these jobs (compute/scheduler/)."""
     from compute.scheduler import scheduler_status as read
 
     return read(kind, job_ids)

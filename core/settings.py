@@ -67,7 +67,7 @@ class Settings(BaseSettings):
     session_from_user: bool = Field(
         default=False, description="Without the session header, use the OpenAI `user` field as the session key"
     )
-    # ---- several gateway replicas (docs/deploy.md): their shared state in Redis ----
+    # ---- several gateway replicas (docs/admin/production.md): their shared state in Redis ----
     redis_url: str | None = Field(
         default=None,
         description="Redis that gateway replicas share (rate limits, caps, relay, warm-ups), e.g. "
@@ -78,7 +78,7 @@ class Settings(BaseSettings):
         default=1, ge=1, le=64,
         description="Gateway worker processes on this host (uvicorn --workers), each a replica of the others: more "
         "than 1 needs FIRST_REDIS_URL, where they share limits, caps, warm-ups, load and streams. One per core, "
-        "less the cores the host's other work needs (docs/deploy.md)",
+        "less the cores the host's other work needs (docs/admin/production.md)",
     )  # fmt: skip
     replica: str | None = Field(
         default=None,

@@ -1,7 +1,8 @@
 """Records sampled, failed and cold-start inferences as Prefect flow runs, off the serving loop and out of the
 gateway's process.
 
-A flow run costs 100-300 ms of API calls and database writes (notes/prefect.md), so it must never sit on a
+A flow run costs 100-300 ms of API calls and database writes (docs/benchmarks.md: what each flow-tracking
+setting costs), so it must never sit on a
 request's path or stall the serving event loop: records go through a bounded queue to a process of their own.
 When Prefect falls behind, records are dropped and counted, never the requests.
 """

@@ -2,7 +2,7 @@
 
 Local mode uses API keys stored only as SHA-256 hashes in SQLite. Keys are 32 random bytes, so a fast
 hash is safe (no dictionary to attack) and lets the gateway check a key in microseconds. Globus mode
-(``api/globus_auth.py``) sits behind the same ``Authenticator`` protocol and yields the same ``Principal``.
+(``serving/globus_auth.py``) sits behind the same ``Authenticator`` protocol and yields the same ``Principal``.
 """
 
 from __future__ import annotations

@@ -51,8 +51,8 @@ def _check_workers(settings: Settings) -> None:
     """Several workers share their state through Redis: say so before anything starts, not in a worker's log."""
     if settings.workers > 1 and not settings.redis_url:
         err.print(f"[red]FIRST_WORKERS={settings.workers} needs FIRST_REDIS_URL[/red]: the worker processes share "
-                  "their limits, caps, warm-ups and streams through Redis (docs/deploy.md). Set FIRST_REDIS_URL="
-                  "redis://host:6379/0, or run one worker (FIRST_WORKERS=1).")  # fmt: skip
+                  "their limits, caps, warm-ups and streams through Redis (docs/admin/production.md). Set "
+                  "FIRST_REDIS_URL=redis://host:6379/0, or run one worker (FIRST_WORKERS=1).")  # fmt: skip
         raise typer.Exit(2)
 
 

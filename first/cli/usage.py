@@ -278,7 +278,7 @@ _simple_report(
 
 @app.command("sql", epilog=_USAGE_EPILOG)
 def usage_sql(
-    query: Annotated[str, typer.Argument(help="SQL over the table `usage` (columns: docs/usage-schema.md)")],
+    query: Annotated[str, typer.Argument(help="SQL over the table `usage` (columns: docs/analysts/usage-schema.md)")],
     fmt: UsageFmt = OutputFormat.table,
     output: UsageOutput = None,
     columns: UsageColumns = None,

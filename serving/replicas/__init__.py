@@ -1,7 +1,7 @@
 """What gateway replicas share through Redis (``FIRST_REDIS_URL``): limits and caps (``limits.py``), the streaming
 relay (``relay.py``), warm-ups (``warmups.py``), load and breakers (``fleet.py``), over one client that knows
 whether Redis answers (``store.py``). ``join`` wires them for one replica; without FIRST_REDIS_URL a gateway keeps
-all of it in its own process. docs/deploy.md has the table of what is shared and how each piece degrades."""
+all of it in its own process. docs/admin/production.md has the table of what is shared and how each piece degrades."""
 
 from __future__ import annotations
 

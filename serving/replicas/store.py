@@ -3,7 +3,8 @@
 Every shared call goes through ``SharedStore.run``: a call that fails or takes longer than ``FIRST_REDIS_TIMEOUT_S``
 marks Redis down, and for ``FIRST_REDIS_RETRY_S`` the replica uses its own state without trying Redis (a request
 does not wait on a dead Redis each time); then the next call tries again. ``/v1/status`` and ``/metrics`` show the
-state. What each piece of shared state does while Redis is down is said where it lives (docs/deploy.md lists it).
+state. What each piece of shared state does while Redis is down is said where it lives (docs/admin/production.md
+lists it).
 """
 
 from __future__ import annotations

@@ -29,7 +29,8 @@ def for_this_worker(settings: Settings) -> Settings:
     if not settings.redis_url:
         raise WorkerSetupError(
             f"FIRST_WORKERS={settings.workers} needs FIRST_REDIS_URL: worker processes share their limits, caps, "
-            "warm-ups and streams through Redis (docs/deploy.md). Set it, or run one worker (FIRST_WORKERS=1)."
+            "warm-ups and streams through Redis (docs/admin/production.md). Set it, or run one worker "
+            "(FIRST_WORKERS=1)."
         )
     base = settings.replica or f"{socket.gethostname()}_{settings.port}"
     slots = settings.spool_root / ".workers"

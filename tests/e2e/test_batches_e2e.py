@@ -227,18 +227,18 @@ def test_a_malformed_file_is_refused_naming_the_line(run: Run) -> None:
     assert e.value.body["message"].startswith("line 4: body.messages")
 
 
-def test_the_readme_batch_example_runs_as_written(run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_the_user_guide_batch_example_runs_as_written(run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
-    """The README's Python batch example, exactly as printed there, against `make run` (its KEY and URL)."""
+    """The user guide's Python batch example, exactly as printed there, against `make run` (its KEY and URL)."""
     import re
 
     from core.settings import REPO_ROOT
 
-    readme = (REPO_ROOT / "README.md").read_text()
-    section = readme[readme.index("### Batches: many requests in one file") :]
+    guide = (REPO_ROOT / "docs" / "users" / "guide.md").read_text()
+    section = guide[guide.index("## Batches: many requests in one file") :]
     code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)  # type: ignore[union-attr]
     code = code.replace("http://127.0.0.1:8000/v1", run.ready["base_url"])
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, "README.md (batches)", "exec"), {"KEY": run.ready["api_key"]})
+    exec(compile(code, "docs/users/guide.md (batches)", "exec"), {"KEY": run.ready["api_key"]})
     printed = capsys.readouterr().out
     assert re.search(r"^q0 ", printed, re.M) and re.search(r"^q1 ", printed, re.M), printed

@@ -50,8 +50,8 @@ def test_embeddings_from_the_tiny_embedding_model(stack: Stack) -> None:
     assert e.value.body["code"] == "unsupported_endpoint"
 
 
-def test_langchain_embeddings_and_chat_as_the_readme_shows(stack: Stack) -> None:
-    """The README's LangChain lines, as written: no tokenizer download (``check_embedding_ctx_length=False``)."""
+def test_langchain_embeddings_and_chat_as_the_user_guide_shows(stack: Stack) -> None:
+    """The user guide's LangChain lines, as written: no tokenizer download (``check_embedding_ctx_length=False``)."""
     from langchain_openai import ChatOpenAI, OpenAIEmbeddings
 
     base, key = stack.base_url + "/v1", stack.keys["alice"]

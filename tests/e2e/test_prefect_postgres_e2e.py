@@ -1,4 +1,5 @@
-"""The Prefect server on PostgreSQL, as a facility runs it (docs/deploy.md): a real PostgreSQL (tests/services.py),
+"""The Prefect server on PostgreSQL, as a facility runs it (docs/admin/production.md): a real PostgreSQL
+(tests/services.py),
 `prefect server start` on it, FIRST's blocks and deployments registered against it by the CLI (which says which
 Prefect it talks to), and a worker started as a separate process with a FIRST_HOME of its own (a worker on another
 host) running the lifecycle deployments; their runs are rows in PostgreSQL."""

@@ -148,3 +148,15 @@ def test_the_cli_takes_every_window_the_api_takes(home, since):
     _spool_some(home)
     r = runner.invoke(app, ["usage", "by-model", "--since", since, "--format", "json"])
     assert r.exit_code == 0, r.output
+
+
+def test_the_python_api_takes_the_same_windows(home):
+    """analytics.report("daily", since="30d"), as the analysts' page shows: the third door, the same grammar."""
+    import analytics
+
+    _spool_some(home)
+    runner.invoke(app, ["usage", "ingest"])
+    assert analytics.report("by-model", since="2w")["requests"].sum() == 6
+    assert analytics.report("by-model", since="1d").height == 0  # the rows are 10 days old
+    with pytest.raises(ValueError, match="30m, 12h, 1d, 2w"):
+        analytics.usage(since="yesterday")

@@ -1,6 +1,6 @@
 """/v1/embeddings through the gateway (a direct-HTTP stand-in answers like vLLM; the real vLLM CPU server with the
-project's tiny embedding model is tests/e2e/test_api_surface.py): the official client's calls, metering, limits,
-and which models may be asked."""
+project's tiny embedding model is tests/e2e/test_gateway_e2e_api_surface.py): the official client's calls,
+metering, limits, and which models may be asked."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """OpenAI's Responses API and Anthropic's Messages API through a real gateway process, with the official clients,
 on both paths a request can take: a direct-HTTP cluster, and a local cluster whose streams come back through the
 cluster function and the relay. The model server is the stand-in (tests/fakes/openai_simulator.py answers these
-routes as vLLM does); tests/e2e/test_api_surface.py drives the real vLLM CPU server."""
+routes as vLLM does); tests/e2e/test_gateway_e2e_api_surface.py drives the real vLLM CPU server."""
 
 from __future__ import annotations
 
