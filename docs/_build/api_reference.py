@@ -49,7 +49,8 @@ def _type(schema: dict[str, Any]) -> str:
 
 
 def _cell(text: str | None) -> str:
-    return (text or "").replace("\n", " ").replace("|", "\\|").strip()
+    text = (text or "").replace("\n", " ").replace("|", "\\|").strip()
+    return text.replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _fields(schema: dict[str, Any], components: dict[str, Any]) -> list[str]:

@@ -13,6 +13,9 @@ Without Playwright (or with --cli) it falls back to Chromium's own `--headless -
 time budget; that needs nothing but the standard library (any python3 runs it), but waits for a fixed budget
 instead of for the page's content.
 
+`--site URL` takes the documentation site's instead (`make docs-screenshots` builds and serves it):
+    site-home.png, site-api-reference.png (1440 wide).
+
 Writes, at 1440x900:
     deployments.png       /deployments
     warm-up-run.png       /runs/flow-run/<id>                (the latest warm-up run, Logs tab)
@@ -146,6 +149,19 @@ def shoot_cli(ui: str, out: Path, pages, chromium: str, budget_ms: int) -> None:
         print(f"  {name}  {ui}{path}")
 
 
+# The documentation site's pages (`--site URL`, a server over site/ after `make docs`): file, path, window height.
+SITE_PAGES = (("site-home.png", "/", 1000), ("site-api-reference.png", "/users/api/", 2100))
+
+
+def shoot_site(site: str, out: Path, chromium: str, budget_ms: int) -> None:
+    for name, path, height in SITE_PAGES:
+        cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+               f"--window-size={WIDTH},{height}", f"--virtual-time-budget={budget_ms}",
+               f"--screenshot={out / name}", site + path]  # fmt: skip
+        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+        print(f"  {name}  {site}{path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ui", default="http://127.0.0.1:4200", help="Prefect UI/API base URL")
@@ -160,7 +176,11 @@ def main() -> None:
         help="the Prefect API password file (`make run`: FIRST_HOME/prefect-api-auth)",
     )
     ap.add_argument("--only", help="comma-separated file names to take (default: all)")
+    ap.add_argument("--site", help="instead: the documentation site's home and API reference, served at this URL")
     args = ap.parse_args()
+    if args.site:
+        shoot_site(args.site.rstrip("/"), Path(args.out), args.chromium, min(args.budget_ms, 5000))
+        return
     global AUTH
     if Path(args.auth_file).exists():
         AUTH = Path(args.auth_file).read_text().strip()
