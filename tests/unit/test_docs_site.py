@@ -64,7 +64,7 @@ def test_the_examples_page_shows_every_example_whole(site):
 # Paths the texts name that look like repository paths and are not: a kubectl resource, "first/last request".
 NOT_PATHS = {"deploy/gateway", "first/last"}
 TOP = "docs|compute|api|serving|flows|blocks|core|analytics|deployments|first|bench|tests|deploy|examples|shared|notes"
-PATH = re.compile(rf"(?<![\w./<>{{$~-])((?:{TOP})/[\w./-]*[\w/])")
+PATH = re.compile(rf"(?<![\w./<>{{$~-])((?:{TOP})/[\w./*-]*[\w/*])")  # a glob (deploy/systemd/*.service) too
 
 
 def _texts() -> list[Path]:
@@ -83,6 +83,7 @@ def test_no_text_points_at_a_file_that_is_not_in_the_repository():
     for f in _texts():
         for m in PATH.finditer(f.read_text(errors="ignore")):
             p = m.group(1).rstrip(".")
-            if p not in NOT_PATHS and not (REPO_ROOT / p).exists():
+            exists = any(REPO_ROOT.glob(p)) if "*" in p else (REPO_ROOT / p).exists()
+            if p not in NOT_PATHS and not exists:
                 dangling.setdefault(p, []).append(str(f.relative_to(REPO_ROOT)))
     assert not dangling, dangling
