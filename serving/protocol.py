@@ -23,29 +23,37 @@ class ChatMessage(_Passthrough):
 
 
 class _SamplingParams(_Passthrough):
-    model: str = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
+    model: str = Field(min_length=1, description="A model you may use (`GET /v1/models`), or one of its aliases")
+    max_tokens: int | None = Field(
+        default=None, ge=1, description="Most tokens to generate; at most the model's max_output_tokens (400 past it)"
+    )
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     n: int | None = Field(default=None, ge=1, le=128)
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
+    stream: bool | None = Field(default=False, description="Server-sent events, chunk by chunk as vLLM makes them")
+    stream_options: StreamOptions | None = Field(
+        default=None, description="`include_usage: true` adds a last chunk with the usage"
+    )
     stop: str | list[str] | None = None
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     seed: int | None = None
-    user: str | None = None
+    user: str | None = Field(default=None, description="Your end user's id (the session key where operators say so)")
 
 
 class ChatCompletionRequest(_SamplingParams):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, description="The conversation: system, user, assistant, tool")
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    tools: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = Field(
+        default=None, description="Functions the model may call (models whose capabilities list tools)"
+    )
     tool_choice: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = Field(
+        default=None, description="`json_object`, or `json_schema`: the answer follows the schema (guided decoding)"
+    )
 
 
 class CompletionRequest(_SamplingParams):

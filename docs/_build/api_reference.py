@@ -53,6 +53,31 @@ def _cell(text: str | None) -> str:
     return text.replace("<", "&lt;").replace(">", "&gt;")
 
 
+def _bounds(schema: dict[str, Any]) -> list[str]:
+    """A field's limits as the document states them (within anyOf too): "-2.0 to 2.0", "at least 1"."""
+    found: dict[str, Any] = {}
+    for part in [schema, *schema.get("anyOf", [])]:
+        for key in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
+            found.setdefault(key, part.get(key))
+    low = "minimum" if found["minimum"] is not None else "exclusiveMinimum"
+    high = "maximum" if found["maximum"] is not None else "exclusiveMaximum"
+    if found[low] is not None and found[high] is not None:
+        return [f"{found[low]} to {found[high]}"]
+    if found[low] is not None:
+        return [f"{'at least' if low == 'minimum' else 'more than'} {found[low]}"]
+    if found[high] is not None:
+        return [f"{'at most' if high == 'maximum' else 'less than'} {found[high]}"]
+    return []
+
+
+def _described(prop: dict[str, Any]) -> str:
+    """The field's description, then its limits and default."""
+    parts = [prop.get("description") or "", *_bounds(prop)]
+    if prop.get("default") not in (None, False, [], {}):
+        parts.append(f"default {prop['default']}")
+    return "; ".join(p for p in parts if p)
+
+
 def _fields(schema: dict[str, Any], components: dict[str, Any]) -> list[str]:
     if "$ref" in schema:
         name = schema["$ref"].rsplit("/", 1)[-1]
@@ -64,7 +89,7 @@ def _fields(schema: dict[str, Any], components: dict[str, Any]) -> list[str]:
     rows = ["| field | type | required | description |", "| --- | --- | --- | --- |"]
     for name, prop in props.items():
         rows.append(f"| `{name}` | {_cell(_type(prop))} | {'yes' if name in required else ''} | "
-                    f"{_cell(prop.get('description'))} |")  # fmt: skip
+                    f"{_cell(_described(prop))} |")  # fmt: skip
     return rows
 
 
