@@ -130,4 +130,4 @@ def test_every_call_has_its_usage_row(stack) -> None:
     assert ("messages", "m", "direct", 200) in {r[:4] for r in mine}
     assert ("responses", "m-relayed", "relayed", 200) in {r[:4] for r in mine}
     assert all(r[4] > 0 and r[5] > 0 for r in mine), mine  # input and output tokens, from each API's usage
-    assert {r[:4] for r in rows if r[3] == 401} == {("messages", "", None, 401)}
+    assert not [r for r in rows if r[3] == 401]  # the wrong key of an earlier test: nobody's usage (metrics only)
