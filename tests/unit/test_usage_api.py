@@ -19,7 +19,6 @@ from first.runner import free_port
 from serving.auth import KeyStore
 
 T0 = datetime(2026, 1, 1, 10, 0, tzinfo=UTC)
-NOW = datetime.now(UTC)
 
 
 def rec(rid: str, when: datetime, user: str, **kw) -> UsageRecord:
@@ -29,14 +28,18 @@ def rec(rid: str, when: datetime, user: str, **kw) -> UsageRecord:
     return UsageRecord(**base)
 
 
-RECORDS = [
-    rec("a1", T0, "alice", groups=["staff"], total_tokens=100),
-    rec("a2", T0 + timedelta(hours=1), "alice", groups=["staff"], model="m-b", cluster="aurora", total_tokens=50),
-    rec("a3", NOW - timedelta(hours=2), "alice", groups=["staff"], total_tokens=7),
-    rec("b1", T0, "bob", total_tokens=30, status=503, error_type="service_unavailable"),
-    rec("b2", NOW - timedelta(hours=3), "bob", model="m-b", cluster="aurora", total_tokens=20),
-    rec("c1", T0 + timedelta(days=1), "carol", groups=["staff"], total_tokens=1000),
-]
+def records() -> list[UsageRecord]:
+    """The rows, two of them relative to now: built when a test starts, not when the module was collected (a
+    full run reaches these tests half an hour later, and "2 h ago" must still mean that)."""
+    now = datetime.now(UTC)
+    return [
+        rec("a1", T0, "alice", groups=["staff"], total_tokens=100),
+        rec("a2", T0 + timedelta(hours=1), "alice", groups=["staff"], model="m-b", cluster="aurora", total_tokens=50),
+        rec("a3", now - timedelta(hours=2), "alice", groups=["staff"], total_tokens=7),
+        rec("b1", T0, "bob", total_tokens=30, status=503, error_type="service_unavailable"),
+        rec("b2", now - timedelta(hours=3), "bob", model="m-b", cluster="aurora", total_tokens=20),
+        rec("c1", T0 + timedelta(days=1), "carol", groups=["staff"], total_tokens=1000),
+    ]
 
 
 @pytest.fixture
@@ -52,9 +55,10 @@ def keys(settings: Settings) -> dict[str, str]:
 @pytest.fixture
 async def client(settings: Settings, keys):
     with UsageSpool(settings.spool_dir) as spool:
-        for r in RECORDS:
+        rows = records()
+        for r in rows:
             spool.append(r)
-    assert UsageStore(settings.usage_db).ingest(settings.spool_dir) == len(RECORDS)
+    assert UsageStore(settings.usage_db).ingest(settings.spool_dir) == len(rows)
     down = ClusterSpec(name="down", transport="http", base_url=f"http://127.0.0.1:{free_port()}")
     registry = Registry(clusters={"down": down}, models={"m": ModelSpec(name="m", clusters=["down"], path="-")})
     async with AsyncTestClient(app=create_gateway(settings, registry)) as c:
