@@ -61,7 +61,6 @@ def with_choices(schema: dict[str, Any], deployment: str, registry: Registry) ->
             values = [*offer, *sorted(registry.clusters)]
             why = "The cluster. " + "; ".join(_SPECIAL[s] for s in offer) + ("." if offer else "")
         prop = props.setdefault(param, {"title": param, "position": len(props)})
-        prop.pop("type", None)
         prop.update(type="string", enum=values, description=f"{why} {_FOLLOWS}")
     return out
 

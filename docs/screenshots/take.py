@@ -140,13 +140,17 @@ def shoot_playwright(ui: str, out: Path, pages, chromium: str, settle_s: float) 
         browser.close()
 
 
+def _shot(chromium: str, url: str, file: Path, height: int, budget_ms: int) -> None:
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+           f"--window-size={WIDTH},{height}", f"--virtual-time-budget={budget_ms}",
+           f"--screenshot={file}", url]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    print(f"  {file.name}  {url}")
+
+
 def shoot_cli(ui: str, out: Path, pages, chromium: str, budget_ms: int) -> None:
     for name, path, _ in pages:
-        cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-               f"--window-size={WIDTH},{HEIGHT}", f"--virtual-time-budget={budget_ms}",
-               f"--screenshot={out / name}", ui + path]  # fmt: skip
-        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-        print(f"  {name}  {ui}{path}")
+        _shot(chromium, ui + path, out / name, HEIGHT, budget_ms)
 
 
 # The documentation site's pages (`--site URL`, a server over site/ after `make docs`): file, path, window height.
@@ -155,11 +159,7 @@ SITE_PAGES = (("site-home.png", "/", 1000), ("site-api-reference.png", "/users/a
 
 def shoot_site(site: str, out: Path, chromium: str, budget_ms: int) -> None:
     for name, path, height in SITE_PAGES:
-        cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-               f"--window-size={WIDTH},{height}", f"--virtual-time-budget={budget_ms}",
-               f"--screenshot={out / name}", site + path]  # fmt: skip
-        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-        print(f"  {name}  {site}{path}")
+        _shot(chromium, site + path, out / name, height, budget_ms)
 
 
 def main() -> None:
