@@ -9,6 +9,7 @@ model server, with a ``sleep`` process standing in for vLLM's pid (so nothing re
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import threading
 import time
@@ -75,16 +76,22 @@ def running_model_server(settings: Settings, model: str, base_url: str) -> Itera
 
 @contextmanager
 def live_gateway(settings: Settings, model_url: str) -> Iterator[LiveGateway]:
-    """The gateway on ``settings.port`` serving model "slow" from ``model_url`` on cluster "local"."""
+    """The gateway on a port of its own (``LiveGateway.settings.port``) serving model "slow" from ``model_url``
+    on cluster "local"."""
     registry = Registry(
         clusters={"local": ClusterSpec(name="local", transport="local")},
         models={"slow": ModelSpec(name="slow", path="-", clusters=["local"])},
     )
+    # The socket is bound here and handed to uvicorn: a port picked as free and bound later can be taken
+    # meanwhile (a CI run once saw the model double's ephemeral port equal the gateway's).
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    settings = settings.model_copy(update={"port": listener.getsockname()[1]})
     key = KeyStore(settings.keys_db).create("alice")[0]
     app = create_gateway(settings, registry)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning"))
-    with running_model_server(settings, "slow", model_url):
-        thread = threading.Thread(target=server.run, daemon=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    with running_model_server(settings, "slow", model_url), listener:
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
         thread.start()
         deadline = time.monotonic() + 30
         while not server.started:
