@@ -42,6 +42,7 @@ from compute.relay import RelayHub
 from core.errors import APIError
 from core.principal import Principal
 from core.settings import Settings
+from core.stopping import watch_stop_signals
 from serving import replicas
 from serving.auth import LocalKeyAuthenticator
 from serving.auth_setup import build_authenticator, follow_globus_block
@@ -149,7 +150,8 @@ def create_app(
             background.append(asyncio.create_task(auth.follow(settings.keys_refresh_s, settings.keys_max_stale_s)))
         settle_garbage_collector()
         try:
-            yield
+            with watch_stop_signals():  # a SIGTERM ends warm-ups under way at once (core/stopping.py)
+                yield
         finally:
             for task in background:
                 task.cancel()

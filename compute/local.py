@@ -16,6 +16,7 @@ import contextlib
 import itertools
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import tempfile
@@ -230,9 +231,12 @@ class LocalComputeExecutor(Executor):
 
 
 if __name__ == "__main__":  # the endpoint process: python -m compute.local SOCKET WORKERS PARENT_PID
+    # A Ctrl-C or SIGTERM to the process group is for the gateway, which owns this process: the endpoint keeps
+    # serving the gateway's last calls (a warm-up ending as Cancelled) and exits when the gateway closes its
+    # connection, or within a second of the gateway's death (the watchdog). Never a traceback on a normal stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _address, _workers, _parent = sys.argv[1:4]
     _conn = Client(_address, family="AF_UNIX", authkey=bytes.fromhex(os.environ.pop("FIRST_ENDPOINT_AUTHKEY")))
-    try:
-        _endpoint_main(_conn, int(_workers), int(_parent))
-    except KeyboardInterrupt:  # Ctrl-C reached its process group: the gateway is stopping too, quietly
-        pass
+    _endpoint_main(_conn, int(_workers), int(_parent))
+    os._exit(0)  # the gateway is gone: calls still running are its own, and nobody waits for their results

@@ -132,6 +132,12 @@ class Settings(BaseSettings):
         ge=1,
         description="Connections and requests uvicorn takes at once before it answers 503 (its --limit-concurrency)",
     )
+    stop_grace_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="On SIGTERM or Ctrl-C, seconds the gateway gives requests under way (streams) to finish before "
+        "it cuts them (uvicorn's --timeout-graceful-shutdown); a warm-up under way ends at once, as Cancelled",
+    )
     auth_failures_per_min: int = Field(
         default=30,
         ge=0,

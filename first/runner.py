@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import os
 import signal
@@ -26,6 +27,7 @@ from rich.console import Console
 from blocks.registry import Registry
 from compute import functions
 from core.settings import REPO_ROOT, Settings, prefect_env
+from core.stopping import STOPPING
 from first import preflight
 from serving.auth import KeyStore
 
@@ -41,21 +43,22 @@ HTTP_PROTOCOL = "first.http_protocol:Guarded"
 
 def gateway_command(host: str, port: int, max_connections: int | None = None, workers: int | None = None) -> list[str]:
     """The gateway as its own process (uvicorn, one worker, no access log: it costs throughput), with a header
-    timeout (``first/http_protocol.py``) and a bound on connections."""
+    timeout (``first/http_protocol.py``), a bound on connections, and a bounded stop (FIRST_STOP_GRACE_S)."""
     settings = Settings()
     limit = max_connections or settings.max_connections
     n = workers or settings.workers  # FIRST_WORKERS
     more = ["--workers", str(n)] if n > 1 else []
     return [str(BIN / "python"), "-m", "uvicorn", "first.asgi:app", "--host", host, "--port", str(port),
             "--no-access-log", "--log-level", "warning", "--timeout-keep-alive", str(KEEP_ALIVE_S),
-            "--http", HTTP_PROTOCOL, "--limit-concurrency", str(limit), *more]  # fmt: skip
+            "--http", HTTP_PROTOCOL, "--limit-concurrency", str(limit),
+            "--timeout-graceful-shutdown", f"{settings.stop_grace_s:g}", *more]  # fmt: skip
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now (tests and benches start their servers on it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing listens on now (tests and benches start their servers on it). From
+    below the kernel's ephemeral range: a server bound to port 0 meanwhile, or an outgoing connection, can never
+    be given it before the caller binds it."""
+    return free_port_block(1)
 
 
 def free_port_block(n: int = 2, low: int = 20000, high: int = 32000) -> int:
@@ -131,6 +134,7 @@ class Runner:
         self.replace = replace  # stop an earlier stack of this FIRST_HOME that holds a port
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self.stop = threading.Event()
+        self.in_flow = False  # the start-up warm-up runs: a Ctrl-C lets it end as Cancelled instead of crashing it
         self.api_url = f"http://127.0.0.1:{prefect_port}/api"
         self.env = {**os.environ, **prefect_env(settings, prefect_port)}
 
@@ -260,11 +264,22 @@ class Runner:
     def warm_up(self) -> None:
         if not self.warm:
             return
+        from prefect.exceptions import CancelledRun
+
         from flows.lifecycle import warm_up
 
         t0 = time.monotonic()
-        with console.status("warming up 'tiny' on cluster 'local' (vLLM CPU; the flow run is in the Prefect UI)…"):
-            result = asyncio.run(warm_up(model="tiny", cluster="local"))
+        self.in_flow = True
+        try:
+            with console.status("warming up 'tiny' on cluster 'local' (vLLM CPU; the flow run is in the Prefect UI)…"):
+                result = asyncio.run(warm_up(model="tiny", cluster="local"))
+        except CancelledRun:
+            console.print("  the warm-up run ended as Cancelled (the stack is stopping)")
+            raise KeyboardInterrupt from None
+        finally:
+            self.in_flow = False
+        if self.stop.is_set():  # the signal came as the warm-up finished
+            raise KeyboardInterrupt
         console.print(
             f"[green]✓[/green] model 'tiny' is hot at {result.get('base_url')} "
             f"({time.monotonic() - t0:.0f} s after the gateway)"
@@ -309,8 +324,13 @@ class Runner:
 
     def run(self) -> int:
         def on_signal(signum: int, _frame: object) -> None:
-            console.print(f"\n[yellow]{signal.Signals(signum).name}: stopping…[/yellow]")
+            again = self.stop.is_set()
+            if not again:
+                console.print(f"\n[yellow]{signal.Signals(signum).name}: stopping…[/yellow]")
             self.stop.set()
+            STOPPING.set()
+            if self.in_flow and not again:
+                return  # the warm-up sees STOPPING within half a second and ends as Cancelled (core/stopping.py)
             raise KeyboardInterrupt
 
         signal.signal(signal.SIGINT, on_signal)
@@ -351,18 +371,36 @@ class Runner:
         return code
 
     def shutdown(self) -> None:
-        """The gateway and the worker first (nothing new starts), then the models and the Prefect server; each
-        pair in parallel."""
+        """The gateway and the worker first (nothing new starts; warm-ups under way end as Cancelled), then the
+        runs they left are marked Cancelled, then the models and the Prefect server; each pair in parallel."""
         console.print("stopping… (Ctrl-C again to stop at once)")
-        t0 = time.monotonic()
+        t0, since = time.monotonic(), dt.datetime.now(dt.UTC)
         by_name = dict(self.procs)
         _in_parallel([lambda n=n: stop_group(by_name[n], n) for n in ("gateway", "worker") if n in by_name])
+        if "prefect-server" in by_name and by_name["prefect-server"].poll() is None:
+            self.end_left_runs(since)
         last = [lambda: stop_local_models(self.s)]
         if "prefect-server" in by_name:
             last.append(lambda: stop_group(by_name["prefect-server"], "Prefect server"))
         _in_parallel(last)
         (self.s.home / "prefect-api-url").unlink(missing_ok=True)
         console.print(f"[green]all processes stopped[/green] in {time.monotonic() - t0:.1f} s")
+
+    def end_left_runs(self, since: dt.datetime) -> None:
+        """Runs the worker was executing died with it: Cancelled, saying the stack stopped (not Crashed, not
+        Running for ever). Then this process's own logs reach the server before it stops."""
+        from prefect.logging.handlers import APILogHandler
+
+        from flows.stack_runs import cancel_left_runs
+
+        try:
+            names = cancel_left_runs(since)
+            if names:
+                console.print(f"  marked {len(names)} flow run(s) left under way Cancelled: {', '.join(names)}")
+        except Exception as exc:  # the server is unwell: the stop goes on
+            console.print(f"  [yellow]could not mark the runs left under way Cancelled: {exc}[/yellow]")
+        with contextlib.suppress(Exception):
+            APILogHandler.flush()
 
     def kill_now(self) -> None:
         """SIGKILL every process group of the stack: its children, and the models it started."""

@@ -14,9 +14,12 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
+from prefect.exceptions import CancelledRun
 
 from blocks.registry import ClusterSpec, ModelSpec
+from core.errors import APIError
 from core.settings import FlowTracking, Settings
+from core.stopping import STOPPING
 from flows.lifecycle import warm_up
 from flows.lifecycle_tasks import FleetContext, use_gateway
 from flows.recorder import FlowRecorder
@@ -49,6 +52,12 @@ async def infer(request_id: str, endpoint: str, model: str, user: str) -> dict[s
     return {"status": out.status, "cluster": out.cluster, "usage": out.usage}
 
 
+def _stopping(model: ModelSpec, cluster: ClusterSpec) -> APIError:
+    return APIError(503, f"This gateway is stopping; the warm-up of '{model.name}' on cluster '{cluster.name}' was "
+                    "cancelled. Retry in a few seconds (another replica answers, or this one once it is back).",
+                    code="gateway_stopping", headers={"Retry-After": "10"})  # fmt: skip
+
+
 class PrefectControlPlane:
     def __init__(self, settings: Settings) -> None:
         # Traces of sampled requests go to a Prefect server, never to an ephemeral one started on the hot path.
@@ -59,13 +68,18 @@ class PrefectControlPlane:
         async def run_warm_up(model: ModelSpec, cluster: ClusterSpec) -> dict[str, Any]:
             """The ``warm-up`` flow (a recorded run) on its own thread and loop, off the serving loop, with the
             gateway's settings, backends and registry."""
+            if STOPPING.is_set():
+                raise _stopping(model, cluster)
             ctx = FleetContext(services.settings, services.backends, services.registry)
 
             def in_thread() -> dict[str, Any]:
                 use_gateway(ctx)
                 return asyncio.run(warm_up(model=model.instance_name, cluster=cluster.name))
 
-            return await asyncio.to_thread(in_thread)
+            try:
+                return await asyncio.to_thread(in_thread)
+            except CancelledRun:  # the run ended Cancelled: this gateway is stopping (core.stopping)
+                raise _stopping(model, cluster) from None
 
         return run_warm_up
 

@@ -16,8 +16,11 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import CancelledRun
+from prefect.states import Cancelled
 
 from blocks.registry import ClusterSpec, ModelSpec, Registry, _slug
+from core.stopping import STOPPED_MESSAGE
 from flows.fleet_decisions import (
     IdleDecision,
     artifact_key,
@@ -65,6 +68,8 @@ async def warm_up(model: str = "tiny", cluster: str = "best", timeout_s: float |
             or queued, else the cluster out of maintenance with the smallest expected start time.
         timeout_s: Bound on the whole warm-up in seconds (default: FIRST_WARM_UP_TIMEOUT_S); past it the server
             is stopped and the run fails.
+
+    When the stack stops under it (Ctrl-C), the run ends as Cancelled with a message that says so.
     """
     logger = get_run_logger()
     registry, spec = await resolve_model(model)
@@ -77,6 +82,9 @@ async def warm_up(model: str = "tiny", cluster: str = "best", timeout_s: float |
         return await _warm(spec, cl, bound)
     except StillQueued:
         raise  # the other run's "queued" stands
+    except CancelledRun:  # the stack stopped under the run: Cancelled, not Failed (nothing is published)
+        logger.warning("warm-up of %s on %s cancelled: the stack is stopping", spec.instance_name, cl.name)
+        return Cancelled(message=STOPPED_MESSAGE)  # type: ignore[return-value]
     except Exception as exc:
         await publish_state(cl.name, spec.instance_name, "failed", detail=f"warm-up failed: {exc}")
         raise

@@ -16,10 +16,12 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Cancelled, State
 
 from blocks.registry import ClusterSpec, ModelSpec, Registry
 from compute.backends import Backends
 from core.settings import Settings, get_settings
+from core.stopping import STOPPED_MESSAGE, STOPPING
 from flows.fleet_decisions import QUEUED_FRESH_S, observed_state, short, utc
 from serving import bus
 from serving.bus import Observation
@@ -126,12 +128,12 @@ async def check_status(cl: ClusterSpec, spec: ModelSpec) -> dict[str, Any]:
 
 
 @task(name="follow-queued-start", cache_policy=NO_CACHE)
-async def follow_queued_start(spec: ModelSpec, cl: ClusterSpec, t0: float, bound: float) -> None:
+async def follow_queued_start(spec: ModelSpec, cl: ClusterSpec, t0: float, bound: float) -> State | None:
     """Another run's start waits in the cluster's batch queue: wait until its observation moves on (or goes
-    stale) instead of queueing a second job."""
+    stale) instead of queueing a second job. Cancelled when this process stops meanwhile."""
     logger = get_run_logger()
     logged = False
-    while True:
+    while not STOPPING.is_set():
         current = await bus.observation(cl.name, spec.instance_name)
         if current is None or current.state != "queued" or time.time() - current.ts > QUEUED_FRESH_S:
             return
@@ -144,6 +146,7 @@ async def follow_queued_start(spec: ModelSpec, cl: ClusterSpec, t0: float, bound
                 f"{spec.instance_name} was still queued on {cl.name} (by {current.source}) after {bound:.0f} s"
             )
         await asyncio.sleep(2)
+    return Cancelled(message=STOPPED_MESSAGE)
 
 
 class StillQueued(TimeoutError):
@@ -178,13 +181,17 @@ async def submit_start(spec: ModelSpec, cl: ClusterSpec, t0: float, bound: float
 
 
 @task(name="wait-until-healthy", cache_policy=NO_CACHE)
-async def wait_until_healthy(spec: ModelSpec, cl: ClusterSpec, status: dict[str, Any]) -> dict[str, Any]:
+async def wait_until_healthy(spec: ModelSpec, cl: ClusterSpec, status: dict[str, Any]) -> dict[str, Any] | State:
     """Poll the server until it answers /health. Its bound is the task's timeout, set by the flow from what is
-    left of the warm-up's (``wait_until_healthy.with_options(timeout_seconds=...)``)."""
+    left of the warm-up's (``wait_until_healthy.with_options(timeout_seconds=...)``). Cancelled when this
+    process stops meanwhile (``core.stopping``): the stack's stop takes the server down anyway."""
     logger = get_run_logger()
     backend = backend_of(cl)
     last = None
     while status["state"] != "hot":
+        if STOPPING.is_set():
+            logger.warning("%s on %s: the stack is stopping; this wait ends here", spec.instance_name, cl.name)
+            return Cancelled(message=STOPPED_MESSAGE)
         if status["state"] != last:
             logger.info("%s on %s: %s", spec.instance_name, cl.name, status["state"])
             last = status["state"]

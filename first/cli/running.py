@@ -92,4 +92,5 @@ def gateway(
         "first.asgi:app", host=host or s.host, port=port or s.port, log_level="warning", access_log=False,
         timeout_keep_alive=KEEP_ALIVE_S, http=HTTP_PROTOCOL, limit_concurrency=s.max_connections,
         workers=s.workers,  # FIRST_WORKERS: processes that share their state through FIRST_REDIS_URL
+        timeout_graceful_shutdown=s.stop_grace_s or None,  # FIRST_STOP_GRACE_S
     )  # fmt: skip

@@ -1,0 +1,37 @@
+"""What a stopping stack leaves in Prefect: its runs end as Cancelled, saying the stack stopped (issue 20).
+
+Warm-ups that the gateway or ``first run`` runs end themselves as Cancelled (``core.stopping``). Runs the worker
+executes (an operator's warm-up, drain or batch from the UI) die with the worker, and Prefect would show them as
+Running for ever, or as Crashed ("Execution was cancelled by the runtime environment"). ``first run`` calls
+``cancel_left_runs`` after the worker and the gateway stopped and before the Prefect server does.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+from prefect.client.schemas.objects import StateType
+from prefect.states import Cancelled
+
+from core.stopping import STOPPED_MESSAGE
+
+UNDER_WAY = [StateType.RUNNING, StateType.PENDING, StateType.CANCELLING]
+
+
+def cancel_left_runs(since: dt.datetime, limit: int = 200) -> list[str]:
+    """Mark Cancelled (with ``STOPPED_MESSAGE``) every flow run still under way, and every run that crashed
+    since ``since`` (the stop's start, UTC). Scheduled runs stay: they run when the stack is back. Returns the
+    names of the runs it cancelled."""
+    kinds = FlowRunFilterStateType(any_=[*UNDER_WAY, StateType.CRASHED])
+    cancelled = []
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=kinds)), limit=limit)
+        for run in runs:
+            state = run.state
+            if state is None or (state.type is StateType.CRASHED and state.timestamp < since):
+                continue  # a crash of another day is history, not this stop's doing
+            client.set_flow_run_state(run.id, Cancelled(message=STOPPED_MESSAGE), force=True)
+            cancelled.append(run.name)
+    return cancelled
