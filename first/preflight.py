@@ -35,8 +35,10 @@ class HeldPort:
 
 
 def in_use(port: int, host: str = "127.0.0.1") -> bool:
-    """Whether binding ``port`` fails because something holds it."""
+    """Whether binding ``port`` fails because something holds it. With SO_REUSEADDR, as the servers bind it:
+    connections of a killed stack left in TIME_WAIT do not hold it."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as exc:

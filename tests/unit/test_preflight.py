@@ -32,6 +32,31 @@ def test_a_port_held_by_another_program_is_named_with_its_process(tmp_path: Path
     assert f"port {port} (gateway) is in use by pid {os.getpid()}" in h.describe() and "pytest" in h.describe()
 
 
+def test_connections_a_killed_server_left_in_time_wait_do_not_hold_its_port() -> None:
+    """After a crash under load the servers' ports have connections in TIME_WAIT; the servers rebind them (with
+    SO_REUSEADDR), so the check must not call them taken."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's, Prefect's and vLLM's are
+    listener.bind(("127.0.0.1", free_port_block(1)))
+    listener.listen()
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    served, _ = listener.accept()
+    served.close()  # the server's side closes first: its end (port `port`) waits in TIME_WAIT
+    client.close()
+    listener.close()
+    plain = socket.socket()
+    try:
+        plain.bind(("127.0.0.1", port))
+        plain_bind_fails = False
+    except OSError:
+        plain_bind_fails = True
+    finally:
+        plain.close()
+    assert plain_bind_fails  # what the check saw before it set SO_REUSEADDR
+    assert not preflight.in_use(port)
+
+
 def test_an_earlier_stack_of_this_home_is_told_apart_and_replace_stops_it(tmp_path: Path) -> None:
     home = tmp_path / "home"
     port = free_port_block(1)
