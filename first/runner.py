@@ -39,6 +39,10 @@ BIN = Path(sys.executable).parent
 # gets a read error (seen in bench runs, against vLLM too). 75 s, as nginx does, makes that race rare.
 KEEP_ALIVE_S = 75
 HTTP_PROTOCOL = "first.http_protocol:Guarded"
+# A stop's SIGKILL comes this long after SIGTERM for a vLLM server that is loading (nothing to lose) and one that
+# serves (it finishes what the gateway's own grace, FIRST_STOP_GRACE_S, let through).
+STARTING_VLLM_GRACE_S = 2.0
+HOT_VLLM_GRACE_S = 5.0
 
 
 def gateway_command(host: str, port: int, max_connections: int | None = None, workers: int | None = None) -> list[str]:
@@ -88,6 +92,7 @@ def stop_group(
     proc: subprocess.Popen, name: str, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT), grace_s: float = 8.0
 ) -> None:
     """Stop a child and its process group: each signal in turn, then SIGKILL."""
+    t0 = time.monotonic()
     for sig in (*signals, signal.SIGKILL):
         if proc.poll() is not None:
             break
@@ -99,18 +104,22 @@ def stop_group(
             continue
     with contextlib.suppress(ProcessLookupError):  # stragglers in the group (e.g. flow-run subprocesses)
         os.killpg(proc.pid, signal.SIGKILL)
-    console.print(f"  stopped {name}")
+    console.print(f"  stopped {name} ({time.monotonic() - t0:.1f} s)")
 
 
-def stop_local_models(settings: Settings) -> list[int]:
-    """Stop every vLLM server a local cluster started (they run in their own sessions)."""
+def stop_local_models(settings: Settings, grace_s: float = 8.0, hot: bool | None = None) -> list[int]:
+    """Stop the vLLM servers local clusters started (they run in their own sessions): SIGTERM, SIGKILL after
+    ``grace_s``. ``hot``: only those that answer /health (True), or only those that do not (False)."""
     stopped = []
     for state in sorted(settings.instances_dir.glob("*/*.json")):
         spec = {"state_dir": str(state.parent), "model": state.stem}
-        result = functions.stop_vllm(spec, grace_s=8.0)  # as the other processes: SIGKILL after 8 s
+        if hot is not None and (functions.vllm_status(spec)["state"] == "hot") != hot:
+            continue
+        t0 = time.monotonic()
+        result = functions.stop_vllm(spec, grace_s=grace_s)
         if result.get("stopped"):
             stopped.append(result["pid"])
-            console.print(f"  stopped vLLM for {state.stem} (pid {result['pid']})")
+            console.print(f"  stopped vLLM for {state.stem} (pid {result['pid']}, {time.monotonic() - t0:.1f} s)")
     return stopped
 
 
@@ -376,10 +385,13 @@ class Runner:
         console.print("stopping… (Ctrl-C again to stop at once)")
         t0, since = time.monotonic(), dt.datetime.now(dt.UTC)
         by_name = dict(self.procs)
-        _in_parallel([lambda n=n: stop_group(by_name[n], n) for n in ("gateway", "worker") if n in by_name])
+        first = [lambda n=n: stop_group(by_name[n], n) for n in ("gateway", "worker") if n in by_name]
+        # A vLLM still loading serves nobody, and ignores SIGTERM while it loads: it goes now, and soon.
+        first.append(lambda: stop_local_models(self.s, grace_s=STARTING_VLLM_GRACE_S, hot=False))
+        _in_parallel(first)
         if "prefect-server" in by_name and by_name["prefect-server"].poll() is None:
             self.end_left_runs(since)
-        last = [lambda: stop_local_models(self.s)]
+        last = [lambda: stop_local_models(self.s, grace_s=HOT_VLLM_GRACE_S)]
         if "prefect-server" in by_name:
             last.append(lambda: stop_group(by_name["prefect-server"], "Prefect server"))
         _in_parallel(last)

@@ -16,8 +16,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.exceptions import CancelledRun
-from prefect.states import Cancelled
+from prefect.states import Cancelled, State
 
 from blocks.registry import ClusterSpec, ModelSpec, Registry, _slug
 from core.stopping import STOPPED_MESSAGE
@@ -69,7 +68,8 @@ async def warm_up(model: str = "tiny", cluster: str = "best", timeout_s: float |
         timeout_s: Bound on the whole warm-up in seconds (default: FIRST_WARM_UP_TIMEOUT_S); past it the server
             is stopped and the run fails.
 
-    When the stack stops under it (Ctrl-C), the run ends as Cancelled with a message that says so.
+    When the stack stops under it (Ctrl-C), the run ends as Cancelled with a message that says so (a caller
+    gets ``prefect.exceptions.CancelledRun``).
     """
     logger = get_run_logger()
     registry, spec = await resolve_model(model)
@@ -82,20 +82,18 @@ async def warm_up(model: str = "tiny", cluster: str = "best", timeout_s: float |
         return await _warm(spec, cl, bound)
     except StillQueued:
         raise  # the other run's "queued" stands
-    except CancelledRun:  # the stack stopped under the run: Cancelled, not Failed (nothing is published)
-        logger.warning("warm-up of %s on %s cancelled: the stack is stopping", spec.instance_name, cl.name)
-        return Cancelled(message=STOPPED_MESSAGE)  # type: ignore[return-value]
     except Exception as exc:
         await publish_state(cl.name, spec.instance_name, "failed", detail=f"warm-up failed: {exc}")
         raise
 
 
-async def _warm(spec: ModelSpec, cl: ClusterSpec, bound: float) -> dict[str, Any]:
-    """check-status -> (submit-start) -> wait-until-healthy -> publish-state "hot", within ``bound`` seconds."""
+async def _warm(spec: ModelSpec, cl: ClusterSpec, bound: float) -> dict[str, Any] | State:
+    """check-status -> (submit-start) -> wait-until-healthy -> publish-state "hot", within ``bound`` seconds.
+    A wait that ends because the stack stops returns its Cancelled state, which the run ends in."""
     logger = get_run_logger()
     t0 = time.monotonic()
-    if cl.scheduler != "none":
-        await follow_queued_start(spec, cl, t0, bound)
+    if cl.scheduler != "none" and await follow_queued_start(spec, cl, t0, bound) is not None:
+        return Cancelled(message=STOPPED_MESSAGE)
     status = await check_status(cl, spec)
     job = status.get("job_id")
     queue_wait_s = 0.0
@@ -126,6 +124,9 @@ async def _warm(spec: ModelSpec, cl: ClusterSpec, bound: float) -> dict[str, Any
         raise TimeoutError(
             f"{spec.instance_name} did not become healthy on {cl.name} within {bound:.0f} s; stopped it"
         ) from None
+    if isinstance(status, State):  # the wait's Cancelled state: this one, with its message, is the run's
+        logger.warning("warm-up of %s on %s cancelled: the stack is stopping", spec.instance_name, cl.name)
+        return Cancelled(message=STOPPED_MESSAGE)
     load_s = time.monotonic() - t0
     logger.info("%s on %s is hot at %s after %.1f s", spec.instance_name, cl.name, status.get("base_url"), load_s)
     await publish_state(cl.name, spec.instance_name, "hot", status.get("base_url"))

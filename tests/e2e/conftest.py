@@ -156,17 +156,27 @@ def dump(obj: object) -> str:
     return json.dumps(obj, indent=1, default=str)[:2000]
 
 
-def start_make_run(home: Path) -> tuple[subprocess.Popen, dict[str, Any], dict[str, str]]:
+def start_make_run(
+    home: Path, env: dict[str, str] | None = None, run_args: str = "", log: Path | None = None
+) -> tuple[subprocess.Popen, dict[str, Any], dict[str, str]]:
     """`make run` on FIRST_HOME ``home`` with free ports, as a new user runs it: (the make process, its ready
-    line, its environment). Stop it as Ctrl-C does: ``os.killpg(make.pid, signal.SIGINT)``."""
-    env = {**os.environ, "FIRST_HOME": str(home), "FIRST_PORT": str(free_port()),
-           "FIRST_VLLM_PORT_BASE": str(free_port_block(2))}  # fmt: skip
-    for name in ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_API_AUTH_STRING", "PREFECT_SERVER_API_AUTH_STRING"):
-        env.pop(name, None)
+    line, its environment). Stop it as Ctrl-C does: ``os.killpg(make.pid, signal.SIGINT)``.
+
+    ``env``: an earlier call's environment, to start again on the same ports. ``log``: where its messages go
+    (the runner's console is stderr)."""
+    if env is None:
+        env = {**os.environ, "FIRST_HOME": str(home), "FIRST_PORT": str(free_port()),
+               "FIRST_VLLM_PORT_BASE": str(free_port_block(2)),
+               "FIRST_TEST_PREFECT_PORT": str(free_port())}  # fmt: skip
+        for name in ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_API_AUTH_STRING", "PREFECT_SERVER_API_AUTH_STRING"):
+            env.pop(name, None)
+    errors = open(log, "a") if log is not None else subprocess.DEVNULL
     make = subprocess.Popen(
-        ["make", "run", f"RUN_ARGS=--prefect-port {free_port()}"], cwd=REPO_ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+        ["make", "run", f"RUN_ARGS=--prefect-port {env['FIRST_TEST_PREFECT_PORT']} {run_args}"], cwd=REPO_ROOT,
+        env=env, stdout=subprocess.PIPE, stderr=errors, text=True, start_new_session=True,
     )  # fmt: skip
+    if log is not None:
+        errors.close()  # type: ignore[union-attr]
     for line in make.stdout:  # type: ignore[union-attr]
         if line.startswith('{"ready"'):
             return make, json.loads(line), env
@@ -174,4 +184,29 @@ def start_make_run(home: Path) -> tuple[subprocess.Popen, dict[str, Any], dict[s
     with contextlib.suppress(ProcessLookupError):
         os.killpg(make.pid, signal.SIGINT)
     make.wait(timeout=120)
-    raise AssertionError(f"make run exited ({code}) without printing its ready line")
+    said = f":\n{log.read_text()[-3000:]}" if log is not None else ""
+    raise AssertionError(f"make run exited ({code}) without printing its ready line{said}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def processes_of(home: Path) -> list[int]:
+    """The live processes of a stack: those whose command line or environment names its FIRST_HOME (every process
+    of a stack inherits FIRST_HOME; vLLM's command line names its model under it)."""
+    text, pids = str(home), []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                environ = (entry / "environ").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if (text in cmdline or text in environ) and _alive(int(entry.name)):
+                pids.append(int(entry.name))
+    return pids

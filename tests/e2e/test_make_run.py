@@ -13,31 +13,9 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import REPO_ROOT, start_make_run
+from tests.e2e.conftest import REPO_ROOT, processes_of, start_make_run
 
 pytestmark = pytest.mark.e2e
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[1][0] != "Z"
-    except OSError:
-        return False
-
-
-def _processes_mentioning(text: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                environ = (entry / "environ").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            if (text in cmdline or text in environ) and _alive(int(entry.name)):
-                pids.append(int(entry.name))
-    return pids
 
 
 def test_make_run_serves_then_ctrl_c_stops_everything(tmp_path: Path) -> None:
@@ -76,7 +54,7 @@ def test_make_run_serves_then_ctrl_c_stops_everything(tmp_path: Path) -> None:
             said = again.stdout + again.stderr
             assert again.returncode == 2 and expected in said and "✓" not in said, said[-2000:]
             assert f"port {prefect_port} (Prefect server)" in said and "port " + env["FIRST_PORT"] in said
-        before = _processes_mentioning(str(home))
+        before = processes_of(home)
         vllm = [json.loads(p.read_text())["pid"] for p in (home / "instances").glob("*/*.json")]
         assert vllm and all(pid in before for pid in vllm), (vllm, before)
         assert len(before) >= 5  # runner, Prefect server, worker, gateway, local endpoint, vLLM and its workers
@@ -86,7 +64,7 @@ def test_make_run_serves_then_ctrl_c_stops_everything(tmp_path: Path) -> None:
         make.wait(timeout=120)
         stopped_in = time.monotonic() - stopping
     deadline = time.monotonic() + 10
-    while (left := _processes_mentioning(str(home))) and time.monotonic() < deadline:
+    while (left := processes_of(home)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert left == [], f"processes left after Ctrl-C: {left}"
     print(f"make run was ready in {started_in:.0f} s with the setup already done; Ctrl-C stopped it in "
