@@ -16,7 +16,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
+from core.errors import APIError
+
 STOPPING = threading.Event()
+
+
+def stopping_error(what: str = "", detail: str | None = None) -> APIError:
+    """The caller's answer while this gateway stops: 503, retry soon (another replica, or this one once back)."""
+    return APIError(503, f"This gateway is stopping{what}. Retry in a few seconds (another replica answers, or "
+                    "this one once it is back).", code="gateway_stopping", headers={"Retry-After": "10"},
+                    detail=detail)  # fmt: skip
+
 
 STOPPED_MESSAGE = (
     "The FIRST stack was stopped (Ctrl-C or SIGTERM) while this run was under way; nothing failed. "

@@ -19,7 +19,7 @@ from prefect.exceptions import CancelledRun
 from blocks.registry import ClusterSpec, ModelSpec
 from core.errors import APIError
 from core.settings import FlowTracking, Settings
-from core.stopping import STOPPING
+from core.stopping import STOPPING, stopping_error
 from flows.lifecycle import warm_up
 from flows.lifecycle_tasks import FleetContext, use_gateway
 from flows.recorder import FlowRecorder
@@ -53,9 +53,7 @@ async def infer(request_id: str, endpoint: str, model: str, user: str) -> dict[s
 
 
 def _stopping(model: ModelSpec, cluster: ClusterSpec) -> APIError:
-    return APIError(503, f"This gateway is stopping; the warm-up of '{model.name}' on cluster '{cluster.name}' was "
-                    "cancelled. Retry in a few seconds (another replica answers, or this one once it is back).",
-                    code="gateway_stopping", headers={"Retry-After": "10"})  # fmt: skip
+    return stopping_error(f"; the warm-up of '{model.name}' on cluster '{cluster.name}' was cancelled")
 
 
 class PrefectControlPlane:

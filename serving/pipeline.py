@@ -22,6 +22,7 @@ import time
 
 from core.errors import APIError
 from core.settings import FlowTracking
+from core.stopping import STOPPING, stopping_error
 from serving.live_state import Instance
 from serving.request import InferenceRequest, Outcome, Services
 from serving.results import Result, ResultChannel
@@ -67,11 +68,15 @@ async def run_pipeline(req: InferenceRequest, svc: Services, channel: ResultChan
         if not svc.spool.healthy and not svc.spool.retry():  # no cluster work that could not be metered
             raise APIError(503, "The gateway cannot record usage right now (its disk may be full); retry later.",
                            code="usage_spool", headers={"Retry-After": "30"})  # fmt: skip
+        if STOPPING.is_set():  # SIGTERM came: requests under way finish, new ones go elsewhere (core/stopping.py)
+            raise stopping_error()
         model = await authorize(req, svc, out)
         out.model = model.name
         plan = await select_cluster(req, model, svc, out)
         await _run_on_clusters(req, plan, svc, channel, out)
     except APIError as exc:
+        if STOPPING.is_set() and exc.status >= 500 and exc.code != "gateway_stopping":  # cut by the stop
+            exc = stopping_error(" and cut this request", detail=exc.internal)
         out.status, out.error_type, out.error_message = exc.status, exc.type, exc.internal
         error = exc
     except Exception as exc:  # a bug or an unexpected failure: still an OpenAI-shaped answer and a usage row

@@ -17,10 +17,12 @@ from blocks.registry import ClusterSpec, ModelSpec, Registry
 from compute.backends import Backends
 from compute.local import LocalComputeExecutor
 from compute.relay import RelayHub
+from core.errors import APIError
 from core.settings import Settings
 from core.stopping import STOPPED_MESSAGE, STOPPING, watch_stop_signals
 from first.gateway import create_gateway
 from flows import lifecycle_tasks
+from flows.control_plane import PrefectControlPlane
 from serving.auth import KeyStore
 
 
@@ -97,7 +99,17 @@ async def test_a_wait_for_health_ends_cancelled_saying_the_stack_stopped(setting
     assert isinstance(out, State) and out.is_cancelled() and out.message == STOPPED_MESSAGE
 
 
-async def test_a_cold_start_while_the_gateway_stops_is_a_503_that_says_why(settings: Settings) -> None:
+async def test_a_warm_up_asked_for_while_the_gateway_stops_is_not_started(settings: Settings) -> None:
+    model, cluster = ModelSpec(name="m", path="-", clusters=["local"]), ClusterSpec(name="local", transport="local")
+    run_warm_up = PrefectControlPlane(settings).warm_runner(None)  # type: ignore[arg-type]  # (never reached)
+    STOPPING.set()
+    with pytest.raises(APIError) as caught:
+        await run_warm_up(model, cluster)
+    assert caught.value.status == 503 and caught.value.code == "gateway_stopping"
+    assert "warm-up of 'm' on cluster 'local' was cancelled" in caught.value.message
+
+
+async def test_a_request_while_the_gateway_stops_is_a_503_that_says_why(settings: Settings) -> None:
     registry = Registry(
         clusters={"local": ClusterSpec(name="local", transport="local")},
         models={"m": ModelSpec(name="m", path="-", clusters=["local"])},
