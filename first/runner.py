@@ -39,10 +39,10 @@ BIN = Path(sys.executable).parent
 # gets a read error (seen in bench runs, against vLLM too). 75 s, as nginx does, makes that race rare.
 KEEP_ALIVE_S = 75
 HTTP_PROTOCOL = "first.http_protocol:Guarded"
-# A stop's SIGKILL comes this long after SIGTERM for a vLLM server that is loading (nothing to lose) and one that
-# serves (it finishes what the gateway's own grace, FIRST_STOP_GRACE_S, let through).
-STARTING_VLLM_GRACE_S = 2.0
+# A stop's SIGKILL comes this long after SIGTERM for a vLLM server that serves and one that is still loading (it
+# ignores SIGTERM while it loads, and has nothing to lose). The gateway has stopped by then.
 HOT_VLLM_GRACE_S = 5.0
+LOADING_VLLM_GRACE_S = 2.0
 
 
 def gateway_command(host: str, port: int, max_connections: int | None = None, workers: int | None = None) -> list[str]:
@@ -107,16 +107,18 @@ def stop_group(
     console.print(f"  stopped {name} ({time.monotonic() - t0:.1f} s)")
 
 
-def stop_local_models(settings: Settings, grace_s: float = 8.0, hot: bool | None = None) -> list[int]:
+def stop_local_models(settings: Settings, grace_s: float = 8.0, loading_grace_s: float | None = None) -> list[int]:
     """Stop the vLLM servers local clusters started (they run in their own sessions): SIGTERM, SIGKILL after
-    ``grace_s``. ``hot``: only those that answer /health (True), or only those that do not (False)."""
+    ``grace_s``, or after ``loading_grace_s`` for one that does not answer /health (it is still loading, and
+    ignores SIGTERM while it loads)."""
     stopped = []
     for state in sorted(settings.instances_dir.glob("*/*.json")):
         spec = {"state_dir": str(state.parent), "model": state.stem}
-        if hot is not None and (functions.vllm_status(spec)["state"] == "hot") != hot:
-            continue
+        grace = grace_s
+        if loading_grace_s is not None and functions.vllm_status(spec)["state"] != "hot":
+            grace = loading_grace_s
         t0 = time.monotonic()
-        result = functions.stop_vllm(spec, grace_s=grace_s)
+        result = functions.stop_vllm(spec, grace_s=grace)
         if result.get("stopped"):
             stopped.append(result["pid"])
             console.print(f"  stopped vLLM for {state.stem} (pid {result['pid']}, {time.monotonic() - t0:.1f} s)")
@@ -380,18 +382,16 @@ class Runner:
         return code
 
     def shutdown(self) -> None:
-        """The gateway and the worker first (nothing new starts; warm-ups under way end as Cancelled), then the
-        runs they left are marked Cancelled, then the models and the Prefect server; each pair in parallel."""
+        """The gateway and the worker first (nothing new starts; warm-ups under way end as Cancelled; streams
+        get FIRST_STOP_GRACE_S), then the runs they left are marked Cancelled, then the models and the Prefect
+        server; each pair in parallel."""
         console.print("stopping… (Ctrl-C again to stop at once)")
         t0, since = time.monotonic(), dt.datetime.now(dt.UTC)
         by_name = dict(self.procs)
-        first = [lambda n=n: stop_group(by_name[n], n) for n in ("gateway", "worker") if n in by_name]
-        # A vLLM still loading serves nobody, and ignores SIGTERM while it loads: it goes now, and soon.
-        first.append(lambda: stop_local_models(self.s, grace_s=STARTING_VLLM_GRACE_S, hot=False))
-        _in_parallel(first)
+        _in_parallel([lambda n=n: stop_group(by_name[n], n) for n in ("gateway", "worker") if n in by_name])
         if "prefect-server" in by_name and by_name["prefect-server"].poll() is None:
             self.end_left_runs(since)
-        last = [lambda: stop_local_models(self.s, grace_s=HOT_VLLM_GRACE_S)]
+        last = [lambda: stop_local_models(self.s, grace_s=HOT_VLLM_GRACE_S, loading_grace_s=LOADING_VLLM_GRACE_S)]
         if "prefect-server" in by_name:
             last.append(lambda: stop_group(by_name["prefect-server"], "Prefect server"))
         _in_parallel(last)

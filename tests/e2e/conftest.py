@@ -210,3 +210,20 @@ def processes_of(home: Path) -> list[int]:
             if (text in cmdline or text in environ) and _alive(int(entry.name)):
                 pids.append(int(entry.name))
     return pids
+
+
+def ctrl_c(make: subprocess.Popen) -> float:
+    """What Ctrl-C in the terminal does (SIGINT to the foreground group); seconds until `make run` ended."""
+    t0 = time.monotonic()
+    os.killpg(make.pid, signal.SIGINT)
+    make.wait(timeout=120)
+    return time.monotonic() - t0
+
+
+def kill_stack(home: Path) -> int:
+    """SIGKILL every process of the stack at once, as a crash or the OOM killer of a whole cgroup would."""
+    pids = processes_of(home)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return len(pids)

@@ -5,10 +5,7 @@ row there exactly once."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -22,20 +19,12 @@ from analytics.store import UsageStore
 from core.settings import Settings
 from core.stopping import STOPPED_MESSAGE
 from first import preflight
-from tests.e2e.conftest import dump, prefect_api, processes_of, start_make_run
+from tests.e2e.conftest import ctrl_c, dump, kill_stack, prefect_api, processes_of, start_make_run
 
 pytestmark = pytest.mark.e2e
 
 STOP_BOUND_S = 10.0  # the issue's bound on this machine with a hot model; CI machines are as slow or slower
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 16}
-
-
-def ctrl_c(make: subprocess.Popen) -> float:
-    """What Ctrl-C in the terminal does (SIGINT to the foreground group); seconds until `make run` ended."""
-    t0 = time.monotonic()
-    os.killpg(make.pid, signal.SIGINT)
-    make.wait(timeout=120)
-    return time.monotonic() - t0
 
 
 def stack_ports(env: dict[str, str]) -> list[int]:
@@ -167,15 +156,6 @@ def _quoted(ids: list[str]) -> str:
     return ", ".join(f"'{i}'" for i in ids)
 
 
-def _kill_everything_of(home: Path) -> int:
-    """SIGKILL every process of the stack at once, as a crash or the OOM killer of a whole cgroup would."""
-    pids = processes_of(home)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    return len(pids)
-
-
 def test_sigkill_of_the_whole_stack_under_load_then_make_run_again(tmp_path: Path) -> None:
     home = tmp_path / "home"
     t0 = time.monotonic()
@@ -199,7 +179,7 @@ def test_sigkill_of_the_whole_stack_under_load_then_make_run_again(tmp_path: Pat
     for t in threads:
         t.start()
     wait_for("answers", lambda: len(answered) >= 20, 120)
-    killed = _kill_everything_of(home)
+    killed = kill_stack(home)
     stop.set()
     for t in threads:
         t.join(30)
