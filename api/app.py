@@ -128,10 +128,12 @@ def create_app(
         app.state.services, app.state.relay, app.state.metrics = (
             svc,
             relay,
-            metrics_registry(live, throttle, svc.shared),
+            metrics_registry(live, throttle, svc.shared, control),
         )
         app.state.usage_reports = reports = UsageReports()
         app.state.gateway_id = settings.gateway_id or f"{socket.gethostname()}_{settings.port}"
+        if control is not None:
+            control.start(app.state.gateway_id)
         background = [asyncio.create_task(live.probe([live.instance(reg.clusters[c], m) for m in reg.models.values()
                                                       for c in m.clusters if c in reg.clusters]))]  # fmt: skip
         if registry is None and prefect:

@@ -13,17 +13,23 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from serving.limits import FailedAuthThrottle
 from serving.live_state import STATES, LiveState
 from serving.replicas.store import SharedStore
+from serving.request import ControlPlane
 
 
 class FleetCollector:
     """One sample per model instance (model, cluster) and per cluster, made at scrape time."""
 
     def __init__(
-        self, live: LiveState, throttle: FailedAuthThrottle | None = None, shared: SharedStore | None = None
+        self,
+        live: LiveState,
+        throttle: FailedAuthThrottle | None = None,
+        shared: SharedStore | None = None,
+        control: ControlPlane | None = None,
     ) -> None:
         self.live = live
         self.throttle = throttle
         self.shared = shared
+        self.control = control
 
     def collect(self) -> Iterator[Metric]:
         now = time.time()
@@ -94,6 +100,7 @@ class FleetCollector:
             )
             fallbacks.add_metric([], self.shared.fallbacks)
             yield from (up, redis_errors, fallbacks)
+        yield from self._events()
         yield from (
             state,
             inflight,
@@ -110,12 +117,37 @@ class FleetCollector:
             audit,
         )
 
+    def _events(self) -> Iterator[Metric]:
+        """What became of the inference events (flows/inference_events.py): nothing lost uncounted."""
+        stats = self.control.stats() if self.control is not None else None
+        counts = (stats or {}).get("events")
+        if not counts:
+            return
+        sent = CounterMetricFamily("first_inference_events", "Inference events posted to Prefect", labels=["kind"])
+        sent.add_metric(["request"], counts["individual"])
+        sent.add_metric(["summary"], counts["summaries"])
+        folded = CounterMetricFamily(
+            "first_inference_events_summarised_requests", "Requests over the event budget, counted in summary events"
+        )
+        folded.add_metric([], counts["summarised"])
+        lost = CounterMetricFamily(
+            "first_inference_events_lost", "Inference events that did not reach Prefect, by why", labels=["reason"]
+        )
+        for reason in ("dropped_queue_full", "dropped_post_failed", "not_stored"):
+            lost.add_metric([reason.removeprefix("dropped_")], counts[reason])
+        budget = GaugeMetricFamily("first_inference_event_budget", "Events a second posted one per request now")
+        budget.add_metric([], counts["budget_per_s"])
+        yield from (sent, folded, lost, budget)
+
 
 def metrics_registry(
-    live: LiveState, throttle: FailedAuthThrottle | None = None, shared: SharedStore | None = None
+    live: LiveState,
+    throttle: FailedAuthThrottle | None = None,
+    shared: SharedStore | None = None,
+    control: ControlPlane | None = None,
 ) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FleetCollector(live, throttle, shared))  # type: ignore[arg-type]
+    registry.register(FleetCollector(live, throttle, shared, control))  # type: ignore[arg-type]
     return registry
 
 

@@ -11,6 +11,7 @@ from api.errors import GUARDED, error_responses
 from api.guards import DEPENDENCIES, authenticate, principal_of
 from api.metrics import render
 from core.errors import APIError
+from core.stopping import STOPPING, stopping_error
 from serving.request import Services
 from serving.visibility import usable_pairs
 
@@ -67,10 +68,14 @@ class StatusController(Controller):
         return Response(content=body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-@get("/health", summary="Liveness (no credential: nothing about the fleet; that is /v1/status)")
+@get("/health", summary="Liveness (no credential: nothing about the fleet; that is /v1/status)",
+     responses=error_responses(503))  # fmt: skip
 async def health(request: Request) -> dict[str, Any]:
     """Liveness and how this gateway runs. Nothing about models, clusters, URLs or errors: without a credential
-    those would show hidden model names and internal URLs (they are on /v1/status, per caller)."""
+    those would show hidden model names and internal URLs (they are on /v1/status, per caller). 503
+    ``gateway_stopping`` once it has been told to stop, so that a load balancer sends new requests elsewhere."""
+    if STOPPING.is_set():
+        raise stopping_error()
     svc: Services = request.app.state.services
     return {
         "status": "ok",

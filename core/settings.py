@@ -45,6 +45,19 @@ class Settings(BaseSettings):
 
     flow_tracking: FlowTracking = FlowTracking.sample
     flow_sample_rate: float = Field(default=0.01, ge=0.0, le=1.0)
+    inference_events: bool = Field(
+        default=True, description="A Prefect event per request (first.inference.*), when a Prefect server is set"
+    )
+    event_budget_per_s: float = Field(
+        default=100.0,
+        gt=0,
+        description="Inference events a second a gateway posts one per request; above it, successful, warm, fast "
+        "requests are folded into one first.inference.summary event per model and cluster",
+    )
+    event_summary_s: float = Field(default=10.0, gt=0, description="Seconds each summary event covers")
+    event_slow_s: float = Field(
+        default=30.0, gt=0, description="A request slower than this keeps its own event, whatever the budget"
+    )
 
     warm_wait_s: float = Field(default=120.0, description="How long a request waits for a cold model")
     max_tries: int = Field(default=3, ge=1, description="Clusters one request may try before its first byte")

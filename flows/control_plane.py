@@ -20,6 +20,7 @@ from blocks.registry import ClusterSpec, ModelSpec
 from core.errors import APIError
 from core.settings import FlowTracking, Settings
 from core.stopping import STOPPING, stopping_error
+from flows.inference_events import InferenceEvents, Observed
 from flows.lifecycle import warm_up
 from flows.lifecycle_tasks import FleetContext, use_gateway
 from flows.recorder import FlowRecorder
@@ -60,7 +61,27 @@ class PrefectControlPlane:
     def __init__(self, settings: Settings) -> None:
         # Traces of sampled requests go to a Prefect server, never to an ephemeral one started on the hot path.
         sample = settings.flow_tracking is FlowTracking.sample and bool(os.environ.get("PREFECT_API_URL"))
+        self.settings = settings
         self.recorder = FlowRecorder() if sample else None
+        self.events: InferenceEvents | None = None
+
+    def start(self, gateway: str) -> None:
+        s = self.settings
+        if s.inference_events and os.environ.get("PREFECT_API_URL") and self.events is None:
+            self.events = InferenceEvents.from_environment(gateway, s.event_budget_per_s, s.event_summary_s,
+                                                           s.event_slow_s)  # fmt: skip
+
+    def observe(self, req: InferenceRequest, out: Outcome) -> None:
+        if self.events is None:
+            return
+        u = out.usage
+        self.events.observe(Observed(
+            request_id=req.request_id, endpoint=req.endpoint, model=out.model, cluster=out.cluster,
+            user=req.principal.user, groups=list(req.principal.groups), status=out.status,
+            error_type=out.error_type, error=out.error_message, prompt_tokens=int(u.get("prompt_tokens") or 0),
+            completion_tokens=int(u.get("completion_tokens") or 0), latency_ms=out.latency_ms, ttft_ms=out.ttft_ms,
+            cold_start=out.cold_start, tried=list(out.tried), stream=req.stream, batch_id=req.principal.batch_id,
+        ))  # fmt: skip
 
     def warm_runner(self, services: Services) -> Callable[[ModelSpec, ClusterSpec], Awaitable[dict[str, Any]]]:
         async def run_warm_up(model: ModelSpec, cluster: ClusterSpec) -> dict[str, Any]:
@@ -103,11 +124,18 @@ class PrefectControlPlane:
                                    tags=["batch"])  # fmt: skip
         return str(run.id)
 
-    def stats(self) -> dict[str, int] | None:
-        if self.recorder is None:
+    def stats(self) -> dict[str, Any] | None:
+        if self.recorder is None and self.events is None:
             return None
-        return {"recorded": self.recorder.recorded, "dropped": self.recorder.dropped}
+        got: dict[str, Any] = {}
+        if self.recorder is not None:
+            got |= {"recorded": self.recorder.recorded, "dropped": self.recorder.dropped}
+        if self.events is not None:
+            got["events"] = self.events.counts.public()
+        return got
 
     def close(self) -> None:
+        if self.events is not None:
+            self.events.close()
         if self.recorder is not None:
             self.recorder.close()

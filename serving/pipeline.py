@@ -159,16 +159,26 @@ async def _run_sampled(req: InferenceRequest, svc: Services, channel: ResultChan
     step_trace.set(steps)  # this task's own context: the steps time themselves into it
     out = await run_pipeline(req, svc, channel)
     out.steps = steps
-    if svc.control is None or svc.settings.flow_tracking is FlowTracking.off:
+    if svc.control is None:
+        return
+    svc.control.observe(req, out)
+    if svc.settings.flow_tracking is FlowTracking.off:
         return
     if out.status >= 400 or out.cold_start or random.random() < svc.settings.flow_sample_rate:
         svc.control.record(req, out)
 
 
 async def _run_tracked(req: InferenceRequest, svc: Services, channel: ResultChannel) -> None:
-    assert svc.control is not None
+    control = svc.control
+    assert control is not None
+
+    async def run_and_observe() -> Outcome:
+        out = await run_pipeline(req, svc, channel)
+        control.observe(req, out)
+        return out
+
     try:
-        await svc.control.run_tracked(req, svc, lambda: run_pipeline(req, svc, channel))
+        await control.run_tracked(req, svc, run_and_observe)
     except Exception as exc:
         if channel.finished:
             return  # the request failed inside the flow: the run's state says so, the caller has its error

@@ -55,6 +55,7 @@ class Outcome:
     error_message: str | None = None
     usage: dict[str, int] = field(default_factory=dict)
     ttft_ms: float | None = None
+    latency_ms: float = 0.0  # start to usage record (set by record_usage)
     cold_start: bool = False
     queue_ms: float = 0.0  # waited for a slot at a full instance (serving/fair_queue.py)
     steps: list[dict[str, Any]] = field(default_factory=list)
@@ -84,8 +85,16 @@ class ControlPlane(Protocol):
         """Record a served request's trace as an ``infer-record`` flow run, off the serving loop."""
         ...
 
-    def stats(self) -> dict[str, int] | None:
-        """Flow records written and dropped so far (on /health)."""
+    def start(self, gateway: str) -> None:
+        """The gateway is serving as ``gateway`` (its id): start what reports on it (inference events)."""
+        ...
+
+    def observe(self, req: InferenceRequest, out: Outcome) -> None:
+        """Every finished request, on the serving loop: hand it to the inference events (no I/O here)."""
+        ...
+
+    def stats(self) -> dict[str, Any] | None:
+        """Flow records written and dropped so far, and what became of the inference events (on /health)."""
         ...
 
     async def start_batch(self, batch_id: str, run_name: str, gateway_url: str) -> str:

@@ -313,6 +313,7 @@ async def record_usage(req: InferenceRequest, out: Outcome, svc: Services) -> Us
         cold_start=out.cold_start,
         batch_id=req.principal.batch_id,
     )
+    out.latency_ms = record.latency_ms
     try:  # a stream's answer is already out: if the disk is full its row is held in memory, never lost
         svc.spool.append(record, hold=out.streamed)
     except OSError:

@@ -157,19 +157,24 @@ def dump(obj: object) -> str:
 
 
 def start_make_run(
-    home: Path, env: dict[str, str] | None = None, run_args: str = "", log: Path | None = None
+    home: Path,
+    env: dict[str, str] | None = None,
+    run_args: str = "",
+    log: Path | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen, dict[str, Any], dict[str, str]]:
     """`make run` on FIRST_HOME ``home`` with free ports, as a new user runs it: (the make process, its ready
     line, its environment). Stop it as Ctrl-C does: ``os.killpg(make.pid, signal.SIGINT)``.
 
     ``env``: an earlier call's environment, to start again on the same ports. ``log``: where its messages go
-    (the runner's console is stderr)."""
+    (the runner's console is stderr). ``extra_env``: settings for this stack (``FIRST_*``)."""
     if env is None:
         env = {**os.environ, "FIRST_HOME": str(home), "FIRST_PORT": str(free_port()),
                "FIRST_VLLM_PORT_BASE": str(free_port_block(2)),
                "FIRST_TEST_PREFECT_PORT": str(free_port())}  # fmt: skip
         for name in ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_API_AUTH_STRING", "PREFECT_SERVER_API_AUTH_STRING"):
             env.pop(name, None)
+        env |= extra_env or {}
     errors = open(log, "a") if log is not None else subprocess.DEVNULL
     make = subprocess.Popen(
         ["make", "run", f"RUN_ARGS=--prefect-port {env['FIRST_TEST_PREFECT_PORT']} {run_args}"], cwd=REPO_ROOT,
@@ -221,9 +226,16 @@ def ctrl_c(make: subprocess.Popen) -> float:
 
 
 def kill_stack(home: Path) -> int:
-    """SIGKILL every process of the stack at once, as a crash or the OOM killer of a whole cgroup would."""
-    pids = processes_of(home)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    return len(pids)
+    """SIGKILL every process of the stack, as a crash or the OOM killer of a whole cgroup would; again for any
+    a dying parent started meanwhile. How many were killed."""
+    killed: set[int] = set()
+    for _ in range(10):
+        pids = processes_of(home)
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        killed |= set(pids)
+        time.sleep(0.1)
+    return len(killed)
