@@ -330,6 +330,8 @@ def prefect_env(settings: Settings, prefect_port: int) -> dict[str, str]:
         "PREFECT_HOME": str(settings.home / "prefect"),
         "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # SQLite's "database is locked" retries are hidden by default: an overloaded server shows in its log.
+        "PREFECT_SERVER_LOG_RETRYABLE_ERRORS": "true",
         "PREFECT_WORKER_QUERY_SECONDS": "1",
         "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "500",
         "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_READ_BATCH_SIZE": "100",

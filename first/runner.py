@@ -246,8 +246,18 @@ class Runner:
             if r.returncode != 0:
                 raise RuntimeError(f"first registry init failed:\n{r.stderr[-2000:]}")
             local.register(self.env)
+            self.apply_automations()
         self.spawn("worker", local.worker_command())
         console.print(f"[green]✓[/green] deployments {', '.join(local.DEPLOYMENTS)}; worker on pool {local.WORK_POOL}")
+
+    def apply_automations(self) -> None:
+        """The automations on the inference events, with their defaults (`first automations apply` changes them)."""
+        from flows.automations import AutomationOptions, apply
+
+        try:
+            apply(AutomationOptions())
+        except Exception as exc:  # the stack serves without them; say so
+            console.print(f"[yellow]automations not applied ({exc}); `first automations apply` retries[/yellow]")
 
     def demo_key(self) -> str:
         path = self.s.home / "demo-api-key"

@@ -20,7 +20,7 @@ from blocks.registry import ClusterSpec, ModelSpec
 from core.errors import APIError
 from core.settings import FlowTracking, Settings
 from core.stopping import STOPPING, stopping_error
-from flows.inference_events import InferenceEvents, Observed
+from flows.inference_events import InferenceEvents, Observed, event_id
 from flows.lifecycle import warm_up
 from flows.lifecycle_tasks import FleetContext, use_gateway
 from flows.recorder import FlowRecorder
@@ -78,7 +78,8 @@ class PrefectControlPlane:
         self.events.observe(Observed(
             request_id=req.request_id, endpoint=req.endpoint, model=out.model, cluster=out.cluster,
             user=req.principal.user, groups=list(req.principal.groups), status=out.status,
-            error_type=out.error_type, error=out.error_message, prompt_tokens=int(u.get("prompt_tokens") or 0),
+            error_type=out.error_type, error_code=out.error_code, error=out.error_message,
+            prompt_tokens=int(u.get("prompt_tokens") or 0),
             completion_tokens=int(u.get("completion_tokens") or 0), latency_ms=out.latency_ms, ttft_ms=out.ttft_ms,
             cold_start=out.cold_start, tried=list(out.tried), stream=req.stream, batch_id=req.principal.batch_id,
         ))  # fmt: skip
@@ -113,8 +114,8 @@ class PrefectControlPlane:
             _inflight.pop(req.request_id, None)
 
     def record(self, req: InferenceRequest, out: Outcome) -> None:
-        if self.recorder is not None:
-            self.recorder.submit(req, out)
+        if self.recorder is not None:  # linked to its event (failures and cold starts always have one of their own)
+            self.recorder.submit(req, out, event_id(req.request_id) if self.events is not None else None)
 
     async def start_batch(self, batch_id: str, run_name: str, gateway_url: str) -> str:
         if not os.environ.get("PREFECT_API_URL"):  # never an ephemeral server: no worker would ever run it

@@ -61,6 +61,7 @@ class Observed:
     groups: list[str]
     status: int
     error_type: str | None
+    error_code: str | None
     error: str | None
     prompt_tokens: int
     completion_tokens: int
@@ -246,7 +247,8 @@ class InferenceEvents:
             "occurred": seen.at.isoformat(),
             "event": FAILED if seen.status >= 400 else COMPLETED,
             "resource": {"prefect.resource.id": f"first.request.{seen.request_id}",
-                         "prefect.resource.name": f"{seen.endpoint} {seen.model}", "first.gateway": self.gateway},
+                         "prefect.resource.name": f"{seen.endpoint} {seen.model}", "first.gateway": self.gateway,
+                         "first.error_class": error_class(seen), "first.cold_start": str(seen.cold_start).lower()},
             "related": related,
             "payload": {
                 "status": seen.status, "endpoint": seen.endpoint, "stream": seen.stream,
@@ -254,6 +256,7 @@ class InferenceEvents:
                 "latency_ms": round(seen.latency_ms, 1),
                 "ttft_ms": None if seen.ttft_ms is None else round(seen.ttft_ms, 1),
                 "cold_start": seen.cold_start, "tried": seen.tried, "error_type": seen.error_type,
+                "error_code": seen.error_code,
                 "error": (seen.error or "")[:500] or None, "batch_id": seen.batch_id,
             },
         }  # fmt: skip
@@ -316,6 +319,20 @@ class InferenceEvents:
         with contextlib.suppress(Exception):
             self.flush(final=True)
         self._http.close()
+
+
+# 5xx that the gateway itself causes (it is stopping, its spool is full), not the cluster it chose
+GATEWAY_CODES = frozenset({"gateway_stopping", "usage_spool", "no_cluster"})
+
+
+def error_class(seen: Observed) -> str:
+    """A label automations match on: "none" (answered), "caller" (4xx: the request's own fault), "cluster" (a 5xx
+    on a cluster: its server or endpoint failed, or the model did not start), "gateway" (any other 5xx)."""
+    if seen.status < 400:
+        return "none"
+    if seen.status < 500:
+        return "caller"
+    return "cluster" if seen.cluster and seen.error_code not in GATEWAY_CODES else "gateway"
 
 
 def _related(role: str, name: str) -> dict[str, str]:

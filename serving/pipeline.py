@@ -77,7 +77,7 @@ async def run_pipeline(req: InferenceRequest, svc: Services, channel: ResultChan
     except APIError as exc:
         if STOPPING.is_set() and exc.status >= 500 and exc.code != "gateway_stopping":  # cut by the stop
             exc = stopping_error(" and cut this request", detail=exc.internal)
-        out.status, out.error_type, out.error_message = exc.status, exc.type, exc.internal
+        out.status, out.error_type, out.error_message, out.error_code = exc.status, exc.type, exc.internal, exc.code
         error = exc
     except Exception as exc:  # a bug or an unexpected failure: still an OpenAI-shaped answer and a usage row
         log.exception("request %s failed unexpectedly", req.request_id)

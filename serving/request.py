@@ -53,6 +53,7 @@ class Outcome:
     status: int = 200
     error_type: str | None = None
     error_message: str | None = None
+    error_code: str | None = None  # the APIError's code (model_start_failed, backend_unreachable, ...)
     usage: dict[str, int] = field(default_factory=dict)
     ttft_ms: float | None = None
     latency_ms: float = 0.0  # start to usage record (set by record_usage)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from first.cli import batches, functions, globus, keys, login, model, registry, running, usage
+from first.cli import automations, batches, functions, globus, keys, login, model, registry, running, usage
 
 app = typer.Typer(
     help="FIRST: an OpenAI-compatible inference gateway for HPC clusters, with Prefect as its control plane.",
@@ -31,6 +31,7 @@ app.add_typer(registry.app, name="registry")
 app.command("apply")(registry.apply)
 app.add_typer(globus.app, name="globus")
 app.add_typer(functions.app, name="functions")
+app.add_typer(automations.app, name="automations")
 app.command("login")(login.login_cmd)
 app.command("token")(login.token_cmd)
 app.command("logout")(login.logout_cmd)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -103,3 +104,38 @@ def test_requests_become_events_and_a_burst_over_the_budget_a_summary(tmp_path: 
     assert counts["individual"] == len(individual) and counts["summarised"] == summarised
     assert counts["dropped_queue_full"] == counts["dropped_post_failed"] == counts["not_stored"] == 0
     assert 'first_inference_events_total{kind="request"}' in metrics
+
+
+def test_failures_of_a_cluster_fire_the_drain_automation(tmp_path: Path) -> None:
+    """`make run` applies the automations; failures of one model on one cluster (injected as the gateway would
+    post them) make Prefect run drain-cluster for that cluster."""
+    home = tmp_path / "home"
+    make, ready, _ = start_make_run(home, run_args="--no-warm", log=tmp_path / "run.log")
+    user, _, password = (home / "prefect-api-auth").read_text().strip().partition(":")
+    api = ready["prefect_ui"] + "/api"
+    try:
+        with httpx.Client(auth=(user, password), timeout=30) as http:
+            names = {a["name"] for a in http.post(api + "/automations/filter", json={}).raise_for_status().json()}
+            assert {"first: failing cluster", "first: demand for a cold model", "first: busy tenant"} <= names
+            failures = [{
+                "id": str(uuid.uuid4()), "occurred": dt.datetime.now(dt.UTC).isoformat(),
+                "event": "first.inference.failed",
+                "resource": {"prefect.resource.id": f"first.request.injected{n}", "first.error_class": "cluster",
+                             "first.gateway": "test", "first.cold_start": "false"},
+                "related": [{"prefect.resource.id": "first.cluster.local", "prefect.resource.role": "cluster",
+                             "prefect.resource.name": "local"},
+                            {"prefect.resource.id": "first.model.tiny", "prefect.resource.role": "model",
+                             "prefect.resource.name": "tiny"}],
+                "payload": {"status": 502, "error_code": "backend_unreachable"},
+            } for n in range(10)]  # fmt: skip
+            http.post(api + "/events", json=failures).raise_for_status()
+            deadline = time.monotonic() + 90
+            while True:
+                runs = http.post(api + "/flow_runs/filter", json={
+                    "flows": {"name": {"any_": ["drain-cluster"]}}}).raise_for_status().json()  # fmt: skip
+                if runs or time.monotonic() > deadline:
+                    break
+                time.sleep(1.0)
+    finally:
+        ctrl_c(make)
+    assert [r["parameters"]["cluster"] for r in runs] == ["local"], dump(runs)

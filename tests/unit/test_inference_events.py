@@ -24,7 +24,7 @@ class Clock:
 def seen(n: int, **kw: Any) -> Observed:
     fields: dict[str, Any] = {
         "request_id": f"r{n}", "endpoint": "chat.completions", "model": "m", "cluster": "c", "user": "alice",
-        "groups": ["lab"], "status": 200, "error_type": None, "error": None, "prompt_tokens": 5,
+        "groups": ["lab"], "status": 200, "error_type": None, "error_code": None, "error": None, "prompt_tokens": 5,
         "completion_tokens": 7, "latency_ms": 100.0 + n, "ttft_ms": 20.0, "cold_start": False, "tried": ["c"],
         "stream": False, "batch_id": None,
     }  # fmt: skip
@@ -51,15 +51,16 @@ def test_within_the_budget_each_request_is_an_event_with_its_related_resources(e
     assert ev.flush() == 3
     first = events_posted_double[0]
     assert first["event"] == COMPLETED and first["id"] == event_id("r0")
-    assert first["resource"] == {"prefect.resource.id": "first.request.r0",
-                                 "prefect.resource.name": "chat.completions m", "first.gateway": "gw-1"}  # fmt: skip
+    assert first["resource"] == {"prefect.resource.id": "first.request.r0", "first.gateway": "gw-1",
+                                 "prefect.resource.name": "chat.completions m", "first.error_class": "none",
+                                 "first.cold_start": "false"}  # fmt: skip
     roles = {r["prefect.resource.role"]: r["prefect.resource.id"] for r in first["related"]}
     assert roles == {"model": "first.model.m", "cluster": "first.cluster.c", "user": "first.user.alice",
                      "group": "first.group.lab", "gateway": "first.gateway.gw-1"}  # fmt: skip
     assert first["payload"] | {"latency_ms": 0} == {
         "status": 200, "endpoint": "chat.completions", "stream": False, "prompt_tokens": 5, "completion_tokens": 7,
-        "latency_ms": 0, "ttft_ms": 20.0, "cold_start": False, "tried": ["c"], "error_type": None, "error": None,
-        "batch_id": None,
+        "latency_ms": 0, "ttft_ms": 20.0, "cold_start": False, "tried": ["c"], "error_type": None, "error_code": None,
+        "error": None, "batch_id": None,
     }  # fmt: skip
     assert ev.counts.individual == 3 and ev.counts.summarised == 0
 
