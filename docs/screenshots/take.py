@@ -26,6 +26,7 @@ Writes, at 1440x900:
     cluster-block.png     /blocks/block/<id>                 (a FIRST Cluster block, "local" first)
     batch-task-runs.png   /runs/flow-run/<id>?tab=Task%20Runs (the latest finished run-batch run)
     batch-progress.png    /artifacts/artifact/<id>           (its progress artifact)
+    event-feed-model.png  /events?resource=first.model.tiny  (the Event Feed filtered by a model)
 The Prefect API's password is read from --auth-file (`make run` writes FIRST_HOME/prefect-api-auth) and given to
 the UI as its login does (localStorage "prefect-password"). --only NAME,... takes only those screenshots.
 The ids come from the server's REST API (POST /api/flow_runs/filter, /api/artifacts/filter,
@@ -107,6 +108,8 @@ def find_pages(ui: str) -> list[tuple[str, str, list[str]]]:
         pages.append(("cluster-block.png", f"/blocks/block/{block['id']}", [block["name"]]))
     else:
         print("  no FIRST Cluster block: skipping cluster-block.png", file=sys.stderr)
+    # The Event Feed filtered by a model: every request's first.inference.* event (flows/inference_events.py).
+    pages.append(("event-feed-model.png", "/events?resource=first.model.tiny", ["first.inference"]))
     return pages
 
 
