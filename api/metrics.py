@@ -123,7 +123,11 @@ class FleetCollector:
         counts = (stats or {}).get("events")
         if not counts:
             return
-        sent = CounterMetricFamily("first_inference_events", "Inference events posted to Prefect", labels=["kind"])
+        sent = CounterMetricFamily(
+            "first_inference_events",
+            "Inference events sent to Prefect (those lost are in ..._lost too)",
+            labels=["kind"],
+        )
         sent.add_metric(["request"], counts["individual"])
         sent.add_metric(["summary"], counts["summaries"])
         folded = CounterMetricFamily(

@@ -108,12 +108,14 @@ def server_side(proc: subprocess.Popen, api: str, args: argparse.Namespace) -> l
     rows = []
     seconds = 10.0 if args.quick else 20.0
     for i, rate in enumerate(args.rates):
+        if i:
+            time.sleep(inference_events.SETTLE_S)  # each rate starts on a server that has caught up
         events = InferenceEvents(api, f"bench-server-{i}", budget_per_s=rate * 2, summary_s=1e9, slow_s=1e9)
         cpu0 = tree_cpu_s(proc.pid)
         n, _ = drive(events, rate, seconds, i * 10_000_000)
-        events.close()
         time.sleep(inference_events.SETTLE_S)  # the server writes within its interval
         stored = events._stored_count()
+        events.close()
         server_cpu = tree_cpu_s(proc.pid) - cpu0
         rows.append({"rate": rate, "posted": events.counts.individual, "stored": stored, "observed": n,
                      "server_cpu_ms": 1000 * server_cpu / max(events.counts.individual, 1),
@@ -129,6 +131,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         try:
             log(f"Prefect server at {api} (SQLite)")
             gw = gateway_side(api, args)
+            time.sleep(2 * inference_events.SETTLE_S)  # the server works off the gateway side's events first
             server = server_side(proc, api, args)
         finally:
             stop_group(proc, "Prefect server", grace_s=10)

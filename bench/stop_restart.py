@@ -140,8 +140,8 @@ vLLM) is gone at once, and the next `make run` starts over its state files, spoo
 {chr(10).join(rows)}
 
 The stop's bound is 10 s on this machine with a hot model (issue 20): the gateway gives streams under way
-FIRST_STOP_GRACE_S (5 s) to finish, then ends them with an error event that says the gateway is stopping; a
-vLLM still loading is stopped at once, a serving one after the gateway (SIGKILL after 5 s).
+FIRST_STOP_GRACE_S (5 s) to finish, then ends them with an error event that says the gateway is stopping;
+vLLM is stopped after the gateway (SIGKILL after 5 s, or 2 s while it is still loading).
 {SECTION[1]}
 """
 

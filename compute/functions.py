@@ -361,6 +361,41 @@ def _recorded_process_runs(state: dict[str, Any]) -> tuple[bool, str]:
     return True, ""
 
 
+def _end_orphans_of(spec: dict[str, Any]) -> list[int]:
+    """Before a fresh start over a dead instance's state: its vLLM was killed (a crash, the OOM killer) but its
+    engine and worker processes, in the same process group and each holding the model's memory, may live on.
+    SIGKILL those of that group that name themselves vLLM (never another process that reused the number)."""
+    import json
+    import os
+    import signal
+
+    try:
+        state = json.loads(_state_path(spec).read_text())
+        pgid = int(state.get("pgid") or state["pid"])
+    except (OSError, ValueError, KeyError):
+        return []
+    if _pid_alive(pgid) and _proc_identity(pgid) == state.get("identity"):
+        return []  # the server itself lives: stop_vllm's business, not an orphan
+    ended = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(") ", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z" and b"vllm" in cmdline.lower():
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+                ended.append(int(entry))
+            except (ProcessLookupError, PermissionError):
+                pass
+    return ended
+
+
 def _group_has_live_members(pgid: int) -> bool:
     """True if a non-zombie process of this process group still runs (Linux /proc)."""
     import os
@@ -459,6 +494,7 @@ def start_vllm(spec: dict[str, Any]) -> dict[str, Any]:
         current = vllm_status(spec)
         if current["state"] in ("starting", "hot"):
             return current
+        _end_orphans_of(spec)
         port = int(spec["port"]) or _free_port()  # 0: another instance of a model, on a port of its own
         # Where vLLM listens: the node's loopback, or (the direct data path) where the gateway reaches it.
         host = spec.get("host") or "127.0.0.1"

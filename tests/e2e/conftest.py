@@ -226,16 +226,23 @@ def ctrl_c(make: subprocess.Popen) -> float:
 
 
 def kill_stack(home: Path) -> int:
-    """SIGKILL every process of the stack, as a crash or the OOM killer of a whole cgroup would; again for any
-    a dying parent started meanwhile. How many were killed."""
+    """SIGKILL every process of the stack, as a crash or the OOM killer of a whole cgroup would: those that name
+    its FIRST_HOME, and every member of their process groups (vLLM's engine and workers rename themselves and
+    hide their environment); again for any a dying parent started meanwhile. How many were killed."""
     killed: set[int] = set()
+    own = os.getpgrp()
     for _ in range(10):
         pids = processes_of(home)
         if not pids:
             break
+        groups = set()
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
+                groups.add(os.getpgid(pid))
                 os.kill(pid, signal.SIGKILL)
+        for group in groups - {own}:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, signal.SIGKILL)
         killed |= set(pids)
         time.sleep(0.1)
     return len(killed)

@@ -155,3 +155,50 @@ def test_a_state_whose_pid_was_reused_is_failed_at_once_and_never_signalled(tmp_
     state["identity"] = identity  # the real one: alive, /health not answering yet
     (tmp_path / "m.json").write_text(json.dumps(state))
     assert functions.vllm_status(spec)["state"] == "starting"
+
+
+def test_a_fresh_start_ends_the_engine_processes_a_killed_vllm_left_behind(tmp_path):
+    """vLLM's API server was SIGKILLed (a crash) and its engine and worker live on in its process group, holding
+    the model's memory: the next start ends those (they name themselves vLLM), and nothing else in the group."""
+    import json
+    import subprocess
+    import sys
+
+    leader = subprocess.Popen(["bash", "-c", "(exec -a VLLM::Worker sleep 300) & (exec -a bystander sleep 301) & wait"],
+                              start_new_session=True)  # fmt: skip
+    time.sleep(0.5)
+    members = [int(p) for p in os.listdir("/proc") if p.isdigit() and _pgid(int(p)) == leader.pid]
+    worker = next(p for p in members if open(f"/proc/{p}/cmdline", "rb").read().startswith(b"VLLM::Worker"))
+    bystander = next(p for p in members if open(f"/proc/{p}/cmdline", "rb").read().startswith(b"bystander"))
+    os.kill(leader.pid, signal.SIGKILL)  # the crash: the server dies, its group lives on
+    leader.wait()
+    spec = {"state_dir": str(tmp_path), "model": "m", "served_name": "m", "model_path": "-", "port": 9,
+            "python": sys.executable, "args": [], "env": {}}  # fmt: skip
+    (tmp_path / "m.json").write_text(
+        json.dumps(
+            {"pid": leader.pid, "identity": "gone", "base_url": "http://x:9", "log": str(tmp_path / "m.log"), "port": 9}
+        )
+    )
+    try:
+        functions.start_vllm(spec)
+        deadline = time.monotonic() + 5
+        while _running(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(worker) and _running(bystander)
+    finally:
+        os.killpg(leader.pid, signal.SIGKILL)
+        functions.stop_vllm(spec, grace_s=0)
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return int(open(f"/proc/{pid}/stat").read().rsplit(") ", 1)[1].split()[2])
+    except (OSError, IndexError):
+        return None
+
+
+def _running(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
