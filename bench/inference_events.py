@@ -112,7 +112,7 @@ def server_side(proc: subprocess.Popen, api: str, args: argparse.Namespace) -> l
             time.sleep(inference_events.SETTLE_S)  # each rate starts on a server that has caught up
         events = InferenceEvents(api, f"bench-server-{i}", budget_per_s=rate * 2, summary_s=1e9, slow_s=1e9)
         cpu0 = tree_cpu_s(proc.pid)
-        n, _ = drive(events, rate, seconds, i * 10_000_000)
+        n, _ = drive(events, rate, seconds, (i + 1) * 10_000_000)  # ids of its own: Prefect drops repeated ids
         time.sleep(inference_events.SETTLE_S)  # the server writes within its interval
         stored = events._stored_count()
         events.close()

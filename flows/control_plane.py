@@ -20,7 +20,7 @@ from blocks.registry import ClusterSpec, ModelSpec
 from core.errors import APIError
 from core.settings import FlowTracking, Settings
 from core.stopping import STOPPING, stopping_error
-from flows.inference_events import InferenceEvents, Observed, event_id
+from flows.inference_events import InferenceEvents, Observed, request_resource
 from flows.lifecycle import warm_up
 from flows.lifecycle_tasks import FleetContext, use_gateway
 from flows.recorder import FlowRecorder
@@ -115,7 +115,7 @@ class PrefectControlPlane:
 
     def record(self, req: InferenceRequest, out: Outcome) -> None:
         if self.recorder is not None:  # linked to its event (failures and cold starts always have one of their own)
-            self.recorder.submit(req, out, event_id(req.request_id) if self.events is not None else None)
+            self.recorder.submit(req, out, request_resource(req.request_id) if self.events is not None else None)
 
     async def start_batch(self, batch_id: str, run_name: str, gateway_url: str) -> str:
         if not os.environ.get("PREFECT_API_URL"):  # never an ephemeral server: no worker would ever run it

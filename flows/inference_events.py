@@ -45,9 +45,9 @@ QUEUE_LIMIT = 50_000
 WARN_EVERY_S = 60.0
 
 
-def event_id(request_id: str) -> str:
-    """The id of a request's event, known before it is posted: a recorded flow run names it (its link)."""
-    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"first.request.{request_id}"))
+def request_resource(request_id: str) -> str:
+    """The resource id of a request's event: what the Event Feed filters on, and what a recorded run names."""
+    return f"first.request.{request_id}"
 
 
 @dataclass
@@ -245,10 +245,10 @@ class InferenceEvents:
             related.append(_related("cluster", seen.cluster))
         related += [_related("group", g) for g in seen.groups]
         return {
-            "id": event_id(seen.request_id),
+            "id": str(uuid.uuid4()),  # never the request's: Prefect drops a repeated id (a batch line sent twice)
             "occurred": seen.at.isoformat(),
             "event": FAILED if seen.status >= 400 else COMPLETED,
-            "resource": {"prefect.resource.id": f"first.request.{seen.request_id}",
+            "resource": {"prefect.resource.id": request_resource(seen.request_id),
                          "prefect.resource.name": f"{seen.endpoint} {seen.model}", "first.gateway": self.gateway,
                          "first.error_class": error_class(seen), "first.cold_start": str(seen.cold_start).lower()},
             "related": related,

@@ -40,13 +40,13 @@ async def infer_record(
     cold_start: bool,
     usage: dict[str, Any],
     steps: list[dict[str, Any]],
-    event_id: str | None = None,
+    event_resource: str | None = None,
 ) -> dict[str, Any]:
-    """The trace of one served inference: its steps, their timings and its outcome. ``event_id``: its
-    ``first.inference.*`` event (Event Feed), when the gateway posts events."""
+    """The trace of one served inference: its steps, their timings and its outcome. ``event_resource``: the
+    resource of its ``first.inference.*`` event, when the gateway posts events (filter the Event Feed by it)."""
     logger = get_run_logger()
-    if event_id:
-        logger.info("event %s (resource first.request.%s in the Event Feed)", event_id, request_id)
+    if event_resource:
+        logger.info("its event: resource %s in the Event Feed", event_resource)
     for s in steps:
         logger.info("%-15s %8.2f ms %s", s["step"], s["ms"], "ok" if s["ok"] else "FAILED")
     logger.info("request %s on %s: status %s, usage %s, cold start %s", request_id, cluster, status, usage, cold_start)
@@ -74,9 +74,9 @@ class FlowRecorder:
         self._thread = threading.Thread(target=self._write, daemon=True, name="first-flow-recorder")
         self._thread.start()
 
-    def submit(self, req: Any, out: Any, event_id: str | None = None) -> None:
+    def submit(self, req: Any, out: Any, event_resource: str | None = None) -> None:
         params = {
-            "event_id": event_id,
+            "event_resource": event_resource,
             "request_id": req.request_id, "endpoint": req.endpoint, "model": out.model, "user": req.principal.user,
             "cluster": out.cluster, "status": out.status, "error": out.error_message, "cold_start": out.cold_start,
             "usage": out.usage, "steps": out.steps,
