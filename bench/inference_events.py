@@ -173,7 +173,7 @@ second handed to the events, in blocks alternating events on and off; this proce
 
 Events add **{fmt(on - off, ".3f")} ms of CPU per request** ({fmt(on / off if off else 0, ".1f")}x the loop that
 only hands requests over). The `sample` mode's recorded flow run costs about 40 ms of CPU each, and the `all`
-mode about half a second of latency per request (see above): an event is two orders of magnitude cheaper.
+mode about half a second of latency per request (see above): an event costs hundreds of times less.
 
 **The server's side**: a Prefect server on SQLite (as `make run` starts it) sharing this machine, events posted
 for {"10" if args.quick else "20"} s at each rate, each request an event of its own; stored counted on the server
