@@ -10,9 +10,10 @@ It starts a Prefect server of its own (its own port and PREFECT_HOME), then:
 2. **The server's side.** For each rate, events are posted for a while with the budget at that rate (every
    request an event of its own); after the server's write interval its stored count is compared with what was
    posted, and its process tree's CPU is read: stored/posted, and server CPU per event. The sizing rule follows:
-   events a second per server core.
+   events a second per server core. Then the same against a Prefect server on PostgreSQL (the production
+   topology's; the tests' own PostgreSQL server, `tests/services.py`), its database's CPU counted too.
 
-    .venv/bin/python bench/inference_events.py            # about 4 minutes; writes its docs/benchmarks.md section
+    .venv/bin/python bench/inference_events.py            # about 6 minutes; writes its docs/benchmarks.md section
     .venv/bin/python bench/inference_events.py --quick    # a smoke run
 """
 
@@ -59,10 +60,14 @@ def observed(n: int) -> Observed:
     )  # fmt: skip
 
 
-def start_prefect(home: Path) -> tuple[subprocess.Popen, str]:
+def start_prefect(home: Path, database_url: str | None = None) -> tuple[subprocess.Popen, str]:
+    """A Prefect server of its own, on SQLite in ``home``, or on the PostgreSQL database at ``database_url``."""
+    home.mkdir(parents=True, exist_ok=True)
     port = free_port_block(1)
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_SERVER_LOG_RETRYABLE_ERRORS": "true"}  # fmt: skip
+    if database_url:
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
     for name in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "PREFECT_SERVER_API_AUTH_STRING"):
         env.pop(name, None)
     out = open(home / "prefect-server.log", "ab")
@@ -104,19 +109,22 @@ def gateway_side(api: str, args: argparse.Namespace) -> dict[str, Any]:
     return {"rate": rate, **per_request, "lost": events.counts.dropped_post_failed}
 
 
-def server_side(proc: subprocess.Popen, api: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+def server_side(
+    proc: subprocess.Popen, api: str, args: argparse.Namespace, database_pid: int | None = None
+) -> list[dict[str, Any]]:
+    """``database_pid``: PostgreSQL's postmaster, whose CPU (its backends included) counts as the server's too."""
     rows = []
     seconds = 10.0 if args.quick else 20.0
     for i, rate in enumerate(args.rates):
         if i:
             time.sleep(inference_events.SETTLE_S)  # each rate starts on a server that has caught up
         events = InferenceEvents(api, f"bench-server-{i}", budget_per_s=rate * 2, summary_s=1e9, slow_s=1e9)
-        cpu0 = tree_cpu_s(proc.pid)
+        cpu0 = tree_cpu_s(proc.pid) + (tree_cpu_s(database_pid) if database_pid else 0.0)
         n, _ = drive(events, rate, seconds, (i + 1) * 10_000_000)  # ids of its own: Prefect drops repeated ids
         time.sleep(inference_events.SETTLE_S)  # the server writes within its interval
         stored = events._stored_count()
         events.close()
-        server_cpu = tree_cpu_s(proc.pid) - cpu0
+        server_cpu = tree_cpu_s(proc.pid) + (tree_cpu_s(database_pid) if database_pid else 0.0) - cpu0
         rows.append({"rate": rate, "posted": events.counts.individual, "stored": stored, "observed": n,
                      "server_cpu_ms": 1000 * server_cpu / max(events.counts.individual, 1),
                      "failed_posts": events.counts.dropped_post_failed})  # fmt: skip
@@ -127,7 +135,7 @@ def server_side(proc: subprocess.Popen, api: str, args: argparse.Namespace) -> l
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="first-events-bench-") as tmp:
-        proc, api = start_prefect(Path(tmp))
+        proc, api = start_prefect(Path(tmp) / "sqlite")
         try:
             log(f"Prefect server at {api} (SQLite)")
             gw = gateway_side(api, args)
@@ -135,24 +143,56 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             server = server_side(proc, api, args)
         finally:
             stop_group(proc, "Prefect server", grace_s=10)
+        on_postgres: list[dict[str, Any]] = []
+        if args.postgres:
+            from tests.services import PostgresServer  # the production-topology tests' own server
+
+            database = PostgresServer(Path(tmp) / "postgres").start()
+            try:
+                postmaster = int((database.data / "postmaster.pid").read_text().split()[0])
+                proc, api = start_prefect(Path(tmp) / "pg", database.url)
+                try:
+                    log(f"Prefect server at {api} (PostgreSQL)")
+                    on_postgres = server_side(proc, api, args, database_pid=postmaster)
+                finally:
+                    stop_group(proc, "Prefect server", grace_s=10)
+            finally:
+                database.stop()
         if not server:
             raise BenchError("no server measurement")
-    return {"gateway": gw, "server": server}
+    return {"gateway": gw, "server": server, "postgres": on_postgres}
 
 
 def report(args: argparse.Namespace, m: dict[str, Any], started: datetime, wall_s: float) -> str:
     gw = m["gateway"]
     off, on = median(gw["off"]), median(gw["on"])
-    server_rows = []
-    for r in m["server"]:
-        kept = r["stored"] / max(r["posted"], 1)
-        server_rows.append(
-            f"| {r['rate']:g}/s | {r['posted']:,} | {r['stored']:,} ({fmt(100 * kept, '.1f')} %) "
-            f"| {fmt(r['server_cpu_ms'], '.2f')} ms | {fmt(1000 / r['server_cpu_ms'], ',.0f') if r['server_cpu_ms'] else '-'} |"  # noqa: E501
-        )
+
+    def table(rows_in: list[dict[str, Any]]) -> str:
+        rows = []
+        for r in rows_in:
+            kept = r["stored"] / max(r["posted"], 1)
+            per_core_cell = fmt(1000 / r["server_cpu_ms"], ",.0f") if r["server_cpu_ms"] else "-"
+            rows.append(f"| {r['rate']:g}/s | {r['posted']:,} | {r['stored']:,} ({fmt(100 * kept, '.1f')} %) "
+                        f"| {fmt(r['server_cpu_ms'], '.2f')} ms | {per_core_cell} |")  # fmt: skip
+        return "\n".join(rows)
+
+    def rule(rows_in: list[dict[str, Any]]) -> float:
+        return median([1000 / r["server_cpu_ms"] for r in rows_in if r["server_cpu_ms"]]) if rows_in else 0.0
+
+    pg = m.get("postgres") or []
+    postgres_text = (f"""**On PostgreSQL** (the production topology's Prefect): the same, with PostgreSQL 15 on this
+machine, its CPU counted with the server's.
+
+| rate | posted | stored | server + database CPU per event | events/s per core |
+|---|---|---|---|---|
+{table(pg)}
+
+**Sizing rule on PostgreSQL:** about {fmt(rule(pg), ',.0f')} events a second per core of the Prefect server and its
+database together (this machine; a facility's database on its own host leaves the server's share).
+""" if pg else "Not measured in this run (`--no-postgres`): the same on PostgreSQL.\n")  # fmt: skip
     lossless = [r for r in m["server"] if r["stored"] >= r["posted"]]
     best = max(lossless, key=lambda r: r["rate"]) if lossless else None
-    per_core = median([1000 / r["server_cpu_ms"] for r in m["server"] if r["server_cpu_ms"]]) if m["server"] else 0
+    per_core = rule(m["server"])
     verdict = (f"Highest rate stored without loss here: **{best['rate']:g} events/s**." if best
                else "No rate was stored without loss.")  # fmt: skip
     budget_line = (f"At the default budget, `FIRST_EVENT_BUDGET_PER_S=100` per gateway, a server spends about "
@@ -181,13 +221,13 @@ for {"10" if args.quick else "20"} s at each rate, each request an event of its 
 
 | rate | posted | stored | server CPU per event | events/s per server core |
 |---|---|---|---|---|
-{chr(10).join(server_rows)}
+{table(m["server"])}
 
 {verdict}
 **Sizing rule:** about {fmt(per_core, ",.0f")} events a second per Prefect server core (SQLite, this machine).
 {budget_line}
-Not measured yet: the same on PostgreSQL (the production topology).
-{SECTION[1]}
+
+{postgres_text}{SECTION[1]}
 """
 
 
@@ -195,6 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gateway-rate", type=float, default=200.0, help="requests/s for the gateway side (200)")
     ap.add_argument("--rates", default="100,200,400", help="event rates for the server side (100,200,400)")
+    ap.add_argument(
+        "--no-postgres",
+        dest="postgres",
+        action="store_false",
+        help="leave out the server on PostgreSQL (which needs PostgreSQL's server: `make services`)",
+    )
     add_output_args(ap, "short blocks")
     args = ap.parse_args(argv)
     args.rates = [float(r) for r in args.rates.split(",") if r.strip()]

@@ -5,6 +5,7 @@ above the budget they arrive as summary events that count them; /health and /met
 from __future__ import annotations
 
 import datetime as dt
+import subprocess
 import threading
 import time
 import uuid
@@ -16,7 +17,7 @@ import pytest
 
 from core.settings import Settings
 from serving.auth import KeyStore
-from tests.e2e.conftest import ctrl_c, dump, start_make_run
+from tests.e2e.conftest import REPO_ROOT, ctrl_c, dump, start_make_run
 
 pytestmark = pytest.mark.e2e
 
@@ -139,3 +140,50 @@ def test_failures_of_a_cluster_fire_the_drain_automation(tmp_path: Path) -> None
     finally:
         ctrl_c(make)
     assert [r["parameters"]["cluster"] for r in runs] == ["local"], dump(runs)
+
+
+def test_the_cold_model_and_busy_tenant_automations_fire(tmp_path: Path) -> None:
+    """`first automations apply` with small thresholds: cold-start requests for a model make Prefect run warm-up
+    for it on the best cluster, and a user over the request threshold is flagged (the automation fires)."""
+    home = tmp_path / "home"
+    make, ready, env = start_make_run(home, run_args="--no-warm", log=tmp_path / "run.log")
+    user, _, password = (home / "prefect-api-auth").read_text().strip().partition(":")
+    api = ready["prefect_ui"] + "/api"
+    since = dt.datetime.now(dt.UTC).isoformat()
+    try:
+        applied = subprocess.run([str(REPO_ROOT / ".venv/bin/first"), "automations", "apply", "--cold-burst", "2",
+                                  "--tenant-requests", "5", "--action", "record"], env=env, cwd=REPO_ROOT,
+                                 capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert applied.returncode == 0 and applied.stderr.count("updated automation") == 3, applied.stderr
+        with httpx.Client(auth=(user, password), timeout=30) as http:
+            automations = {a["name"]: a for a in http.post(api + "/automations/filter", json={}).json()}
+            assert automations["first: busy tenant"]["trigger"]["threshold"] == 5
+            injected = [{
+                "id": str(uuid.uuid4()), "occurred": dt.datetime.now(dt.UTC).isoformat(),
+                "event": "first.inference.completed",
+                "resource": {"prefect.resource.id": f"first.request.busy{n}", "first.error_class": "none",
+                             "first.gateway": "test", "first.cold_start": "true" if n < 2 else "false"},
+                "related": [{"prefect.resource.id": "first.model.tiny", "prefect.resource.role": "model",
+                             "prefect.resource.name": "tiny"},
+                            {"prefect.resource.id": "first.user.carol", "prefect.resource.role": "user",
+                             "prefect.resource.name": "carol"}],
+                "payload": {"status": 200},
+            } for n in range(6)]  # fmt: skip
+            http.post(api + "/events", json=injected).raise_for_status()
+            deadline = time.monotonic() + 90
+            while True:
+                warm_ups = http.post(api + "/flow_runs/filter", json={
+                    "flows": {"name": {"any_": ["warm-up"]}}}).json()  # fmt: skip
+                fired = http.post(api + "/events/filter", json={"filter": {
+                    "occurred": {"since": since}, "event": {"name": ["prefect.automation.triggered"]}},
+                    "limit": 50}).json()["events"]  # fmt: skip
+                names = {e["resource"].get("prefect.resource.name") for e in fired}
+                if (warm_ups and "first: busy tenant" in names) or time.monotonic() > deadline:
+                    break
+                time.sleep(1.0)
+    finally:
+        ctrl_c(make)
+    assert [(r["parameters"]["model"], r["parameters"]["cluster"]) for r in warm_ups] == [("tiny", "best")], dump(
+        warm_ups
+    )
+    assert {"first: busy tenant", "first: demand for a cold model"} <= names, dump(fired)
