@@ -377,29 +377,23 @@ def _end_orphans_of(spec: dict[str, Any]) -> list[int]:
     if _pid_alive(pgid) and _proc_identity(pgid) == state.get("identity"):
         return []  # the server itself lives: stop_vllm's business, not an orphan
     ended = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for pid in _live_group_members(pgid):
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(") ", 1)[1].split()
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"vllm" not in f.read().lower():
+                    continue
+            os.kill(pid, signal.SIGKILL)
+            ended.append(pid)
+        except (OSError, ProcessLookupError):
             continue
-        if int(fields[2]) == pgid and fields[0] != "Z" and b"vllm" in cmdline.lower():
-            try:
-                os.kill(int(entry), signal.SIGKILL)
-                ended.append(int(entry))
-            except (ProcessLookupError, PermissionError):
-                pass
     return ended
 
 
-def _group_has_live_members(pgid: int) -> bool:
-    """True if a non-zombie process of this process group still runs (Linux /proc)."""
+def _live_group_members(pgid: int) -> list[int]:
+    """The non-zombie processes of this process group (Linux /proc)."""
     import os
 
+    members = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -409,8 +403,13 @@ def _group_has_live_members(pgid: int) -> bool:
         except OSError:
             continue
         if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+            members.append(int(entry))
+    return members
+
+
+def _group_has_live_members(pgid: int) -> bool:
+    """True if a non-zombie process of this process group still runs."""
+    return bool(_live_group_members(pgid))
 
 
 def vllm_status(spec: dict[str, Any]) -> dict[str, Any]:
